@@ -1,0 +1,297 @@
+//! The one typed job configuration: TOML file over defaults, validated once, passed down.
+//!
+//! Binaries layer their CLI flags over a loaded [`JobConfig`] and call [`JobConfig::validate`]
+//! before anything runs; every invalid value is refused with the field's name and its range.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Which part of a review to keep when it is longer than `max_len` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Keep the first `max_len` tokens.
+    #[default]
+    Head,
+    /// Keep the last `max_len` tokens.
+    Tail,
+    /// Keep the first half and the last half.
+    Both,
+}
+
+/// How training batches are formed from a rank's shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchOrder {
+    /// The tutorial's batches: consecutive samples of the shuffled shard.
+    #[default]
+    Unsorted,
+    /// Length bucketing: sort by length inside pools of `bucket_pool` batches, then shuffle
+    /// the order of the batches.
+    Bucketed,
+}
+
+/// The classifier head on top of the LSTM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Head {
+    /// The tutorial's head: the last layer's final hidden state.
+    #[default]
+    Last,
+    /// ULMFiT's concat pooling: [last state, max over time, mean over time].
+    ConcatPool,
+}
+
+/// Learning-rate schedule after the optional linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    #[default]
+    Constant,
+    /// Linear decay to zero at the last step.
+    Linear,
+    /// Cosine decay to zero at the last step.
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Words seen fewer times than this in the train split map to `<unk>`.
+    pub min_freq: u32,
+    /// Keep at most this many words (besides the specials); 0 keeps all.
+    pub max_vocab: usize,
+    /// Truncate reviews longer than this many tokens; 0 keeps whole reviews.
+    pub max_len: usize,
+    pub truncation: Truncation,
+    /// Share of the train split held out for validation (seeded).
+    pub val_fraction: f64,
+    /// Use only this many train reviews (a seeded, label-balanced subset); 0 uses all.
+    pub train_subset: usize,
+    /// Use only this many test reviews (a seeded, label-balanced subset); 0 uses all.
+    pub test_subset: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            min_freq: 1,
+            max_vocab: 0,
+            max_len: 0,
+            truncation: Truncation::Head,
+            val_fraction: 0.1,
+            train_subset: 0,
+            test_subset: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub embed_dim: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub dropout: f64,
+    pub head: Head,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { embed_dim: 128, hidden: 256, layers: 2, dropout: 0.5, head: Head::Last }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Per-rank batch size.
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    /// Clip gradients to this global L2 norm; 0 disables clipping.
+    pub clip_norm: f64,
+    /// Linear warm-up steps before the schedule.
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    /// Truncated BPTT window in time steps; 0 is full BPTT.
+    pub bptt: usize,
+    pub batch_order: BatchOrder,
+    /// Batches per length-sorting pool when `batch_order = "bucketed"`.
+    pub bucket_pool: usize,
+    /// bf16 autocast on CUDA.
+    pub amp: bool,
+    pub seed: u64,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Stop when validation accuracy has not improved for this many epochs; 0 never stops early.
+    pub early_stopping_patience: usize,
+    /// Log training loss every this many steps.
+    pub log_every: usize,
+    /// Stop each epoch after this many steps (0: the whole epoch). For benchmarks and tests.
+    pub max_steps_per_epoch: usize,
+    /// Evaluation batch size.
+    pub eval_batch_size: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            epochs: 5,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            weight_decay: 0.0,
+            clip_norm: 0.0,
+            warmup_steps: 0,
+            schedule: Schedule::Constant,
+            bptt: 0,
+            batch_order: BatchOrder::Unsorted,
+            bucket_pool: 100,
+            amp: false,
+            seed: 0,
+            device: "auto".to_string(),
+            early_stopping_patience: 0,
+            log_every: 50,
+            max_steps_per_epoch: 0,
+            eval_batch_size: 256,
+        }
+    }
+}
+
+/// The whole job's settings. The defaults are the tutorial's recipe (`configs/seed.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobConfig {
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+fn check(ok: bool, field: &'static str, allowed: &str, value: impl std::fmt::Display) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange { field, allowed: allowed.to_string(), value: value.to_string() })
+    }
+}
+
+/// Parses a device string: `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(device: &str) -> Result<DeviceSpec, ConfigError> {
+    match device {
+        "auto" => Ok(DeviceSpec::Auto),
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| ConfigError::OutOfRange {
+                field: "train.device",
+                allowed: "auto, cpu, cuda or cuda:N".to_string(),
+                value: other.to_string(),
+            }),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl JobConfig {
+    /// Reads a TOML file; unknown keys are refused so that a typo never goes unnoticed.
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising plain structs of numbers, strings and enums cannot fail.
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Checks every value once; the error names the field and the allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.data;
+        check(d.min_freq >= 1, "data.min_freq", "at least 1", d.min_freq)?;
+        check(
+            d.val_fraction >= 0.0 && d.val_fraction < 1.0,
+            "data.val_fraction",
+            "0 <= x < 1",
+            d.val_fraction,
+        )?;
+        let m = &self.model;
+        check((1..=4096).contains(&m.embed_dim), "model.embed_dim", "1..=4096", m.embed_dim)?;
+        check((1..=8192).contains(&m.hidden), "model.hidden", "1..=8192", m.hidden)?;
+        check((1..=16).contains(&m.layers), "model.layers", "1..=16", m.layers)?;
+        check((0.0..1.0).contains(&m.dropout), "model.dropout", "0 <= x < 1", m.dropout)?;
+        let t = &self.train;
+        check((1..=65536).contains(&t.batch_size), "train.batch_size", "1..=65536", t.batch_size)?;
+        check((1..=10000).contains(&t.epochs), "train.epochs", "1..=10000", t.epochs)?;
+        check(t.lr > 0.0 && t.lr < 10.0, "train.lr", "0 < x < 10", t.lr)?;
+        check((0.0..1.0).contains(&t.beta1), "train.beta1", "0 <= x < 1", t.beta1)?;
+        check((0.0..1.0).contains(&t.beta2), "train.beta2", "0 <= x < 1", t.beta2)?;
+        check(t.weight_decay >= 0.0, "train.weight_decay", "x >= 0", t.weight_decay)?;
+        check(t.clip_norm >= 0.0, "train.clip_norm", "x >= 0 (0 disables)", t.clip_norm)?;
+        check(t.bucket_pool >= 1, "train.bucket_pool", "at least 1", t.bucket_pool)?;
+        check(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)?;
+        check(t.eval_batch_size >= 1, "train.eval_batch_size", "at least 1", t.eval_batch_size)?;
+        parse_device(&t.device)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_tutorial_recipe_and_valid() {
+        let c = JobConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.model.embed_dim, 128);
+        assert_eq!(c.model.hidden, 256);
+        assert_eq!(c.model.layers, 2);
+        assert_eq!(c.train.batch_size, 32);
+        assert_eq!(c.train.epochs, 5);
+        assert_eq!(c.train.bptt, 0);
+        assert_eq!(c.train.batch_order, BatchOrder::Unsorted);
+    }
+
+    #[test]
+    fn min_freq_zero_is_refused_with_its_name() {
+        let mut c = JobConfig::default();
+        c.data.min_freq = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("data.min_freq") && e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_devices_are_refused() {
+        assert!(toml::from_str::<JobConfig>("[train]\nbatch_sise = 3\n").is_err());
+        let mut c = JobConfig::default();
+        c.train.device = "gpu".into();
+        assert!(c.validate().unwrap_err().to_string().contains("train.device"));
+        assert_eq!(parse_device("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+    }
+
+    #[test]
+    fn toml_round_trip() {
+        let mut c = JobConfig::default();
+        c.train.batch_order = BatchOrder::Bucketed;
+        c.model.head = Head::ConcatPool;
+        let back: JobConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+}

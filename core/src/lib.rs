@@ -1,0 +1,35 @@
+//! The data side of the trainer: corpus sources, torchtext's `basic_english` tokenizer, the
+//! vocabulary, the encoded-corpus cache, the shard plan, batching and the job configuration.
+//! No tch and no tokio here: the coordinator links this crate without libtorch.
+
+pub mod batch;
+pub mod cache;
+pub mod config;
+pub mod corpus;
+pub mod encode;
+pub mod error;
+pub mod pipeline;
+pub mod shard;
+pub mod stats;
+pub mod tokenizer;
+pub mod vocab;
+
+pub use config::JobConfig;
+pub use encode::{EncodedCorpus, EncodedSplit};
+pub use error::{ConfigError, DataError};
+pub use vocab::Vocab;
+
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`,
+/// so that a reader sees the old file or the new one, never a half-written one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(error::io_err(dir))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(error::io_err(dir))?;
+    tmp.write_all(bytes).map_err(error::io_err(path))?;
+    tmp.as_file().sync_all().map_err(error::io_err(path))?;
+    tmp.persist(path).map_err(|e| error::io_err(path)(e.error))?;
+    Ok(())
+}

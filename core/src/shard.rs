@@ -1,0 +1,164 @@
+//! Deterministic selection of samples: the per-epoch shard plan across ranks, the seeded
+//! validation hold-out, and label-balanced subsets for small runs.
+//!
+//! The shard plan is a pure function of (corpus size, world size, batch size, seed, epoch):
+//! the samples are shuffled with a generator seeded by (seed, epoch); each rank takes a
+//! contiguous block of `batches_per_rank * batch_size` samples of that order. What does not
+//! fill a whole batch on every rank (fewer than `world_size * batch_size` samples) is dropped
+//! for that epoch; the shuffle changes every epoch, so a different few are dropped each time
+//! and no sample is repeated. Every rank therefore runs exactly the same number of steps,
+//! and no collective can wait for a rank that ran out of data.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{DataError, Result};
+
+/// A generator for one purpose: distinct streams for (seed, epoch, purpose).
+pub fn rng_for(seed: u64, epoch: u64, purpose: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ purpose);
+    rng
+}
+
+const PURPOSE_SHARD: u64 = 1;
+const PURPOSE_VAL: u64 = 2;
+const PURPOSE_SUBSET: u64 = 3;
+pub(crate) const PURPOSE_BATCHES: u64 = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub world_size: usize,
+    pub batch_size: usize,
+    pub batches_per_rank: usize,
+    /// Sample indices per rank, in the order the rank consumes them.
+    ranks: Vec<Vec<u32>>,
+    /// Samples left out this epoch (fewer than `world_size * batch_size`).
+    pub dropped: Vec<u32>,
+}
+
+impl ShardPlan {
+    pub fn new(corpus_size: usize, world_size: usize, batch_size: usize, seed: u64, epoch: u64) -> Result<Self> {
+        if world_size == 0 || batch_size == 0 {
+            return Err(DataError::Shard(format!(
+                "world size ({world_size}) and batch size ({batch_size}) must be at least 1"
+            )));
+        }
+        let per_step = world_size * batch_size;
+        let batches_per_rank = corpus_size / per_step;
+        if batches_per_rank == 0 {
+            return Err(DataError::Shard(format!(
+                "{corpus_size} training samples cannot give each of {world_size} ranks one batch of {batch_size}; \
+                 use a smaller batch size or fewer workers"
+            )));
+        }
+        let mut order: Vec<u32> = (0..corpus_size as u32).collect();
+        order.shuffle(&mut rng_for(seed, epoch, PURPOSE_SHARD));
+        let per_rank = batches_per_rank * batch_size;
+        let ranks = order.chunks(per_rank).take(world_size).map(<[u32]>::to_vec).collect();
+        let dropped = order[per_rank * world_size..].to_vec();
+        Ok(Self { world_size, batch_size, batches_per_rank, ranks, dropped })
+    }
+
+    pub fn rank(&self, rank: usize) -> &[u32] {
+        &self.ranks[rank]
+    }
+}
+
+/// Splits `0..n` into (train, validation) indices, holding out `round(n * fraction)` samples
+/// chosen by `seed`; both lists are sorted.
+pub fn train_val_split(n: usize, fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rng_for(seed, 0, PURPOSE_VAL));
+    let n_val = ((n as f64) * fraction).round() as usize;
+    let (val, train) = order.split_at(n_val.min(n));
+    let (mut train, mut val) = (train.to_vec(), val.to_vec());
+    train.sort_unstable();
+    val.sort_unstable();
+    (train, val)
+}
+
+/// A seeded subset of `k` samples with both labels as equal as possible (sorted indices);
+/// `k == 0` or `k >= labels.len()` keeps everything.
+pub fn balanced_subset(labels: &[u8], k: usize, seed: u64) -> Vec<usize> {
+    if k == 0 || k >= labels.len() {
+        return (0..labels.len()).collect();
+    }
+    let mut rng = rng_for(seed, 0, PURPOSE_SUBSET);
+    let mut by_label: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
+    for (i, &l) in labels.iter().enumerate() {
+        by_label[usize::from(l.min(1))].push(i);
+    }
+    for group in &mut by_label {
+        group.shuffle(&mut rng);
+    }
+    let half = k / 2;
+    let take_pos = (k - half).min(by_label[1].len());
+    let take_neg = (k - take_pos).min(by_label[0].len());
+    let take_pos = (k - take_neg).min(by_label[1].len());
+    let mut out: Vec<usize> = by_label[0][..take_neg].iter().chain(&by_label[1][..take_pos]).copied().collect();
+    out.sort_unstable();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    proptest! {
+        #[test]
+        fn shards_are_disjoint_equal_and_cover_all_but_a_remainder(
+            n in 1usize..5000, world in 1usize..9, batch in 1usize..64, seed in any::<u64>(), epoch in 0u64..5
+        ) {
+            match ShardPlan::new(n, world, batch, seed, epoch) {
+                Err(_) => prop_assert!(n < world * batch),
+                Ok(plan) => {
+                    let mut seen = HashSet::new();
+                    for r in 0..world {
+                        let shard = plan.rank(r);
+                        // Equal batch counts: every rank has exactly batches_per_rank full batches.
+                        prop_assert_eq!(shard.len(), plan.batches_per_rank * batch);
+                        for &i in shard {
+                            prop_assert!((i as usize) < n);
+                            prop_assert!(seen.insert(i), "sample {} in two shards", i);
+                        }
+                    }
+                    // Coverage: only fewer than world*batch samples are dropped, none repeated.
+                    prop_assert!(plan.dropped.len() < world * batch);
+                    for &i in &plan.dropped {
+                        prop_assert!(seen.insert(i));
+                    }
+                    prop_assert_eq!(seen.len(), n);
+                    // Pure: the same inputs give the same plan.
+                    prop_assert_eq!(&plan, &ShardPlan::new(n, world, batch, seed, epoch).unwrap());
+                }
+            }
+        }
+
+        #[test]
+        fn subsets_are_balanced_and_val_split_partitions(n in 2usize..3000, k in 1usize..3000, seed in any::<u64>()) {
+            let labels: Vec<u8> = (0..n).map(|i| (i % 2) as u8).collect();
+            let s = balanced_subset(&labels, k, seed);
+            prop_assert_eq!(s.len(), k.min(n));
+            let pos = s.iter().filter(|&&i| labels[i] == 1).count();
+            prop_assert!(pos.abs_diff(s.len() - pos) <= 1);
+            let (train, val) = train_val_split(n, 0.1, seed);
+            prop_assert_eq!(train.len() + val.len(), n);
+            let all: HashSet<usize> = train.iter().chain(&val).copied().collect();
+            prop_assert_eq!(all.len(), n);
+        }
+    }
+
+    #[test]
+    fn epochs_reshuffle_and_too_small_corpus_is_refused() {
+        let a = ShardPlan::new(1000, 2, 10, 7, 0).unwrap();
+        let b = ShardPlan::new(1000, 2, 10, 7, 1).unwrap();
+        assert_ne!(a.rank(0), b.rank(0));
+        assert_eq!(a.batches_per_rank, 50);
+        let e = ShardPlan::new(10, 4, 3, 0, 0).unwrap_err().to_string();
+        assert!(e.contains("cannot give each of 4 ranks"), "{e}");
+    }
+}

@@ -98,7 +98,10 @@ pub fn collate(split: &EncodedSplit, samples: &[u32], max_len: usize, mode: Trun
     Batch {
         tokens,
         lengths: rows.iter().map(|r| r.len() as i64).collect(),
-        labels: samples.iter().map(|&i| i64::from(split.labels[i as usize])).collect(),
+        labels: samples
+            .iter()
+            .map(|&i| i64::from(split.labels[i as usize]))
+            .collect(),
         size: rows.len(),
         max_len: width,
     }
@@ -147,9 +150,19 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, samples);
         let padding = |batches: &[Vec<u32>]| -> usize {
-            batches.iter().map(|b| collate(&s, b, 0, Truncation::Head)).map(|b| b.size * b.max_len - b.num_tokens()).sum()
+            batches
+                .iter()
+                .map(|b| collate(&s, b, 0, Truncation::Head))
+                .map(|b| b.size * b.max_len - b.num_tokens())
+                .sum()
         };
-        assert!(padding(&bucketed) * 10 < padding(&unsorted), "bucketing should cut padding by >10x");
-        assert_ne!(bucketed, plan_batches(&s, &samples, 10, BatchOrder::Bucketed, 20, 1, 1));
+        assert!(
+            padding(&bucketed) * 10 < padding(&unsorted),
+            "bucketing should cut padding by >10x"
+        );
+        assert_ne!(
+            bucketed,
+            plan_batches(&s, &samples, 10, BatchOrder::Bucketed, 20, 1, 1)
+        );
     }
 }

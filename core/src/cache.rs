@@ -30,7 +30,9 @@ struct Header {
 /// The cache key for a corpus and the settings that change the encoding.
 pub fn cache_key(corpus_checksum: &str, min_freq: u32, max_vocab: usize) -> String {
     let mut h = Sha256::new();
-    h.update(format!("{corpus_checksum}\n{TOKENIZER_VERSION}\nmin_freq={min_freq}\nmax_vocab={max_vocab}\n"));
+    h.update(format!(
+        "{corpus_checksum}\n{TOKENIZER_VERSION}\nmin_freq={min_freq}\nmax_vocab={max_vocab}\n"
+    ));
     hex::encode(&h.finalize()[..16])
 }
 
@@ -58,7 +60,8 @@ fn put_u8s(out: &mut Vec<u8>, values: &[u8]) {
 }
 
 fn encode_payload(corpus: &EncodedCorpus) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 * (corpus.train.tokens.len() + corpus.test.tokens.len()) + (1 << 20));
+    let mut out =
+        Vec::with_capacity(4 * (corpus.train.tokens.len() + corpus.test.tokens.len()) + (1 << 20));
     let words = corpus.vocab.words().join("\n");
     put_u8s(&mut out, words.as_bytes());
     for split in [&corpus.train, &corpus.test] {
@@ -98,17 +101,24 @@ impl<'a> Cursor<'a> {
     fn u32s(&mut self) -> std::result::Result<Vec<u32>, String> {
         let n = self.len()?;
         let b = self.take(n.checked_mul(4).ok_or("bad length")?)?;
-        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Ok(b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
     }
 
     fn u64s(&mut self) -> std::result::Result<Vec<u64>, String> {
         let n = self.len()?;
         let b = self.take(n.checked_mul(8).ok_or("bad length")?)?;
-        Ok(b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+        Ok(b.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
     }
 }
 
-fn decode_split(cur: &mut Cursor<'_>, vocab_len: usize) -> std::result::Result<EncodedSplit, String> {
+fn decode_split(
+    cur: &mut Cursor<'_>,
+    vocab_len: usize,
+) -> std::result::Result<EncodedSplit, String> {
     let split = EncodedSplit {
         ids: cur.u32s()?,
         labels: cur.u8s()?,
@@ -153,15 +163,24 @@ fn parse(bytes: &[u8], key: &str) -> std::result::Result<EncodedCorpus, String> 
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err("not a cache file (bad magic)".into());
     }
-    let header_len = u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| "bad header")?) as usize;
-    let header_end = 16usize.checked_add(header_len).filter(|&e| e <= bytes.len()).ok_or("header ends early")?;
-    let header: Header = serde_json::from_slice(&bytes[16..header_end]).map_err(|e| format!("bad header: {e}"))?;
+    let header_len =
+        u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| "bad header")?) as usize;
+    let header_end = 16usize
+        .checked_add(header_len)
+        .filter(|&e| e <= bytes.len())
+        .ok_or("header ends early")?;
+    let header: Header =
+        serde_json::from_slice(&bytes[16..header_end]).map_err(|e| format!("bad header: {e}"))?;
     if header.key != key {
         return Err(format!("written for key {}, expected {key}", header.key));
     }
     let payload = &bytes[header_end..];
     if payload.len() as u64 != header.payload_len {
-        return Err(format!("payload is {} bytes, header says {}", payload.len(), header.payload_len));
+        return Err(format!(
+            "payload is {} bytes, header says {}",
+            payload.len(),
+            header.payload_len
+        ));
     }
     if crc32fast::hash(payload) != header.payload_crc32 {
         return Err("payload CRC-32 mismatch".into());
@@ -174,7 +193,12 @@ fn parse(bytes: &[u8], key: &str) -> std::result::Result<EncodedCorpus, String> 
     if !cur.bytes.is_empty() {
         return Err("trailing bytes".into());
     }
-    Ok(EncodedCorpus { vocab, train, test, checksum: header.checksum })
+    Ok(EncodedCorpus {
+        vocab,
+        train,
+        test,
+        checksum: header.checksum,
+    })
 }
 
 /// Writes the cache under a temporary name and renames it into place.
@@ -208,7 +232,12 @@ mod tests {
     use crate::encode::encode_corpus;
 
     fn corpus() -> EncodedCorpus {
-        let r = |id, label: u8, text: &str| Review { id, rating: 1 + 8 * label, label, text: text.into() };
+        let r = |id, label: u8, text: &str| Review {
+            id,
+            rating: 1 + 8 * label,
+            label,
+            text: text.into(),
+        };
         let raw = RawCorpus {
             train: vec![r(0, 0, "bad film"), r(1, 1, "great film!")],
             test: vec![r(0, 0, "bad"), r(1, 1, "great")],
@@ -229,7 +258,10 @@ mod tests {
         assert_eq!(load(&path, &key).unwrap(), c);
         // Other settings: another key.
         assert_ne!(cache_key("abc", 2, 0), key);
-        assert!(matches!(load(&path, &cache_key("abc", 2, 0)), Err(CacheMiss::Invalid(_))));
+        assert!(matches!(
+            load(&path, &cache_key("abc", 2, 0)),
+            Err(CacheMiss::Invalid(_))
+        ));
         // A flipped byte in the payload.
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;

@@ -39,7 +39,13 @@ pub struct ShardPlan {
 }
 
 impl ShardPlan {
-    pub fn new(corpus_size: usize, world_size: usize, batch_size: usize, seed: u64, epoch: u64) -> Result<Self> {
+    pub fn new(
+        corpus_size: usize,
+        world_size: usize,
+        batch_size: usize,
+        seed: u64,
+        epoch: u64,
+    ) -> Result<Self> {
         if world_size == 0 || batch_size == 0 {
             return Err(DataError::Shard(format!(
                 "world size ({world_size}) and batch size ({batch_size}) must be at least 1"
@@ -56,9 +62,19 @@ impl ShardPlan {
         let mut order: Vec<u32> = (0..corpus_size as u32).collect();
         order.shuffle(&mut rng_for(seed, epoch, PURPOSE_SHARD));
         let per_rank = batches_per_rank * batch_size;
-        let ranks = order.chunks(per_rank).take(world_size).map(<[u32]>::to_vec).collect();
+        let ranks = order
+            .chunks(per_rank)
+            .take(world_size)
+            .map(<[u32]>::to_vec)
+            .collect();
         let dropped = order[per_rank * world_size..].to_vec();
-        Ok(Self { world_size, batch_size, batches_per_rank, ranks, dropped })
+        Ok(Self {
+            world_size,
+            batch_size,
+            batches_per_rank,
+            ranks,
+            dropped,
+        })
     }
 
     pub fn rank(&self, rank: usize) -> &[u32] {
@@ -97,7 +113,11 @@ pub fn balanced_subset(labels: &[u8], k: usize, seed: u64) -> Vec<usize> {
     let take_pos = (k - half).min(by_label[1].len());
     let take_neg = (k - take_pos).min(by_label[0].len());
     let take_pos = (k - take_neg).min(by_label[1].len());
-    let mut out: Vec<usize> = by_label[0][..take_neg].iter().chain(&by_label[1][..take_pos]).copied().collect();
+    let mut out: Vec<usize> = by_label[0][..take_neg]
+        .iter()
+        .chain(&by_label[1][..take_pos])
+        .copied()
+        .collect();
     out.sort_unstable();
     out
 }

@@ -1,0 +1,170 @@
+//! Flags shared by the `coordinator` and `worker` binaries: where the corpus comes from, and
+//! the config file with per-flag overrides. Every flag can also come from an env var.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::{BatchOrder, JobConfig};
+use crate::corpus::{DownloadSpec, OFFICIAL_MD5, OFFICIAL_SHA256, OFFICIAL_URL};
+use crate::error::ConfigError;
+use crate::pipeline::{default_cache_dir, PrepareOptions};
+
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// The corpus: the official aclImdb_v1.tar.gz, an extracted aclImdb/ folder, or nothing
+    /// to download the official tarball into the cache folder.
+    #[arg(long, env = "IMDB_DATA")]
+    pub data: Option<PathBuf>,
+    /// Where the tarball is downloaded from when --data is not given.
+    #[arg(long, env = "IMDB_URL", default_value = OFFICIAL_URL)]
+    pub data_url: String,
+    /// Expected sha256 of the downloaded tarball (change only for a mirror of another file).
+    #[arg(long, env = "IMDB_SHA256", default_value = OFFICIAL_SHA256)]
+    pub data_sha256: String,
+    /// Expected md5 of the downloaded tarball.
+    #[arg(long, env = "IMDB_MD5", default_value = OFFICIAL_MD5)]
+    pub data_md5: String,
+    /// Folder for the downloaded tarball and the encoded-corpus cache
+    /// [default: $XDG_CACHE_HOME/imdb-ddp or ~/.cache/imdb-ddp].
+    #[arg(long, env = "IMDB_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Neither read nor write the encoded-corpus cache.
+    #[arg(long, env = "IMDB_NO_CACHE")]
+    pub no_cache: bool,
+}
+
+impl DataArgs {
+    pub fn prepare_options(&self, config: &JobConfig) -> PrepareOptions {
+        let cache_dir = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
+        PrepareOptions {
+            data: self.data.clone(),
+            download: DownloadSpec {
+                url: self.data_url.clone(),
+                md5: self.data_md5.clone(),
+                sha256: self.data_sha256.clone(),
+                cache_dir,
+            },
+            use_cache: !self.no_cache,
+            min_freq: config.data.min_freq,
+            max_vocab: config.data.max_vocab,
+        }
+    }
+}
+
+/// `--config FILE` and the overrides most often changed from the command line.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ConfigArgs {
+    /// TOML job config (see configs/); flags below override its values.
+    #[arg(long, env = "TRAINER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Words seen fewer times in the train split map to <unk> (at least 1).
+    #[arg(long, env = "TRAINER_MIN_FREQ")]
+    pub min_freq: Option<u32>,
+    /// Keep at most this many words besides the specials (0: all).
+    #[arg(long, env = "TRAINER_MAX_VOCAB")]
+    pub max_vocab: Option<usize>,
+    /// Truncate reviews to this many tokens (0: no limit).
+    #[arg(long, env = "TRAINER_MAX_LEN")]
+    pub max_len: Option<usize>,
+    /// Held-out share of the train split for validation.
+    #[arg(long, env = "TRAINER_VAL_FRACTION")]
+    pub val_fraction: Option<f64>,
+    /// Train on a label-balanced subset of this many reviews (0: all).
+    #[arg(long, env = "TRAINER_TRAIN_SUBSET")]
+    pub train_subset: Option<usize>,
+    /// Evaluate on a label-balanced subset of this many test reviews (0: all).
+    #[arg(long, env = "TRAINER_TEST_SUBSET")]
+    pub test_subset: Option<usize>,
+    /// Per-rank batch size.
+    #[arg(long, env = "TRAINER_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    #[arg(long, env = "TRAINER_EPOCHS")]
+    pub epochs: Option<usize>,
+    #[arg(long, env = "TRAINER_LR")]
+    pub lr: Option<f64>,
+    /// Truncated-BPTT window in time steps (0: full BPTT).
+    #[arg(long, env = "TRAINER_BPTT")]
+    pub bptt: Option<usize>,
+    /// unsorted (the tutorial's) or bucketed (by length).
+    #[arg(long, env = "TRAINER_BATCH_ORDER", value_parser = parse_batch_order)]
+    pub batch_order: Option<BatchOrder>,
+    #[arg(long, env = "TRAINER_SEED")]
+    pub seed: Option<u64>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "TRAINER_DEVICE")]
+    pub device: Option<String>,
+    /// bf16 autocast (CUDA only).
+    #[arg(long, env = "TRAINER_AMP")]
+    pub amp: Option<bool>,
+    /// Stop each epoch after this many steps (0: whole epochs).
+    #[arg(long, env = "TRAINER_MAX_STEPS_PER_EPOCH")]
+    pub max_steps_per_epoch: Option<usize>,
+}
+
+fn parse_batch_order(s: &str) -> Result<BatchOrder, String> {
+    match s {
+        "unsorted" => Ok(BatchOrder::Unsorted),
+        "bucketed" => Ok(BatchOrder::Bucketed),
+        other => Err(format!("must be unsorted or bucketed, got {other}")),
+    }
+}
+
+impl ConfigArgs {
+    /// The config file (or the defaults) with the flags applied, validated.
+    pub fn resolve(&self) -> Result<JobConfig, ConfigError> {
+        let mut c = match &self.config {
+            Some(path) => JobConfig::from_toml_file(path)?,
+            None => JobConfig::default(),
+        };
+        macro_rules! set {
+            ($flag:ident => $($field:tt)+) => {
+                if let Some(v) = self.$flag.clone() {
+                    c.$($field)+ = v;
+                }
+            };
+        }
+        set!(min_freq => data.min_freq);
+        set!(max_vocab => data.max_vocab);
+        set!(max_len => data.max_len);
+        set!(val_fraction => data.val_fraction);
+        set!(train_subset => data.train_subset);
+        set!(test_subset => data.test_subset);
+        set!(batch_size => train.batch_size);
+        set!(epochs => train.epochs);
+        set!(lr => train.lr);
+        set!(bptt => train.bptt);
+        set!(batch_order => train.batch_order);
+        set!(seed => train.seed);
+        set!(device => train.device);
+        set!(amp => train.amp);
+        set!(max_steps_per_epoch => train.max_steps_per_epoch);
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_and_are_validated() {
+        let args = ConfigArgs {
+            batch_size: Some(64),
+            min_freq: Some(3),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!((c.train.batch_size, c.data.min_freq), (64, 3));
+        let bad = ConfigArgs {
+            min_freq: Some(0),
+            ..Default::default()
+        };
+        assert!(bad
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("data.min_freq"));
+    }
+}

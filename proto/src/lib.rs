@@ -1,0 +1,1 @@
+//! Generated tonic code for trainer.v1 (to be written).

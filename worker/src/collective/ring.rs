@@ -1,0 +1,1 @@
+//! TCP ring all-reduce: see the ring helper's brief.

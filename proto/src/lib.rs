@@ -1,1 +1,31 @@
-//! Generated tonic code for trainer.v1 (to be written).
+//! The coordinator/worker protocol (`trainer.v1`): generated messages and tonic services,
+//! the protocol version, and the job-secret authentication shared by both sides.
+
+pub mod auth;
+
+/// Generated code of `proto/trainer/v1/trainer.proto`.
+pub mod v1 {
+    #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+    tonic::include_proto!("trainer.v1");
+}
+
+pub use auth::{AuthError, ClientAuth, JobSecret, ServerAuth};
+
+/// The protocol version a worker sends in `Register`; a coordinator refuses any other.
+/// Bump it on every change that an old peer would misread.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Env var with the coordinator's address (`http://host:port` or `host:port`).
+pub const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";
+/// Env var with the per-job secret.
+pub const JOB_SECRET_ENV: &str = "TRAINER_JOB_SECRET";
+/// Env var with the compute threads a local worker should use.
+pub const THREADS_ENV: &str = "TRAINER_THREADS";
+
+/// Largest message either side accepts. Shard chunks stay far below it (about 1 MB); the
+/// limit is there for one unusually long review, which always travels whole.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Bytes of token data per shard chunk, at most (a single longer review travels alone).
+pub const SHARD_CHUNK_TOKENS: usize = 256 * 1024;
+/// Bytes per artifact upload chunk.
+pub const ARTIFACT_CHUNK_BYTES: usize = 1024 * 1024;

@@ -1,0 +1,189 @@
+//! The per-job secret: every RPC carries `authorization: Bearer <secret>`; the server
+//! compares it in constant time. The secret never shows in `Debug` output or logs.
+
+use std::fmt;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+const HEADER: &str = "authorization";
+const SCHEME: &str = "Bearer ";
+const MAX_SECRET_LEN: usize = 512;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("the job secret is empty")]
+    Empty,
+    #[error("the job secret is longer than {MAX_SECRET_LEN} bytes")]
+    TooLong,
+    #[error("the job secret may only contain visible ASCII characters (no spaces)")]
+    BadCharacters,
+}
+
+/// The job secret. `Debug` prints `JobSecret(<redacted>)`.
+#[derive(Clone)]
+pub struct JobSecret(Arc<str>);
+
+impl JobSecret {
+    pub fn new(secret: &str) -> Result<Self, AuthError> {
+        if secret.is_empty() {
+            return Err(AuthError::Empty);
+        }
+        if secret.len() > MAX_SECRET_LEN {
+            return Err(AuthError::TooLong);
+        }
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(AuthError::BadCharacters);
+        }
+        Ok(Self(secret.into()))
+    }
+
+    /// The secret itself, for handing it to a child process's environment. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison (the length is not hidden, the content is).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        bool::from(self.0.as_bytes().ct_eq(presented))
+    }
+
+    fn header_value(&self) -> MetadataValue<Ascii> {
+        // new() admits only visible ASCII, which is always a valid header value.
+        let mut value = MetadataValue::try_from(format!("{SCHEME}{}", self.0))
+            .unwrap_or_else(|_| MetadataValue::from_static(""));
+        value.set_sensitive(true);
+        value
+    }
+}
+
+impl fmt::Debug for JobSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JobSecret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for JobSecret {
+    type Err = AuthError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// Client side: adds the secret to every request.
+#[derive(Clone)]
+pub struct ClientAuth {
+    value: MetadataValue<Ascii>,
+}
+
+impl ClientAuth {
+    pub fn new(secret: &JobSecret) -> Self {
+        Self {
+            value: secret.header_value(),
+        }
+    }
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientAuth(<redacted>)")
+    }
+}
+
+impl Interceptor for ClientAuth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert(HEADER, self.value.clone());
+        Ok(request)
+    }
+}
+
+/// Server side: refuses a request without the right secret with UNAUTHENTICATED.
+#[derive(Clone)]
+pub struct ServerAuth {
+    secret: JobSecret,
+}
+
+impl ServerAuth {
+    pub fn new(secret: JobSecret) -> Self {
+        Self { secret }
+    }
+
+    pub fn check(&self, request: &Request<()>) -> Result<(), Status> {
+        let value = request.metadata().get(HEADER).ok_or_else(|| {
+            Status::unauthenticated(
+                "missing job secret: send metadata `authorization: Bearer <secret>`",
+            )
+        })?;
+        let presented = value
+            .as_bytes()
+            .strip_prefix(SCHEME.as_bytes())
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization metadata must be `Bearer <secret>`")
+            })?;
+        if self.secret.matches(presented) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("wrong job secret"))
+        }
+    }
+}
+
+impl fmt::Debug for ServerAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServerAuth(<redacted>)")
+    }
+}
+
+impl Interceptor for ServerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.check(&request)?;
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_checked_and_never_printed() {
+        let secret = JobSecret::new("s3cr3t-token").unwrap();
+        assert!(!format!("{secret:?}").contains("s3cr3t"));
+        assert!(!format!("{:?}", ClientAuth::new(&secret)).contains("s3cr3t"));
+        let server = ServerAuth::new(secret.clone());
+
+        let good = ClientAuth::new(&secret).call(Request::new(())).unwrap();
+        assert!(server.check(&good).is_ok());
+
+        let missing = server.check(&Request::new(())).unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+
+        let other = JobSecret::new("s3cr3t-tokeN").unwrap();
+        let wrong = ClientAuth::new(&other).call(Request::new(())).unwrap();
+        let e = server.check(&wrong).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(!e.message().contains("s3cr3t"));
+
+        let mut no_scheme = Request::new(());
+        no_scheme
+            .metadata_mut()
+            .insert(HEADER, MetadataValue::from_static("s3cr3t-token"));
+        assert_eq!(
+            server.check(&no_scheme).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+
+    #[test]
+    fn bad_secrets_are_refused() {
+        assert_eq!(JobSecret::new("").unwrap_err(), AuthError::Empty);
+        assert_eq!(JobSecret::new("a b").unwrap_err(), AuthError::BadCharacters);
+        assert_eq!(
+            JobSecret::new(&"x".repeat(600)).unwrap_err(),
+            AuthError::TooLong
+        );
+    }
+}

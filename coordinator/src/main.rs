@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 mod data_cmd;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "coordinator",
-    version,
-    about = "Data-parallel LSTM training on IMDB: the coordinator"
-)]
+#[command(name = "coordinator", version, about = "Data-parallel LSTM training on IMDB: the coordinator")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -25,12 +21,8 @@ enum Command {
 }
 
 fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn main() -> ExitCode {
@@ -38,9 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Data(cmd)) => data_cmd::run(&cmd),
-        None => Err(anyhow::anyhow!(
-            "training runs are not implemented yet; try `coordinator data`"
-        )),
+        None => Err(anyhow::anyhow!("training runs are not implemented yet; try `coordinator data`")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

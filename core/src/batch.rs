@@ -98,10 +98,7 @@ pub fn collate(split: &EncodedSplit, samples: &[u32], max_len: usize, mode: Trun
     Batch {
         tokens,
         lengths: rows.iter().map(|r| r.len() as i64).collect(),
-        labels: samples
-            .iter()
-            .map(|&i| i64::from(split.labels[i as usize]))
-            .collect(),
+        labels: samples.iter().map(|&i| i64::from(split.labels[i as usize])).collect(),
         size: rows.len(),
         max_len: width,
     }
@@ -156,13 +153,7 @@ mod tests {
                 .map(|b| b.size * b.max_len - b.num_tokens())
                 .sum()
         };
-        assert!(
-            padding(&bucketed) * 10 < padding(&unsorted),
-            "bucketing should cut padding by >10x"
-        );
-        assert_ne!(
-            bucketed,
-            plan_batches(&s, &samples, 10, BatchOrder::Bucketed, 20, 1, 1)
-        );
+        assert!(padding(&bucketed) * 10 < padding(&unsorted), "bucketing should cut padding by >10x");
+        assert_ne!(bucketed, plan_batches(&s, &samples, 10, BatchOrder::Bucketed, 20, 1, 1));
     }
 }

@@ -30,9 +30,7 @@ struct Header {
 /// The cache key for a corpus and the settings that change the encoding.
 pub fn cache_key(corpus_checksum: &str, min_freq: u32, max_vocab: usize) -> String {
     let mut h = Sha256::new();
-    h.update(format!(
-        "{corpus_checksum}\n{TOKENIZER_VERSION}\nmin_freq={min_freq}\nmax_vocab={max_vocab}\n"
-    ));
+    h.update(format!("{corpus_checksum}\n{TOKENIZER_VERSION}\nmin_freq={min_freq}\nmax_vocab={max_vocab}\n"));
     hex::encode(&h.finalize()[..16])
 }
 
@@ -60,8 +58,7 @@ fn put_u8s(out: &mut Vec<u8>, values: &[u8]) {
 }
 
 fn encode_payload(corpus: &EncodedCorpus) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(4 * (corpus.train.tokens.len() + corpus.test.tokens.len()) + (1 << 20));
+    let mut out = Vec::with_capacity(4 * (corpus.train.tokens.len() + corpus.test.tokens.len()) + (1 << 20));
     let words = corpus.vocab.words().join("\n");
     put_u8s(&mut out, words.as_bytes());
     for split in [&corpus.train, &corpus.test] {
@@ -101,24 +98,17 @@ impl<'a> Cursor<'a> {
     fn u32s(&mut self) -> std::result::Result<Vec<u32>, String> {
         let n = self.len()?;
         let b = self.take(n.checked_mul(4).ok_or("bad length")?)?;
-        Ok(b.chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     fn u64s(&mut self) -> std::result::Result<Vec<u64>, String> {
         let n = self.len()?;
         let b = self.take(n.checked_mul(8).ok_or("bad length")?)?;
-        Ok(b.chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect())
+        Ok(b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
     }
 }
 
-fn decode_split(
-    cur: &mut Cursor<'_>,
-    vocab_len: usize,
-) -> std::result::Result<EncodedSplit, String> {
+fn decode_split(cur: &mut Cursor<'_>, vocab_len: usize) -> std::result::Result<EncodedSplit, String> {
     let split = EncodedSplit {
         ids: cur.u32s()?,
         labels: cur.u8s()?,
@@ -163,12 +153,9 @@ fn parse(bytes: &[u8], key: &str) -> std::result::Result<EncodedCorpus, String> 
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err("not a cache file (bad magic)".into());
     }
-    let header_len =
-        u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| "bad header")?) as usize;
-    let header_end = 16usize
-        .checked_add(header_len)
-        .filter(|&e| e <= bytes.len())
-        .ok_or("header ends early")?;
+    let header_len = u64::from_le_bytes(bytes[8..16].try_into().map_err(|_| "bad header")?) as usize;
+    let header_end =
+        16usize.checked_add(header_len).filter(|&e| e <= bytes.len()).ok_or("header ends early")?;
     let header: Header =
         serde_json::from_slice(&bytes[16..header_end]).map_err(|e| format!("bad header: {e}"))?;
     if header.key != key {
@@ -176,11 +163,7 @@ fn parse(bytes: &[u8], key: &str) -> std::result::Result<EncodedCorpus, String> 
     }
     let payload = &bytes[header_end..];
     if payload.len() as u64 != header.payload_len {
-        return Err(format!(
-            "payload is {} bytes, header says {}",
-            payload.len(),
-            header.payload_len
-        ));
+        return Err(format!("payload is {} bytes, header says {}", payload.len(), header.payload_len));
     }
     if crc32fast::hash(payload) != header.payload_crc32 {
         return Err("payload CRC-32 mismatch".into());
@@ -193,12 +176,7 @@ fn parse(bytes: &[u8], key: &str) -> std::result::Result<EncodedCorpus, String> 
     if !cur.bytes.is_empty() {
         return Err("trailing bytes".into());
     }
-    Ok(EncodedCorpus {
-        vocab,
-        train,
-        test,
-        checksum: header.checksum,
-    })
+    Ok(EncodedCorpus { vocab, train, test, checksum: header.checksum })
 }
 
 /// Writes the cache under a temporary name and renames it into place.
@@ -210,17 +188,15 @@ pub fn store(path: &Path, key: &str, corpus: &EncodedCorpus) -> Result<()> {
         payload_len: payload.len() as u64,
         payload_crc32: crc32fast::hash(&payload),
     };
-    let header = serde_json::to_vec(&header).map_err(|e| DataError::CacheIo {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?;
+    let header = serde_json::to_vec(&header)
+        .map_err(|e| DataError::CacheIo { path: path.to_path_buf(), cause: std::io::Error::other(e) })?;
     let mut out = Vec::with_capacity(16 + header.len() + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(header.len() as u64).to_le_bytes());
     out.extend_from_slice(&header);
     out.extend_from_slice(&payload);
     crate::write_atomically(path, &out).map_err(|e| match e {
-        DataError::Io { path, source } => DataError::CacheIo { path, source },
+        DataError::Io { path, cause } => DataError::CacheIo { path, cause },
         other => other,
     })
 }
@@ -232,12 +208,7 @@ mod tests {
     use crate::encode::encode_corpus;
 
     fn corpus() -> EncodedCorpus {
-        let r = |id, label: u8, text: &str| Review {
-            id,
-            rating: 1 + 8 * label,
-            label,
-            text: text.into(),
-        };
+        let r = |id, label: u8, text: &str| Review { id, rating: 1 + 8 * label, label, text: text.into() };
         let raw = RawCorpus {
             train: vec![r(0, 0, "bad film"), r(1, 1, "great film!")],
             test: vec![r(0, 0, "bad"), r(1, 1, "great")],
@@ -258,10 +229,7 @@ mod tests {
         assert_eq!(load(&path, &key).unwrap(), c);
         // Other settings: another key.
         assert_ne!(cache_key("abc", 2, 0), key);
-        assert!(matches!(
-            load(&path, &cache_key("abc", 2, 0)),
-            Err(CacheMiss::Invalid(_))
-        ));
+        assert!(matches!(load(&path, &cache_key("abc", 2, 0)), Err(CacheMiss::Invalid(_))));
         // A flipped byte in the payload.
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;

@@ -150,21 +150,10 @@ mod tests {
 
     #[test]
     fn flags_override_and_are_validated() {
-        let args = ConfigArgs {
-            batch_size: Some(64),
-            min_freq: Some(3),
-            ..Default::default()
-        };
+        let args = ConfigArgs { batch_size: Some(64), min_freq: Some(3), ..Default::default() };
         let c = args.resolve().unwrap();
         assert_eq!((c.train.batch_size, c.data.min_freq), (64, 3));
-        let bad = ConfigArgs {
-            min_freq: Some(0),
-            ..Default::default()
-        };
-        assert!(bad
-            .resolve()
-            .unwrap_err()
-            .to_string()
-            .contains("data.min_freq"));
+        let bad = ConfigArgs { min_freq: Some(0), ..Default::default() };
+        assert!(bad.resolve().unwrap_err().to_string().contains("data.min_freq"));
     }
 }

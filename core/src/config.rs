@@ -101,13 +101,7 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self {
-            embed_dim: 128,
-            hidden: 256,
-            layers: 2,
-            dropout: 0.5,
-            head: Head::Last,
-        }
+        Self { embed_dim: 128, hidden: 256, layers: 2, dropout: 0.5, head: Head::Last }
     }
 }
 
@@ -190,11 +184,7 @@ fn check(
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::OutOfRange {
-            field,
-            allowed: allowed.to_string(),
-            value: value.to_string(),
-        })
+        Err(ConfigError::OutOfRange { field, allowed: allowed.to_string(), value: value.to_string() })
     }
 }
 
@@ -226,13 +216,16 @@ pub enum DeviceSpec {
 impl JobConfig {
     /// Reads a TOML file; unknown keys are refused so that a typo never goes unnoticed.
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), cause: source })?;
+        toml::from_str(&text).map_err(|e| {
+            // toml's Display spans several lines with a snippet; keep the error on one line.
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let message = match line {
+                Some(line) => format!("line {line}: {}", e.message().trim()),
+                None => e.message().trim().to_string(),
+            };
+            ConfigError::Parse { path: path.to_path_buf(), message: message.replace('\n', " ") }
         })
     }
 
@@ -252,86 +245,21 @@ impl JobConfig {
             d.val_fraction,
         )?;
         let m = &self.model;
-        check(
-            (1..=4096).contains(&m.embed_dim),
-            "model.embed_dim",
-            "1..=4096",
-            m.embed_dim,
-        )?;
-        check(
-            (1..=8192).contains(&m.hidden),
-            "model.hidden",
-            "1..=8192",
-            m.hidden,
-        )?;
-        check(
-            (1..=16).contains(&m.layers),
-            "model.layers",
-            "1..=16",
-            m.layers,
-        )?;
-        check(
-            (0.0..1.0).contains(&m.dropout),
-            "model.dropout",
-            "0 <= x < 1",
-            m.dropout,
-        )?;
+        check((1..=4096).contains(&m.embed_dim), "model.embed_dim", "1..=4096", m.embed_dim)?;
+        check((1..=8192).contains(&m.hidden), "model.hidden", "1..=8192", m.hidden)?;
+        check((1..=16).contains(&m.layers), "model.layers", "1..=16", m.layers)?;
+        check((0.0..1.0).contains(&m.dropout), "model.dropout", "0 <= x < 1", m.dropout)?;
         let t = &self.train;
-        check(
-            (1..=65536).contains(&t.batch_size),
-            "train.batch_size",
-            "1..=65536",
-            t.batch_size,
-        )?;
-        check(
-            (1..=10000).contains(&t.epochs),
-            "train.epochs",
-            "1..=10000",
-            t.epochs,
-        )?;
+        check((1..=65536).contains(&t.batch_size), "train.batch_size", "1..=65536", t.batch_size)?;
+        check((1..=10000).contains(&t.epochs), "train.epochs", "1..=10000", t.epochs)?;
         check(t.lr > 0.0 && t.lr < 10.0, "train.lr", "0 < x < 10", t.lr)?;
-        check(
-            (0.0..1.0).contains(&t.beta1),
-            "train.beta1",
-            "0 <= x < 1",
-            t.beta1,
-        )?;
-        check(
-            (0.0..1.0).contains(&t.beta2),
-            "train.beta2",
-            "0 <= x < 1",
-            t.beta2,
-        )?;
-        check(
-            t.weight_decay >= 0.0,
-            "train.weight_decay",
-            "x >= 0",
-            t.weight_decay,
-        )?;
-        check(
-            t.clip_norm >= 0.0,
-            "train.clip_norm",
-            "x >= 0 (0 disables)",
-            t.clip_norm,
-        )?;
-        check(
-            t.bucket_pool >= 1,
-            "train.bucket_pool",
-            "at least 1",
-            t.bucket_pool,
-        )?;
-        check(
-            t.log_every >= 1,
-            "train.log_every",
-            "at least 1",
-            t.log_every,
-        )?;
-        check(
-            t.eval_batch_size >= 1,
-            "train.eval_batch_size",
-            "at least 1",
-            t.eval_batch_size,
-        )?;
+        check((0.0..1.0).contains(&t.beta1), "train.beta1", "0 <= x < 1", t.beta1)?;
+        check((0.0..1.0).contains(&t.beta2), "train.beta2", "0 <= x < 1", t.beta2)?;
+        check(t.weight_decay >= 0.0, "train.weight_decay", "x >= 0", t.weight_decay)?;
+        check(t.clip_norm >= 0.0, "train.clip_norm", "x >= 0 (0 disables)", t.clip_norm)?;
+        check(t.bucket_pool >= 1, "train.bucket_pool", "at least 1", t.bucket_pool)?;
+        check(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)?;
+        check(t.eval_batch_size >= 1, "train.eval_batch_size", "at least 1", t.eval_batch_size)?;
         parse_device(&t.device)?;
         Ok(())
     }
@@ -359,10 +287,7 @@ mod tests {
         let mut c = JobConfig::default();
         c.data.min_freq = 0;
         let e = c.validate().unwrap_err().to_string();
-        assert!(
-            e.contains("data.min_freq") && e.contains("at least 1"),
-            "{e}"
-        );
+        assert!(e.contains("data.min_freq") && e.contains("at least 1"), "{e}");
     }
 
     #[test]
@@ -370,11 +295,7 @@ mod tests {
         assert!(toml::from_str::<JobConfig>("[train]\nbatch_sise = 3\n").is_err());
         let mut c = JobConfig::default();
         c.train.device = "gpu".into();
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("train.device"));
+        assert!(c.validate().unwrap_err().to_string().contains("train.device"));
         assert_eq!(parse_device("cuda:3").unwrap(), DeviceSpec::Cuda(3));
     }
 

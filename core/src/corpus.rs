@@ -16,8 +16,7 @@ use crate::error::{io_err, DataError, Result};
 
 pub const OFFICIAL_URL: &str = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz";
 pub const OFFICIAL_MD5: &str = "7c2ac02c03563afcf9b574c7e56c153a";
-pub const OFFICIAL_SHA256: &str =
-    "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe";
+pub const OFFICIAL_SHA256: &str = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe";
 pub const OFFICIAL_FILE_NAME: &str = "aclImdb_v1.tar.gz";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,22 +70,13 @@ impl DataSource {
     pub fn from_path(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
-                DataError::NotFound {
-                    path: path.to_path_buf(),
-                }
+                DataError::NotFound { path: path.to_path_buf() }
             } else {
-                DataError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                }
+                DataError::Io { path: path.to_path_buf(), cause: source }
             }
         })?;
         if meta.is_dir() {
-            let root = if path.join("aclImdb").is_dir() {
-                path.join("aclImdb")
-            } else {
-                path.to_path_buf()
-            };
+            let root = if path.join("aclImdb").is_dir() { path.join("aclImdb") } else { path.to_path_buf() };
             Ok(DataSource::Folder(root))
         } else {
             Ok(DataSource::Tarball(path.to_path_buf()))
@@ -131,9 +121,7 @@ impl DownloadSpec {
 pub fn download(spec: &DownloadSpec) -> Result<PathBuf> {
     let target = spec.target();
     std::fs::create_dir_all(&spec.cache_dir).map_err(io_err(&spec.cache_dir))?;
-    let partial = spec
-        .cache_dir
-        .join(format!("{OFFICIAL_FILE_NAME}.part-{}", std::process::id()));
+    let partial = spec.cache_dir.join(format!("{OFFICIAL_FILE_NAME}.part-{}", std::process::id()));
     let fail = |e: DataError| {
         let _ = std::fs::remove_file(&partial);
         e
@@ -141,10 +129,7 @@ pub fn download(spec: &DownloadSpec) -> Result<PathBuf> {
     tracing::info!(url = %spec.url, to = %target.display(), "downloading the IMDB corpus");
     let response = ureq::get(&spec.url)
         .call()
-        .map_err(|e| DataError::Download {
-            url: spec.url.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| DataError::Download { url: spec.url.clone(), message: e.to_string() })?;
     let mut body = response.into_body().into_reader();
     let mut file = File::create(&partial).map_err(io_err(&partial))?;
     let mut sha = Sha256::new();
@@ -157,16 +142,12 @@ pub fn download(spec: &DownloadSpec) -> Result<PathBuf> {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                return Err(fail(DataError::Download {
-                    url: spec.url.clone(),
-                    message: e.to_string(),
-                }))
+                return Err(fail(DataError::Download { url: spec.url.clone(), message: e.to_string() }))
             }
         };
         sha.update(&buf[..n]);
         md5.update(&buf[..n]);
-        file.write_all(&buf[..n])
-            .map_err(|e| fail(io_err(&partial)(e)))?;
+        file.write_all(&buf[..n]).map_err(|e| fail(io_err(&partial)(e)))?;
         total += n as u64;
     }
     file.sync_all().map_err(|e| fail(io_err(&partial)(e)))?;
@@ -225,18 +206,12 @@ impl Collector {
     }
 
     fn add(&mut self, split: Split, label: u8, file_name: &str, bytes: Vec<u8>) -> Result<()> {
-        let display = format!(
-            "{}/{}/{}",
-            split.name(),
-            if label == 1 { "pos" } else { "neg" },
-            file_name
-        );
-        let (id, rating) =
-            parse_review_name(file_name).map_err(|reason| DataError::BadReviewName {
-                path: self.source.clone(),
-                name: display.clone(),
-                reason,
-            })?;
+        let display = format!("{}/{}/{}", split.name(), if label == 1 { "pos" } else { "neg" }, file_name);
+        let (id, rating) = parse_review_name(file_name).map_err(|reason| DataError::BadReviewName {
+            path: self.source.clone(),
+            name: display.clone(),
+            reason,
+        })?;
         let text = match String::from_utf8(bytes) {
             Ok(s) => s,
             Err(e) => {
@@ -245,23 +220,12 @@ impl Collector {
             }
         };
         if text.trim().is_empty() {
-            return Err(DataError::EmptyReview {
-                path: self.source.clone(),
-                name: display,
-            });
+            return Err(DataError::EmptyReview { path: self.source.clone(), name: display });
         }
         if !self.seen.insert((split, label, id)) {
-            return Err(DataError::DuplicateReview {
-                path: self.source.clone(),
-                name: display,
-            });
+            return Err(DataError::DuplicateReview { path: self.source.clone(), name: display });
         }
-        let review = Review {
-            id,
-            rating,
-            label,
-            text,
-        };
+        let review = Review { id, rating, label, text };
         match split {
             Split::Train => self.train.push(review),
             Split::Test => self.test.push(review),
@@ -270,10 +234,7 @@ impl Collector {
     }
 
     fn finish(mut self, checksum: String) -> Result<RawCorpus> {
-        for (split, reviews) in [
-            (Split::Train, &mut self.train),
-            (Split::Test, &mut self.test),
-        ] {
+        for (split, reviews) in [(Split::Train, &mut self.train), (Split::Test, &mut self.test)] {
             for (label, name) in [(0u8, "neg"), (1u8, "pos")] {
                 if !reviews.iter().any(|r| r.label == label) {
                     return Err(DataError::MissingSplit {
@@ -285,12 +246,7 @@ impl Collector {
             reviews.sort_unstable_by_key(|r| (r.label, r.id));
         }
         self.lossy_utf8.sort();
-        Ok(RawCorpus {
-            train: self.train,
-            test: self.test,
-            checksum,
-            lossy_utf8: self.lossy_utf8,
-        })
+        Ok(RawCorpus { train: self.train, test: self.test, checksum, lossy_utf8: self.lossy_utf8 })
     }
 }
 
@@ -298,12 +254,8 @@ impl Collector {
 fn parse_review_name(name: &str) -> std::result::Result<(u32, u8), String> {
     let stem = name.strip_suffix(".txt").ok_or("no .txt suffix")?;
     let (id, rating) = stem.split_once('_').ok_or("no '_' between id and rating")?;
-    let id: u32 = id
-        .parse()
-        .map_err(|_| format!("id {id:?} is not a number"))?;
-    let rating: u8 = rating
-        .parse()
-        .map_err(|_| format!("rating {rating:?} is not a number"))?;
+    let id: u32 = id.parse().map_err(|_| format!("id {id:?} is not a number"))?;
+    let rating: u8 = rating.parse().map_err(|_| format!("rating {rating:?} is not a number"))?;
     if !(1..=10).contains(&rating) {
         return Err(format!("rating {rating} is not in 1..=10"));
     }
@@ -373,41 +325,23 @@ fn read_tarball(path: &Path, collector: &mut Collector) -> Result<String> {
     let is_gzip = got == 2 && magic == [0x1f, 0x8b];
     let file = File::open(path).map_err(io_err(path))?;
     let sha = std::rc::Rc::new(std::cell::RefCell::new(Sha256::new()));
-    let hashing = Hashing {
-        inner: BufReader::with_capacity(1 << 20, file),
-        sha: sha.clone(),
-    };
+    let hashing = Hashing { inner: BufReader::with_capacity(1 << 20, file), sha: sha.clone() };
     let failed = std::rc::Rc::new(std::cell::Cell::new(false));
     let map_low = |e: std::io::Error| {
         if is_gzip {
-            DataError::Gzip {
-                path: path.to_path_buf(),
-                source: e,
-            }
+            DataError::Gzip { path: path.to_path_buf(), cause: e }
         } else {
-            DataError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            }
+            DataError::Io { path: path.to_path_buf(), cause: e }
         }
     };
-    let inner: Box<dyn Read> = if is_gzip {
-        Box::new(flate2::read::GzDecoder::new(hashing))
-    } else {
-        Box::new(hashing)
-    };
-    let mut archive = tar::Archive::new(Tracked {
-        inner,
-        failed: failed.clone(),
-    });
+    let inner: Box<dyn Read> =
+        if is_gzip { Box::new(flate2::read::GzDecoder::new(hashing)) } else { Box::new(hashing) };
+    let mut archive = tar::Archive::new(Tracked { inner, failed: failed.clone() });
     let tar_err = |e: std::io::Error| -> DataError {
         if failed.get() {
             map_low(e)
         } else {
-            DataError::Tar {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            }
+            DataError::Tar { path: path.to_path_buf(), message: e.to_string() }
         }
     };
     let mut entries_seen = 0usize;
@@ -467,14 +401,7 @@ fn read_folder(root: &Path, collector: &mut Collector) -> Result<String> {
                 let file = dir.join(&name);
                 let bytes = std::fs::read(&file).map_err(io_err(&file))?;
                 digest.update(
-                    format!(
-                        "{}/{}/{}\0{}\0",
-                        split.name(),
-                        label_name,
-                        name,
-                        bytes.len()
-                    )
-                    .as_bytes(),
+                    format!("{}/{}/{}\0{}\0", split.name(), label_name, name, bytes.len()).as_bytes(),
                 );
                 digest.update(&bytes);
                 collector.add(split, label, &name, bytes)?;
@@ -499,14 +426,8 @@ mod tests {
 
     #[test]
     fn entry_classification() {
-        assert_eq!(
-            classify_entry("aclImdb/train/pos/1_9.txt"),
-            Some((Split::Train, 1, "1_9.txt"))
-        );
-        assert_eq!(
-            classify_entry("./aclImdb/test/neg/2_1.txt"),
-            Some((Split::Test, 0, "2_1.txt"))
-        );
+        assert_eq!(classify_entry("aclImdb/train/pos/1_9.txt"), Some((Split::Train, 1, "1_9.txt")));
+        assert_eq!(classify_entry("./aclImdb/test/neg/2_1.txt"), Some((Split::Test, 0, "2_1.txt")));
         assert_eq!(classify_entry("aclImdb/train/unsup/3_0.txt"), None);
         assert_eq!(classify_entry("aclImdb/train/urls_pos.txt"), None);
         assert_eq!(classify_entry("other/train/pos/1_9.txt"), None);

@@ -36,10 +36,7 @@ impl EncodedSplit {
     }
 
     pub fn lengths(&self) -> Vec<u32> {
-        self.offsets
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as u32)
-            .collect()
+        self.offsets.windows(2).map(|w| (w[1] - w[0]) as u32).collect()
     }
 
     pub fn num_tokens(&self) -> usize {
@@ -100,12 +97,8 @@ struct LocalChunk {
 fn tokenize_chunk(reviews: &[Review]) -> LocalChunk {
     let mut tokenizer = Tokenizer::new();
     let mut index: FxHashMap<String, u32> = FxHashMap::default();
-    let mut chunk = LocalChunk {
-        words: Vec::new(),
-        counts: Vec::new(),
-        tokens: Vec::new(),
-        lengths: Vec::new(),
-    };
+    let mut chunk =
+        LocalChunk { words: Vec::new(), counts: Vec::new(), tokens: Vec::new(), lengths: Vec::new() };
     for review in reviews {
         let before = chunk.tokens.len();
         tokenizer.for_each_token(&review.text, |tok| {
@@ -130,10 +123,7 @@ fn tokenize_chunk(reviews: &[Review]) -> LocalChunk {
 const CHUNK_REVIEWS: usize = 1024;
 
 fn tokenize_split(reviews: &[Review]) -> Vec<LocalChunk> {
-    reviews
-        .par_chunks(CHUNK_REVIEWS)
-        .map(tokenize_chunk)
-        .collect()
+    reviews.par_chunks(CHUNK_REVIEWS).map(tokenize_chunk).collect()
 }
 
 fn assemble(reviews: &[Review], chunks: &[LocalChunk], vocab: &Vocab) -> EncodedSplit {
@@ -141,11 +131,7 @@ fn assemble(reviews: &[Review], chunks: &[LocalChunk], vocab: &Vocab) -> Encoded
     let remapped: Vec<Vec<u32>> = chunks
         .par_iter()
         .map(|c| {
-            let map: Vec<u32> = c
-                .words
-                .iter()
-                .map(|w| vocab.get(w).unwrap_or(UNK_ID))
-                .collect();
+            let map: Vec<u32> = c.words.iter().map(|w| vocab.get(w).unwrap_or(UNK_ID)).collect();
             c.tokens.iter().map(|&t| map[t as usize]).collect()
         })
         .collect();
@@ -177,11 +163,7 @@ pub struct TokenCounts {
 }
 
 /// Tokenizes both splits, builds the vocabulary from the train split only, and encodes.
-pub fn encode_corpus(
-    raw: &RawCorpus,
-    min_freq: u32,
-    max_vocab: usize,
-) -> (EncodedCorpus, TokenCounts) {
+pub fn encode_corpus(raw: &RawCorpus, min_freq: u32, max_vocab: usize) -> (EncodedCorpus, TokenCounts) {
     let (train_chunks, test_chunks) =
         rayon::join(|| tokenize_split(&raw.train), || tokenize_split(&raw.test));
     let mut counts: FxHashMap<&str, u64> = FxHashMap::default();
@@ -190,24 +172,13 @@ pub fn encode_corpus(
             *counts.entry(w.as_str()).or_insert(0) += c;
         }
     }
-    let token_counts = TokenCounts {
-        train_tokens: counts.values().sum(),
-        train_distinct: counts.len(),
-    };
+    let token_counts = TokenCounts { train_tokens: counts.values().sum(), train_distinct: counts.len() };
     let vocab = Vocab::from_counts(counts, min_freq, max_vocab);
     let (train, test) = rayon::join(
         || assemble(&raw.train, &train_chunks, &vocab),
         || assemble(&raw.test, &test_chunks, &vocab),
     );
-    (
-        EncodedCorpus {
-            vocab,
-            train,
-            test,
-            checksum: raw.checksum.clone(),
-        },
-        token_counts,
-    )
+    (EncodedCorpus { vocab, train, test, checksum: raw.checksum.clone() }, token_counts)
 }
 
 /// Encodes one text with an existing vocabulary (for `predict`).
@@ -222,12 +193,7 @@ mod tests {
     use super::*;
 
     fn review(id: u32, label: u8, text: &str) -> Review {
-        Review {
-            id,
-            rating: if label == 1 { 9 } else { 2 },
-            label,
-            text: text.into(),
-        }
+        Review { id, rating: if label == 1 { 9 } else { 2 }, label, text: text.into() }
     }
 
     #[test]

@@ -5,63 +5,40 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read config file {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{field} must be {allowed}, got {value}")]
-    OutOfRange {
-        field: &'static str,
-        allowed: String,
-        value: String,
-    },
+    OutOfRange { field: &'static str, allowed: String, value: String },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: does not exist")]
     NotFound { path: PathBuf },
-    #[error("{path}: cannot read: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: not a gzip stream or truncated/corrupt gzip data: {source}")]
-    Gzip {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{path}: cannot read: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error("{path}: not a gzip stream or truncated/corrupt gzip data: {cause}")]
+    Gzip { path: PathBuf, cause: std::io::Error },
     #[error("{path}: not a valid tar archive: {message}")]
     Tar { path: PathBuf, message: String },
     #[error("{path}: no reviews in aclImdb/{missing}/ (expected aclImdb/{{train,test}}/{{pos,neg}}/<id>_<rating>.txt)")]
     MissingSplit { path: PathBuf, missing: String },
     #[error("{path}: bad review file name {name:?} (expected <id>_<rating>.txt): {reason}")]
-    BadReviewName {
-        path: PathBuf,
-        name: String,
-        reason: String,
-    },
+    BadReviewName { path: PathBuf, name: String, reason: String },
     #[error("{path}: review {name} is empty")]
     EmptyReview { path: PathBuf, name: String },
     #[error("{path}: review {name} appears twice")]
     DuplicateReview { path: PathBuf, name: String },
     #[error("download of {url} failed: {message}")]
     Download { url: String, message: String },
-    #[error("download of {url}: {algorithm} mismatch: expected {expected}, got {actual}; the file was deleted")]
-    ChecksumMismatch {
-        url: String,
-        algorithm: &'static str,
-        expected: String,
-        actual: String,
-    },
-    #[error("cache {path}: {source}")]
-    CacheIo {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(
+        "download of {url}: {algorithm} mismatch: expected {expected}, got {actual}; the file was deleted"
+    )]
+    ChecksumMismatch { url: String, algorithm: &'static str, expected: String, actual: String },
+    #[error("cache {path}: {cause}")]
+    CacheIo { path: PathBuf, cause: std::io::Error },
     #[error("vocabulary file {path}: {message}")]
     Vocab { path: PathBuf, message: String },
     #[error("{0}")]
@@ -73,8 +50,5 @@ pub enum DataError {
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |cause| DataError::Io { path: path.to_path_buf(), cause }
 }

@@ -11,6 +11,7 @@ pub mod encode;
 pub mod error;
 pub mod pipeline;
 pub mod shard;
+pub mod splits;
 pub mod stats;
 pub mod tokenizer;
 pub mod vocab;
@@ -26,15 +27,11 @@ use std::path::Path;
 /// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`,
 /// so that a reader sees the old file or the new one, never a half-written one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(error::io_err(dir))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(error::io_err(dir))?;
     tmp.write_all(bytes).map_err(error::io_err(path))?;
     tmp.as_file().sync_all().map_err(error::io_err(path))?;
-    tmp.persist(path)
-        .map_err(|e| error::io_err(path)(e.error))?;
+    tmp.persist(path).map_err(|e| error::io_err(path)(e.error))?;
     Ok(())
 }

@@ -84,11 +84,7 @@ fn fingerprint_of(path: &Path) -> Result<(String, u64, u128)> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    Ok((
-        canonical.to_string_lossy().into_owned(),
-        meta.len(),
-        mtime_ns,
-    ))
+    Ok((canonical.to_string_lossy().into_owned(), meta.len(), mtime_ns))
 }
 
 struct ChecksumMemo {
@@ -99,31 +95,19 @@ struct ChecksumMemo {
 impl ChecksumMemo {
     fn open(cache_dir: &Path) -> Self {
         let path = cache_dir.join("checksums.json");
-        let entries = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let entries =
+            std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         Self { path, entries }
     }
 
     fn lookup(&self, file: &Path) -> Option<String> {
         let (key, size, mtime_ns) = fingerprint_of(file).ok()?;
-        self.entries
-            .get(&key)
-            .filter(|f| f.size == size && f.mtime_ns == mtime_ns)
-            .map(|f| f.sha256.clone())
+        self.entries.get(&key).filter(|f| f.size == size && f.mtime_ns == mtime_ns).map(|f| f.sha256.clone())
     }
 
     fn remember(&mut self, file: &Path, sha256: &str) {
         if let Ok((key, size, mtime_ns)) = fingerprint_of(file) {
-            self.entries.insert(
-                key,
-                Fingerprint {
-                    size,
-                    mtime_ns,
-                    sha256: sha256.to_string(),
-                },
-            );
+            self.entries.insert(key, Fingerprint { size, mtime_ns, sha256: sha256.to_string() });
             match serde_json::to_vec_pretty(&self.entries) {
                 Ok(bytes) => {
                     if let Err(e) = crate::write_atomically(&self.path, &bytes) {
@@ -147,9 +131,8 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
         Some(path) => DataSource::from_path(path)?,
         None => {
             let target = options.download.target();
-            let trusted = memo
-                .lookup(&target)
-                .is_some_and(|s| s.eq_ignore_ascii_case(&options.download.sha256));
+            let trusted =
+                memo.lookup(&target).is_some_and(|s| s.eq_ignore_ascii_case(&options.download.sha256));
             if !trusted {
                 let t = Instant::now();
                 let path = corpus::download(&options.download)?;
@@ -196,10 +179,7 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
     // 4. Tokenize, build the vocab from the train split, encode, and store the cache.
     let t = Instant::now();
     let (corpus, counts) = encode_corpus(&raw, options.min_freq, options.max_vocab);
-    stages.push((
-        "tokenize + vocab + encode".into(),
-        t.elapsed().as_secs_f64(),
-    ));
+    stages.push(("tokenize + vocab + encode".into(), t.elapsed().as_secs_f64()));
     let cache = if options.use_cache {
         let key = cache::cache_key(&raw.checksum, options.min_freq, options.max_vocab);
         let path = cache::cache_path(cache_dir, &key);

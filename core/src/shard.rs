@@ -62,19 +62,9 @@ impl ShardPlan {
         let mut order: Vec<u32> = (0..corpus_size as u32).collect();
         order.shuffle(&mut rng_for(seed, epoch, PURPOSE_SHARD));
         let per_rank = batches_per_rank * batch_size;
-        let ranks = order
-            .chunks(per_rank)
-            .take(world_size)
-            .map(<[u32]>::to_vec)
-            .collect();
+        let ranks = order.chunks(per_rank).take(world_size).map(<[u32]>::to_vec).collect();
         let dropped = order[per_rank * world_size..].to_vec();
-        Ok(Self {
-            world_size,
-            batch_size,
-            batches_per_rank,
-            ranks,
-            dropped,
-        })
+        Ok(Self { world_size, batch_size, batches_per_rank, ranks, dropped })
     }
 
     pub fn rank(&self, rank: usize) -> &[u32] {
@@ -113,11 +103,8 @@ pub fn balanced_subset(labels: &[u8], k: usize, seed: u64) -> Vec<usize> {
     let take_pos = (k - half).min(by_label[1].len());
     let take_neg = (k - take_pos).min(by_label[0].len());
     let take_pos = (k - take_neg).min(by_label[1].len());
-    let mut out: Vec<usize> = by_label[0][..take_neg]
-        .iter()
-        .chain(&by_label[1][..take_pos])
-        .copied()
-        .collect();
+    let mut out: Vec<usize> =
+        by_label[0][..take_neg].iter().chain(&by_label[1][..take_pos]).copied().collect();
     out.sort_unstable();
     out
 }

@@ -63,11 +63,7 @@ pub fn split_stats(split: &EncodedSplit) -> SplitStats {
         pos,
         neg: split.len() - pos,
         tokens: split.num_tokens(),
-        unk_rate: if split.tokens.is_empty() {
-            0.0
-        } else {
-            unk as f64 / split.tokens.len() as f64
-        },
+        unk_rate: if split.tokens.is_empty() { 0.0 } else { unk as f64 / split.tokens.len() as f64 },
         length: LengthPercentiles {
             min: lengths.first().copied().unwrap_or(0),
             p50: percentile(&lengths, 50.0),
@@ -75,11 +71,7 @@ pub fn split_stats(split: &EncodedSplit) -> SplitStats {
             p95: percentile(&lengths, 95.0),
             p99: percentile(&lengths, 99.0),
             max: lengths.last().copied().unwrap_or(0),
-            mean: if lengths.is_empty() {
-                0.0
-            } else {
-                split.num_tokens() as f64 / lengths.len() as f64
-            },
+            mean: if lengths.is_empty() { 0.0 } else { split.num_tokens() as f64 / lengths.len() as f64 },
         },
     }
 }
@@ -88,10 +80,7 @@ pub fn corpus_stats(corpus: &EncodedCorpus, pipeline: PipelineReport) -> CorpusS
     CorpusStats {
         train: split_stats(&corpus.train),
         test: split_stats(&corpus.test),
-        vocab: VocabStats {
-            words: corpus.vocab.num_words(),
-            size: corpus.vocab.len(),
-        },
+        vocab: VocabStats { words: corpus.vocab.num_words(), size: corpus.vocab.len() },
         pipeline,
     }
 }
@@ -104,18 +93,7 @@ impl CorpusStats {
         out.push_str(&format!("checksum    sha256 {}\n", self.pipeline.checksum));
         out.push_str(&format!(
             "{:<6} {:>8} {:>7} {:>7} {:>10} {:>7} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}\n",
-            "split",
-            "reviews",
-            "pos",
-            "neg",
-            "tokens",
-            "unk%",
-            "p50",
-            "p90",
-            "p95",
-            "p99",
-            "max",
-            "mean"
+            "split", "reviews", "pos", "neg", "tokens", "unk%", "p50", "p90", "p95", "p99", "max", "mean"
         ));
         for (name, s) in [("train", &self.train), ("test", &self.test)] {
             out.push_str(&format!(

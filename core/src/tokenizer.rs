@@ -57,15 +57,7 @@ impl Tokenizer {
                         i += 1;
                         start = i;
                     }
-                    b';'
-                    | b':'
-                    | b' '
-                    | b'\t'
-                    | b'\n'
-                    | b'\x0b'
-                    | b'\x0c'
-                    | b'\r'
-                    | 0x1c..=0x1f => {
+                    b';' | b':' | b' ' | b'\t' | b'\n' | b'\x0b' | b'\x0c' | b'\r' | 0x1c..=0x1f => {
                         if start < i {
                             emit(&s[start..i]);
                         }
@@ -111,11 +103,8 @@ impl Tokenizer {
         self.normalized.clear();
         if text.is_ascii() {
             self.normalized.reserve(text.len());
-            self.normalized.extend(
-                text.bytes()
-                    .filter(|&b| b != b'"')
-                    .map(|b| b.to_ascii_lowercase() as char),
-            );
+            self.normalized
+                .extend(text.bytes().filter(|&b| b != b'"').map(|b| b.to_ascii_lowercase() as char));
         } else {
             // str::to_lowercase handles the context-dependent final sigma as Python does.
             let lower = text.to_lowercase();
@@ -141,10 +130,7 @@ mod tests {
     #[test]
     fn punctuation_becomes_tokens_and_separators() {
         assert_eq!(toks("Hello, World!"), ["hello", ",", "world", "!"]);
-        assert_eq!(
-            toks("It's (really) good?"),
-            ["it", "'", "s", "(", "really", ")", "good", "?"]
-        );
+        assert_eq!(toks("It's (really) good?"), ["it", "'", "s", "(", "really", ")", "good", "?"]);
         assert_eq!(toks("a;b:c"), ["a", "b", "c"]);
         assert_eq!(toks("end.  Next"), ["end", ".", "next"]);
         assert_eq!(toks("wait..."), ["wait", ".", ".", "."]);
@@ -170,10 +156,7 @@ mod tests {
 
     #[test]
     fn whitespace_is_python_whitespace() {
-        assert_eq!(
-            toks("a\tb\nc\u{a0}d\u{3000}e\u{1f}f"),
-            ["a", "b", "c", "d", "e", "f"]
-        );
+        assert_eq!(toks("a\tb\nc\u{a0}d\u{3000}e\u{1f}f"), ["a", "b", "c", "d", "e", "f"]);
         assert_eq!(toks("   "), Vec::<String>::new());
         // U+200B ZERO WIDTH SPACE is not whitespace for Python.
         assert_eq!(toks("a\u{200b}b"), ["a\u{200b}b"]);

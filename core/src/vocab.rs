@@ -27,28 +27,19 @@ impl Vocab {
         min_freq: u32,
         max_vocab: usize,
     ) -> Self {
-        let mut kept: Vec<(&str, u64)> = counts
-            .into_iter()
-            .filter(|&(_, c)| c >= u64::from(min_freq))
-            .collect();
+        let mut kept: Vec<(&str, u64)> =
+            counts.into_iter().filter(|&(_, c)| c >= u64::from(min_freq)).collect();
         kept.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         if max_vocab > 0 {
             kept.truncate(max_vocab);
         }
-        let words = [PAD, UNK]
-            .into_iter()
-            .chain(kept.into_iter().map(|(w, _)| w))
-            .map(str::to_string)
-            .collect();
+        let words =
+            [PAD, UNK].into_iter().chain(kept.into_iter().map(|(w, _)| w)).map(str::to_string).collect();
         Self::from_words(words)
     }
 
     fn from_words(words: Vec<String>) -> Self {
-        let index = words
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (w.clone(), i as u32))
-            .collect();
+        let index = words.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect();
         Self { words, index }
     }
 
@@ -93,15 +84,10 @@ impl Vocab {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| DataError::Vocab {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DataError::Vocab { path: path.into(), message: e.to_string() })?;
         let words: Vec<String> = text.lines().map(str::to_string).collect();
-        Self::from_word_list(words).map_err(|message| DataError::Vocab {
-            path: path.into(),
-            message,
-        })
+        Self::from_word_list(words).map_err(|message| DataError::Vocab { path: path.into(), message })
     }
 
     /// Rebuilds from a word list in id order (file or cache), checking its shape.
@@ -113,10 +99,8 @@ impl Vocab {
         if vocab.index.len() != vocab.words.len() {
             return Err("a word appears twice".into());
         }
-        if let Some(w) = vocab
-            .words
-            .iter()
-            .find(|w| w.is_empty() || w.chars().any(crate::tokenizer::is_python_space))
+        if let Some(w) =
+            vocab.words.iter().find(|w| w.is_empty() || w.chars().any(crate::tokenizer::is_python_space))
         {
             return Err(format!("bad entry {w:?}: empty or with whitespace"));
         }
@@ -147,15 +131,9 @@ mod tests {
         v.save(&p).unwrap();
         assert_eq!(Vocab::load(&p).unwrap(), v);
         std::fs::write(&p, "x\ny\n").unwrap();
-        assert!(Vocab::load(&p)
-            .unwrap_err()
-            .to_string()
-            .contains("must start with"));
+        assert!(Vocab::load(&p).unwrap_err().to_string().contains("must start with"));
         std::fs::write(&p, "<pad>\n<unk>\nx\nx\n").unwrap();
         assert!(Vocab::load(&p).unwrap_err().to_string().contains("twice"));
-        assert!(Vocab::load(&dir.path().join("missing"))
-            .unwrap_err()
-            .to_string()
-            .contains("missing"));
+        assert!(Vocab::load(&dir.path().join("missing")).unwrap_err().to_string().contains("missing"));
     }
 }

@@ -1,0 +1,174 @@
+//! Helpers shared by the integration tests: the real binaries, the shared corpus, small
+//! synthetic corpora, and a one-file HTTP server on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// A binary of the workspace, built by `cargo build --bins` (which `make test` runs first)
+/// into the same profile folder as this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The shared corpus from IMDB_DATA, or None (the caller prints a skip line and returns).
+pub fn imdb_data() -> Option<PathBuf> {
+    match std::env::var_os("IMDB_DATA").map(PathBuf::from) {
+        Some(p) if p.exists() => Some(p),
+        _ => {
+            eprintln!("skipped: IMDB_DATA not set (make test sets it when ../shared/data has the corpus)");
+            None
+        }
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("spawn")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `coordinator data ...` with a private cache and no inherited corpus env vars.
+pub fn coordinator_data(cache: &Path) -> Command {
+    let mut c = Command::new(bin("coordinator"));
+    c.arg("data").arg("--cache-dir").arg(cache);
+    for var in [
+        "IMDB_DATA",
+        "IMDB_URL",
+        "IMDB_SHA256",
+        "IMDB_MD5",
+        "IMDB_CACHE_DIR",
+        "IMDB_NO_CACHE",
+        "TRAINER_CONFIG",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+/// Files of a small corpus in the official layout: (archive path, contents).
+pub fn small_corpus() -> Vec<(String, Vec<u8>)> {
+    let mut files = vec![("aclImdb/README".to_string(), b"readme".to_vec())];
+    let texts = [
+        ("pos", "A wonderful, moving film. Great acting!"),
+        ("pos", "I loved it<br /><br />and would watch it again."),
+        ("pos", "Best movie of the year (really)."),
+        ("neg", "Terrible plot; awful acting."),
+        ("neg", "I \"hated\" it: boring and too long..."),
+        ("neg", "Worst film ever? Yes."),
+    ];
+    for split in ["train", "test"] {
+        for (i, (label, text)) in texts.iter().enumerate() {
+            let rating = if *label == "pos" { 8 } else { 2 };
+            files.push((
+                format!("aclImdb/{split}/{label}/{i}_{rating}.txt"),
+                format!("{split} {text}").into_bytes(),
+            ));
+        }
+        files.push((format!("aclImdb/{split}/urls_pos.txt"), b"http://x\n".to_vec()));
+    }
+    files.push(("aclImdb/train/unsup/0_0.txt".to_string(), b"unlabelled".to_vec()));
+    files
+}
+
+pub fn tar_bytes(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, path, data.as_slice()).expect("tar append");
+    }
+    builder.into_inner().expect("tar finish")
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(bytes).expect("gzip");
+    enc.finish().expect("gzip finish")
+}
+
+pub fn write_tarball(dir: &Path, name: &str, files: &[(String, Vec<u8>)]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, gzip(&tar_bytes(files))).expect("write tarball");
+    path
+}
+
+pub fn write_folder(dir: &Path, files: &[(String, Vec<u8>)]) -> PathBuf {
+    for (path, data) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, data).expect("write");
+    }
+    dir.join("aclImdb")
+}
+
+/// Serves `body` for every GET on 127.0.0.1 and counts the requests; stops with the test.
+pub struct HttpServer {
+    pub url: String,
+    pub requests: Arc<AtomicUsize>,
+}
+
+pub fn serve(body: Vec<u8>) -> HttpServer {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    std::thread::spawn(move || {
+        // Bounded: a test makes a handful of requests.
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    HttpServer { url: format!("http://{addr}/aclImdb_v1.tar.gz"), requests }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+pub fn md5_hex(bytes: &[u8]) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(bytes))
+}
+
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}\nstderr: {}", stdout(out), stderr(out)))
+}

@@ -18,6 +18,7 @@ pub const OFFICIAL_URL: &str = "https://ai.stanford.edu/~amaas/data/sentiment/ac
 pub const OFFICIAL_MD5: &str = "7c2ac02c03563afcf9b574c7e56c153a";
 pub const OFFICIAL_SHA256: &str = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe";
 pub const OFFICIAL_FILE_NAME: &str = "aclImdb_v1.tar.gz";
+const MAX_DOWNLOAD_BYTES: u64 = 512 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Split {
@@ -127,10 +128,19 @@ pub fn download(spec: &DownloadSpec) -> Result<PathBuf> {
         e
     };
     tracing::info!(url = %spec.url, to = %target.display(), "downloading the IMDB corpus");
-    let response = ureq::get(&spec.url)
+    // A stalled server must not hang the job: bound the connection and every read.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(std::time::Duration::from_secs(30)))
+        .timeout_per_read(Some(std::time::Duration::from_secs(60)))
+        .max_response_header_size(64 * 1024)
+        .build()
+        .into();
+    let response = agent
+        .get(&spec.url)
         .call()
         .map_err(|e| DataError::Download { url: spec.url.clone(), message: e.to_string() })?;
-    let mut body = response.into_body().into_reader();
+    // The official tarball is 84 MB; refuse a server that sends far more than that.
+    let mut body = response.into_body().into_with_config().limit(MAX_DOWNLOAD_BYTES).reader();
     let mut file = File::create(&partial).map_err(io_err(&partial))?;
     let mut sha = Sha256::new();
     let mut md5 = md5::Md5::new();

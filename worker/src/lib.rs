@@ -1,4 +1,27 @@
 //! The worker: a tch replica of the LSTM classifier, its truncated-BPTT training step,
-//! collectives, checkpoints, and the client side of the coordinator's protocol.
+//! collectives, checkpoints, and the single-process training run.
+//!
+//! - [`model`]: the classifier's parameters and shape.
+//! - [`tbptt`]: the forward/backward pass over a batch in windows of K steps.
+//! - [`optim`]: Adam, the schedule, clipping.
+//! - [`trainer`]: [`Trainer`], the replica: `train_step`, `evaluate`, `broadcast_parameters`,
+//!   `parameter_checksum`; the collective point between backward and the optimizer step.
+//! - [`checkpoint`]: checkpoints and exported models (safetensors).
+//! - [`run`]: `worker train`, the single-process loop over the trainer's steps.
+//! - [`predict`]: `worker predict`.
+//! - [`device`]: `auto|cpu|cuda|cuda:N`, with the CUDA library loaded by hand.
 
+pub mod bench;
+pub mod checkpoint;
 pub mod collective;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod optim;
+pub mod predict;
+pub mod run;
+pub mod tbptt;
+pub mod trainer;
+
+pub use error::{Result, WorkerError};
+pub use trainer::{EvalCounts, StepStats, Trainer};

@@ -1,3 +1,196 @@
-fn main() {
-    println!("worker: not yet");
+//! `worker`: the model replica as a program.
+//!
+//! ```text
+//! worker train --config configs/cpu-demo.toml --data $IMDB_DATA --out runs/demo
+//! worker train --config configs/cpu-demo.toml --data $IMDB_DATA --out runs/demo --resume runs/demo
+//! worker predict --model runs/demo "A wonderful film." "Dull and far too long."
+//! worker bench-memory --bptt 50 --seq-len 2000
+//! ```
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use trainer_core::cli::{ConfigArgs, DataArgs};
+use worker::bench::{bench_memory, MemoryBenchOptions};
+use worker::device::resolve_device;
+use worker::predict::Predictor;
+use worker::run::{run_training, RunOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "worker", version, about = "Data-parallel LSTM training on IMDB: the model replica")]
+struct Cli {
+    /// libtorch's intra-op threads (0: libtorch's default).
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 0, global = true)]
+    threads: i32,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train in one process and write a run folder (model, vocab, config, metrics, summary,
+    /// checkpoint).
+    Train(TrainCmd),
+    /// Classify reviews (arguments, or one per line on stdin) with a trained run folder.
+    Predict(PredictCmd),
+    /// Peak memory of one training step on a long synthetic batch (one K per process).
+    BenchMemory(BenchMemoryCmd),
+}
+
+#[derive(Debug, Args)]
+struct TrainCmd {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// The run folder to write.
+    #[arg(long, env = "WORKER_OUT")]
+    out: PathBuf,
+    /// Continue from the checkpoint in this run folder (often the same as --out).
+    #[arg(long, env = "WORKER_RESUME")]
+    resume: Option<PathBuf>,
+    /// Also checkpoint every this many steps within an epoch (0: at epoch ends only).
+    #[arg(long, env = "WORKER_CHECKPOINT_EVERY", default_value_t = 0)]
+    checkpoint_every: usize,
+    /// Stop after this many epochs in all, keeping the checkpoint (as if interrupted).
+    #[arg(long, env = "WORKER_STOP_AFTER_EPOCH")]
+    stop_after_epoch: Option<usize>,
+    /// Also evaluate the test split after every epoch (time-to-accuracy benchmarks).
+    #[arg(long, env = "WORKER_EVAL_TEST_EACH_EPOCH")]
+    eval_test_each_epoch: bool,
+}
+
+#[derive(Debug, Args)]
+struct PredictCmd {
+    /// A run folder written by `worker train`.
+    #[arg(long, env = "WORKER_MODEL")]
+    model: PathBuf,
+    /// One JSON object per review (label, probability, positive_probability, tokens).
+    #[arg(long, env = "WORKER_JSON")]
+    json: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "WORKER_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Reviews to classify; without any, one review per line is read from stdin.
+    texts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct BenchMemoryCmd {
+    /// TOML job config for the model and optimizer (default: the tutorial's).
+    #[arg(long, env = "TRAINER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Truncated-BPTT window (0: full BPTT).
+    #[arg(long, env = "TRAINER_BPTT", default_value_t = 0)]
+    bptt: usize,
+    /// Length of every review in the synthetic batch.
+    #[arg(long, env = "BENCH_SEQ_LEN", default_value_t = 2000)]
+    seq_len: usize,
+    #[arg(long, env = "TRAINER_BATCH_SIZE", default_value_t = 32)]
+    batch_size: usize,
+    /// Vocabulary size of the synthetic model.
+    #[arg(long, env = "BENCH_VOCAB", default_value_t = 20_000)]
+    vocab: usize,
+    /// Training steps to run.
+    #[arg(long, env = "BENCH_STEPS", default_value_t = 1)]
+    steps: usize,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn train(cmd: &TrainCmd) -> anyhow::Result<()> {
+    let config = cmd.config.resolve().context("invalid job config")?;
+    let options = RunOptions {
+        prepare: cmd.data.prepare_options(&config),
+        config,
+        out: cmd.out.clone(),
+        resume: cmd.resume.clone(),
+        checkpoint_every: cmd.checkpoint_every,
+        stop_after_epoch: cmd.stop_after_epoch,
+        eval_test_each_epoch: cmd.eval_test_each_epoch,
+    };
+    let summary = run_training(&options)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn predict(cmd: &PredictCmd) -> anyhow::Result<()> {
+    let device = resolve_device(&cmd.device)?;
+    let mut predictor = Predictor::load(&cmd.model, device)?;
+    let texts: Vec<String> = if cmd.texts.is_empty() {
+        std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading reviews from stdin")?
+            .into_iter()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    } else {
+        cmd.texts.clone()
+    };
+    if texts.is_empty() {
+        bail!("no reviews given: pass them as arguments or one per line on stdin");
+    }
+    let predictions = predictor.predict(&texts)?;
+    for (text, p) in texts.iter().zip(&predictions) {
+        if cmd.json {
+            let mut value = serde_json::to_value(p)?;
+            value["text"] = serde_json::Value::String(text.clone());
+            println!("{value}");
+        } else {
+            let excerpt: String = text.chars().take(60).collect();
+            println!("{}\t{:.4}\t{excerpt}", p.label, p.probability);
+        }
+    }
+    Ok(())
+}
+
+fn bench(cmd: &BenchMemoryCmd) -> anyhow::Result<()> {
+    let mut config = match &cmd.config {
+        Some(path) => trainer_core::JobConfig::from_toml_file(path)?,
+        None => trainer_core::JobConfig::default(),
+    };
+    config.train.bptt = cmd.bptt;
+    config.train.batch_size = cmd.batch_size;
+    config.train.device = "cpu".into();
+    config.train.amp = false;
+    config.validate()?;
+    if cmd.vocab < 3 || cmd.seq_len == 0 {
+        bail!("--vocab must be at least 3 and --seq-len at least 1");
+    }
+    let report = bench_memory(&MemoryBenchOptions {
+        config,
+        vocab_size: cmd.vocab,
+        seq_len: cmd.seq_len,
+        steps: cmd.steps,
+    })?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    if cli.threads > 0 {
+        tch::set_num_threads(cli.threads);
+    }
+    let result = match &cli.command {
+        Command::Train(cmd) => train(cmd),
+        Command::Predict(cmd) => predict(cmd),
+        Command::BenchMemory(cmd) => bench(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

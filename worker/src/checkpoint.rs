@@ -1,0 +1,306 @@
+//! Checkpoints and model files, both safetensors.
+//!
+//! A checkpoint is one file, `checkpoint.safetensors`: the parameters (`model.<name>`),
+//! Adam's moments (`adam.exp_avg.<name>`, `adam.exp_avg_sq.<name>`) and, in the header's
+//! metadata, a JSON [`CheckpointMeta`] with the position (epoch, batches done, optimizer
+//! step), the RNG scheme, the resolved config, the model shape and the vocabulary's
+//! fingerprint. It is written to a temporary name and renamed, so a crash leaves the old
+//! checkpoint or the new one. Randomness is a function of the position (the data order of
+//! (seed, epoch), the dropout masks of (seed, rank, step)), so the position is the RNG state.
+//!
+//! The exported model, `model.safetensors`, holds only the parameters under PyTorch's
+//! names, with the config in the metadata.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+use trainer_core::config::JobConfig;
+use trainer_core::Vocab;
+
+use crate::error::{Result, WorkerError};
+use crate::model::{LstmClassifier, ModelShape};
+use crate::trainer::Trainer;
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const CHECKPOINT_FORMAT: &str = "imdb-ddp-checkpoint/1";
+pub const MODEL_FORMAT: &str = "imdb-ddp-model/1";
+
+/// Where a run stands: the epoch in progress, how many of its batches are done, and the
+/// optimizer steps taken in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Position {
+    pub epoch: usize,
+    pub step_in_epoch: usize,
+    pub global_step: u64,
+}
+
+/// The training loop's own state, kept with the checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct LoopState {
+    pub best_val_accuracy: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub epochs_without_improvement: usize,
+    pub epochs_completed: usize,
+    pub train_seconds: f64,
+    pub train_tokens: u64,
+    pub stopped_early: bool,
+}
+
+/// How the run's randomness is derived; with the position it is the whole RNG state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: u64,
+    pub scheme: String,
+}
+
+impl RngState {
+    pub fn for_seed(seed: u64) -> Self {
+        Self {
+            seed,
+            scheme: "data order: ShardPlan/plan_batches(seed, epoch); dropout: manual_seed(step_seed(seed, rank, global_step))".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format: String,
+    pub position: Position,
+    pub optimizer_steps: u64,
+    pub rng: RngState,
+    pub config: JobConfig,
+    pub shape: ModelShape,
+    pub vocab_fingerprint: String,
+    pub world_size: usize,
+    pub loop_state: LoopState,
+}
+
+/// A checkpoint read back from disk.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// FNV-1a of the vocabulary's words in id order: two runs share it iff they share the vocab.
+pub fn vocab_fingerprint(vocab: &Vocab) -> String {
+    let mut hash: u64 = 0xCBF2_9CE4_8422_2325;
+    for word in vocab.words() {
+        for &b in word.as_bytes().iter().chain(b"\n") {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    format!("{}:{hash:016x}", vocab.len())
+}
+
+struct RawF32 {
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &RawF32 {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn to_raw(t: &Tensor) -> Result<RawF32> {
+    let t = t.f_detach()?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let values = Vec::<f32>::try_from(&t.f_reshape([-1i64])?)?;
+    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(RawF32 { shape, bytes })
+}
+
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let raws: Vec<(String, RawF32)> =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), to_raw(t)?))).collect::<Result<_>>()?;
+    let bytes = safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.clone(), r)), Some(metadata))
+        .map_err(|e| WorkerError::Invalid(format!("{}: cannot serialise: {e}", path.display())))?;
+    trainer_core::write_atomically(path, &bytes)?;
+    Ok(())
+}
+
+/// Reads every tensor (as f32 on the CPU) and the metadata of a safetensors file.
+fn read_safetensors(path: &Path, what: &str) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let bad = |message: String| WorkerError::Checkpoint { path: path.to_path_buf(), message };
+    let bytes = std::fs::read(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            bad(format!("no {what} here (file not found)"))
+        } else {
+            bad(format!("cannot read: {e}"))
+        }
+    })?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in file.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(bad(format!("tensor {name} is {:?}; expected F32", view.dtype())));
+        }
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, Kind::Float)?;
+        tensors.insert(name, t);
+    }
+    Ok((tensors, metadata))
+}
+
+/// Writes the trainer's full state to `path` (atomically).
+pub fn save_checkpoint(
+    trainer: &Trainer,
+    path: &Path,
+    position: Position,
+    loop_state: &LoopState,
+    vocab_fingerprint: &str,
+) -> Result<()> {
+    let meta = CheckpointMeta {
+        format: CHECKPOINT_FORMAT.into(),
+        position,
+        optimizer_steps: trainer.optimizer().steps,
+        rng: RngState::for_seed(trainer.config().train.seed),
+        config: trainer.config().clone(),
+        shape: trainer.model().shape().clone(),
+        vocab_fingerprint: vocab_fingerprint.to_string(),
+        world_size: trainer.world_size(),
+        loop_state: loop_state.clone(),
+    };
+    let json = serde_json::to_string(&meta)
+        .map_err(|e| WorkerError::Invalid(format!("cannot serialise checkpoint state: {e}")))?;
+    let opt = trainer.optimizer();
+    let mut tensors: Vec<(String, &Tensor)> = Vec::new();
+    for (i, (name, p)) in trainer.model().parameters().iter().enumerate() {
+        tensors.push((format!("model.{name}"), p));
+        tensors.push((format!("adam.exp_avg.{name}"), &opt.exp_avg[i]));
+        tensors.push((format!("adam.exp_avg_sq.{name}"), &opt.exp_avg_sq[i]));
+    }
+    let metadata =
+        HashMap::from([("format".to_string(), CHECKPOINT_FORMAT.to_string()), ("state".to_string(), json)]);
+    write_safetensors(path, &tensors, metadata)
+}
+
+/// Reads a checkpoint file (tensors stay on the CPU until restored).
+pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
+    let (tensors, metadata) = read_safetensors(path, "checkpoint")?;
+    let bad = |message: String| WorkerError::Checkpoint { path: path.to_path_buf(), message };
+    if metadata.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+        return Err(bad(format!(
+            "not a training checkpoint (format {:?}, expected {CHECKPOINT_FORMAT})",
+            metadata.get("format")
+        )));
+    }
+    let state = metadata.get("state").ok_or_else(|| bad("the state metadata is missing".into()))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(state).map_err(|e| bad(format!("unreadable state metadata: {e}")))?;
+    Ok(Checkpoint { meta, tensors })
+}
+
+impl Checkpoint {
+    /// Loads this checkpoint into `trainer`, after checking that it was written for the
+    /// same model shape and vocabulary.
+    pub fn restore_into(&self, trainer: &mut Trainer, vocab_fingerprint: &str, path: &Path) -> Result<()> {
+        let bad = |message: String| WorkerError::Checkpoint { path: path.to_path_buf(), message };
+        let ours = trainer.model().shape().clone();
+        if self.meta.shape != ours {
+            return Err(bad(format!(
+                "written for a model of another shape ({}: checkpoint vs this run); \
+                 resume with the checkpoint's config or start a new run",
+                self.meta.shape.describe_difference(&ours)
+            )));
+        }
+        if self.meta.vocab_fingerprint != vocab_fingerprint {
+            return Err(bad(format!(
+                "written with another vocabulary ({} vs {} in this run); the data settings \
+                 (min_freq, max_vocab) or the corpus differ",
+                self.meta.vocab_fingerprint, vocab_fingerprint
+            )));
+        }
+        let named = |prefix: &str| -> Result<Vec<(String, Tensor)>> {
+            trainer
+                .model()
+                .parameters()
+                .iter()
+                .map(|(name, _)| {
+                    let key = format!("{prefix}{name}");
+                    self.tensors
+                        .get(&key)
+                        .map(|t| (name.clone(), t.shallow_clone()))
+                        .ok_or_else(|| bad(format!("tensor {key} is missing")))
+                })
+                .collect()
+        };
+        let weights = named("model.")?;
+        let exp_avg = named("adam.exp_avg.")?;
+        let exp_avg_sq = named("adam.exp_avg_sq.")?;
+        let source = path.display().to_string();
+        trainer.model_mut().load_named(&weights, &source)?;
+        let device = trainer.device();
+        let opt = trainer.optimizer_mut();
+        let _guard = tch::no_grad_guard();
+        for (i, ((_, m), (_, v))) in exp_avg.iter().zip(&exp_avg_sq).enumerate() {
+            if m.size() != opt.exp_avg[i].size() || v.size() != opt.exp_avg_sq[i].size() {
+                return Err(bad("optimizer state of another shape".into()));
+            }
+            opt.exp_avg[i].f_copy_(&m.f_to_device(device)?)?;
+            opt.exp_avg_sq[i].f_copy_(&v.f_to_device(device)?)?;
+        }
+        opt.steps = self.meta.optimizer_steps;
+        trainer.set_global_step(self.meta.position.global_step);
+        Ok(())
+    }
+}
+
+/// Writes the model's parameters (PyTorch names) with the config in the metadata.
+pub fn export_model(model: &LstmClassifier, config: &JobConfig, path: &Path) -> Result<()> {
+    let tensors: Vec<(String, &Tensor)> = model.parameters().iter().map(|(n, t)| (n.clone(), t)).collect();
+    let shape = serde_json::to_string(model.shape())
+        .map_err(|e| WorkerError::Invalid(format!("cannot serialise the model shape: {e}")))?;
+    let metadata = HashMap::from([
+        ("format".to_string(), MODEL_FORMAT.to_string()),
+        ("shape".to_string(), shape),
+        ("config".to_string(), config.to_toml()),
+    ]);
+    write_safetensors(path, &tensors, metadata)
+}
+
+/// Loads an exported model file into `model` (same shape required).
+pub fn load_model_weights(model: &mut LstmClassifier, path: &Path) -> Result<()> {
+    let (tensors, metadata) = read_safetensors(path, "model file")?;
+    if let Some(shape) = metadata.get("shape") {
+        let theirs: ModelShape = serde_json::from_str(shape).map_err(|e| WorkerError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("unreadable shape metadata: {e}"),
+        })?;
+        if &theirs != model.shape() {
+            return Err(WorkerError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!(
+                    "a model of another shape ({}: file vs expected)",
+                    theirs.describe_difference(model.shape())
+                ),
+            });
+        }
+    }
+    let named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    model.load_named(&named, &path.display().to_string())
+}

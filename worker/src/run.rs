@@ -1,0 +1,408 @@
+//! `worker train`: the whole job in one process, as a loop over the [`Trainer`]'s steps.
+//!
+//! The epoch's batches come from the same shard plan the distributed run uses (world size
+//! 1, rank 0) and the step goes through the same collective point (a no-op here), so this
+//! is the distributed code path with one rank.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::json;
+use trainer_core::batch::{collate, plan_batches};
+use trainer_core::config::JobConfig;
+use trainer_core::pipeline::{prepare, PrepareOptions};
+use trainer_core::shard::ShardPlan;
+use trainer_core::splits::job_splits;
+use trainer_core::EncodedSplit;
+
+use crate::checkpoint::{
+    export_model, load_checkpoint, load_model_weights, save_checkpoint, vocab_fingerprint, LoopState,
+    Position, CHECKPOINT_FILE, MODEL_FILE,
+};
+use crate::collective::NoopCollective;
+use crate::device::{device_name, resolve_device};
+use crate::error::{io_err, Result, WorkerError};
+use crate::trainer::{EvalCounts, Trainer};
+
+pub const SUMMARY_FILE: &str = "summary.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const VOCAB_FILE: &str = "vocab.txt";
+
+/// One single-process training run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: JobConfig,
+    pub prepare: PrepareOptions,
+    /// The run folder.
+    pub out: PathBuf,
+    /// A run folder whose checkpoint to continue from.
+    pub resume: Option<PathBuf>,
+    /// Also checkpoint every this many steps inside an epoch (0: at epoch ends only).
+    pub checkpoint_every: usize,
+    /// Stop once this many epochs are complete, as if interrupted (the checkpoint stays).
+    pub stop_after_epoch: Option<usize>,
+    /// Also measure test accuracy after every epoch (for time-to-accuracy benchmarks).
+    pub eval_test_each_epoch: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    /// Test accuracy of the best model (None when the run was stopped before the end).
+    pub test_accuracy: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub best_val_accuracy: Option<f64>,
+    pub best_epoch: Option<usize>,
+    /// Epochs completed.
+    pub epochs: usize,
+    pub steps: u64,
+    /// Time in training steps (no evaluation, no checkpointing), over all attempts.
+    pub train_seconds: f64,
+    pub train_tokens: u64,
+    pub tokens_per_second: f64,
+    pub eval_seconds: f64,
+    pub wall_seconds: f64,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub device: String,
+    pub parameters: usize,
+    pub vocab_size: usize,
+    pub train_examples: usize,
+    pub val_examples: usize,
+    pub test_examples: usize,
+    /// Checksum of the last step's parameters (before the best model is reloaded).
+    pub final_parameter_checksum: String,
+}
+
+/// Appends one JSON object per line, flushed at once so that a crash loses nothing.
+pub struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn open(path: &Path, append: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append)
+            .write(true)
+            .truncate(!append)
+            .open(path)
+            .map_err(io_err(path))?;
+        Ok(Self { file, path: path.to_path_buf() })
+    }
+
+    pub fn write(&mut self, value: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{value}").map_err(io_err(&self.path))?;
+        self.file.flush().map_err(io_err(&self.path))
+    }
+}
+
+/// The batches (sample indices into `split`) of one rank for one epoch: the shard plan's
+/// part for `rank`, grouped by `plan_batches`, cut at `max_steps_per_epoch`.
+pub fn epoch_batches(
+    split: &EncodedSplit,
+    config: &JobConfig,
+    world_size: usize,
+    rank: usize,
+    epoch: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let t = &config.train;
+    let plan = ShardPlan::new(split.len(), world_size, t.batch_size, t.seed, epoch as u64)?;
+    let mut batches = plan_batches(
+        split,
+        plan.rank(rank),
+        t.batch_size,
+        t.batch_order,
+        t.bucket_pool,
+        t.seed,
+        epoch as u64,
+    );
+    if t.max_steps_per_epoch > 0 {
+        batches.truncate(t.max_steps_per_epoch);
+    }
+    Ok(batches)
+}
+
+fn all_indices(split: &EncodedSplit) -> Vec<u32> {
+    (0..split.len() as u32).collect()
+}
+
+/// Runs the job and writes the run folder; returns its summary.
+pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
+    let wall = Instant::now();
+    let config = &options.config;
+    config.validate()?;
+    let out = &options.out;
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+
+    // Data: the corpus (cached), the three splits, the vocabulary in the run folder.
+    let (corpus, report) = prepare(&options.prepare)?;
+    tracing::info!(source = %report.source, cache = ?report.cache, "corpus ready");
+    let splits = job_splits(&corpus, &config.data, config.train.seed);
+    tracing::info!(
+        train = splits.train.len(),
+        val = splits.val.len(),
+        test = splits.test.len(),
+        vocab = corpus.vocab.len(),
+        "splits"
+    );
+    corpus.vocab.save(&out.join(VOCAB_FILE))?;
+    trainer_core::write_atomically(&out.join(CONFIG_FILE), config.to_toml().as_bytes())?;
+    let fingerprint = vocab_fingerprint(&corpus.vocab);
+
+    // The replica.
+    let device = resolve_device(&config.train.device)?;
+    let mut trainer = Trainer::new(config, corpus.vocab.len(), device, Box::new(NoopCollective))?;
+    trainer.broadcast_parameters()?;
+    let steps_per_epoch = epoch_batches(&splits.train, config, 1, 0, 0)?.len();
+    trainer.set_total_steps((steps_per_epoch * config.train.epochs) as u64);
+    tracing::info!(
+        device = %device_name(device),
+        parameters = trainer.model().shape().num_parameters(),
+        steps_per_epoch,
+        "model ready"
+    );
+
+    // Resume: weights, optimizer, position and loop state from the checkpoint.
+    let mut position = Position::default();
+    let mut state = LoopState::default();
+    let mut append_metrics = false;
+    if let Some(dir) = &options.resume {
+        let path = dir.join(CHECKPOINT_FILE);
+        let checkpoint = load_checkpoint(&path)?;
+        let theirs = &checkpoint.meta.config;
+        if theirs.data != config.data || theirs.train.seed != config.train.seed {
+            return Err(WorkerError::Checkpoint {
+                path,
+                message: "written with other data settings or another seed; a resumed run must \
+                          see the same samples in the same order (use the checkpoint's config.toml)"
+                    .into(),
+            });
+        }
+        checkpoint.restore_into(&mut trainer, &fingerprint, &path)?;
+        position = checkpoint.meta.position;
+        state = checkpoint.meta.loop_state.clone();
+        let same_folder = std::fs::canonicalize(dir).ok() == std::fs::canonicalize(out).ok();
+        append_metrics = same_folder;
+        if !same_folder && dir.join(MODEL_FILE).exists() {
+            std::fs::copy(dir.join(MODEL_FILE), out.join(MODEL_FILE))
+                .map_err(io_err(&dir.join(MODEL_FILE)))?;
+        }
+        tracing::info!(
+            epoch = position.epoch,
+            step_in_epoch = position.step_in_epoch,
+            global_step = position.global_step,
+            "resumed from {}",
+            path.display()
+        );
+    }
+    let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), append_metrics)?;
+    let checkpoint_path = out.join(CHECKPOINT_FILE);
+    let model_path = out.join(MODEL_FILE);
+    let t = &config.train;
+    let mut eval_seconds = 0.0;
+    let mut interrupted = false;
+
+    for epoch in position.epoch..t.epochs {
+        if state.stopped_early {
+            break;
+        }
+        let batches = epoch_batches(&splits.train, config, 1, 0, epoch)?;
+        let first = if epoch == position.epoch { position.step_in_epoch } else { 0 };
+        // Training steps; the clock stops for logging and checkpoints.
+        let mut window = StepWindow::default();
+        let mut clock = Instant::now();
+        for (i, samples) in batches.iter().enumerate().skip(first) {
+            let batch = collate(&splits.train, samples, config.data.max_len, config.data.truncation);
+            let stats = trainer.train_step(&batch)?;
+            window.add(&stats);
+            state.train_tokens += stats.tokens as u64;
+            let log_now = (i + 1) % t.log_every == 0 || i + 1 == batches.len();
+            let checkpoint_now = options.checkpoint_every > 0
+                && (i + 1) % options.checkpoint_every == 0
+                && i + 1 < batches.len();
+            if !(log_now || checkpoint_now) {
+                continue;
+            }
+            let seconds = clock.elapsed().as_secs_f64();
+            state.train_seconds += seconds;
+            window.seconds += seconds;
+            if log_now {
+                tracing::info!(
+                    epoch = epoch + 1,
+                    step = i + 1,
+                    of = batches.len(),
+                    loss = format!("{:.4}", window.mean_loss()),
+                    acc = format!("{:.3}", window.accuracy()),
+                    tok_s = format!("{:.0}", window.tokens_per_second()),
+                    "train"
+                );
+                metrics.write(&json!({
+                    "type": "step",
+                    "epoch": epoch + 1,
+                    "step": i + 1,
+                    "steps_in_epoch": batches.len(),
+                    "global_step": trainer.global_step(),
+                    "loss": window.mean_loss(),
+                    "accuracy": window.accuracy(),
+                    "lr": stats.lr,
+                    "grad_norm": stats.grad_norm,
+                    "tokens_per_second": window.tokens_per_second(),
+                    "train_seconds": state.train_seconds,
+                }))?;
+                window = StepWindow::default();
+            }
+            if checkpoint_now {
+                let position = Position { epoch, step_in_epoch: i + 1, global_step: trainer.global_step() };
+                save_checkpoint(&trainer, &checkpoint_path, position, &state, &fingerprint)?;
+            }
+            clock = Instant::now();
+        }
+
+        // Evaluation; the best model (by validation accuracy) is kept.
+        let eval_clock = Instant::now();
+        let improved = if splits.val.is_empty() {
+            true
+        } else {
+            let val = trainer.evaluate(&splits.val, &all_indices(&splits.val))?;
+            log_eval(&mut metrics, "val", epoch + 1, &val, state.train_seconds)?;
+            let better = state.best_val_accuracy.is_none_or(|b| val.accuracy() > b);
+            if better {
+                state.best_val_accuracy = Some(val.accuracy());
+            }
+            better
+        };
+        if improved {
+            state.best_epoch = Some(epoch + 1);
+            state.epochs_without_improvement = 0;
+            export_model(trainer.model(), config, &model_path)?;
+        } else {
+            state.epochs_without_improvement += 1;
+        }
+        if options.eval_test_each_epoch {
+            let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
+            log_eval(&mut metrics, "test", epoch + 1, &test, state.train_seconds)?;
+        }
+        eval_seconds += eval_clock.elapsed().as_secs_f64();
+        state.epochs_completed = epoch + 1;
+        if t.early_stopping_patience > 0 && state.epochs_without_improvement >= t.early_stopping_patience {
+            tracing::info!(
+                epoch = epoch + 1,
+                patience = t.early_stopping_patience,
+                "validation accuracy stopped improving; stopping early"
+            );
+            state.stopped_early = true;
+        }
+        let next = Position { epoch: epoch + 1, step_in_epoch: 0, global_step: trainer.global_step() };
+        save_checkpoint(&trainer, &checkpoint_path, next, &state, &fingerprint)?;
+        if options.stop_after_epoch == Some(epoch + 1) && epoch + 1 < t.epochs {
+            interrupted = true;
+            break;
+        }
+    }
+
+    // The best model on the test split.
+    let final_checksum = format!("{:016x}", trainer.parameter_checksum()?);
+    let (mut test_accuracy, mut test_loss) = (None, None);
+    if !interrupted {
+        let eval_clock = Instant::now();
+        if model_path.exists() {
+            load_model_weights(trainer.model_mut(), &model_path)?;
+        }
+        let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
+        log_eval(&mut metrics, "test", state.epochs_completed, &test, state.train_seconds)?;
+        eval_seconds += eval_clock.elapsed().as_secs_f64();
+        test_accuracy = Some(test.accuracy());
+        test_loss = Some(test.mean_loss());
+    }
+    let summary = RunSummary {
+        test_accuracy,
+        test_loss,
+        best_val_accuracy: state.best_val_accuracy,
+        best_epoch: state.best_epoch,
+        epochs: state.epochs_completed,
+        steps: trainer.global_step(),
+        train_seconds: state.train_seconds,
+        train_tokens: state.train_tokens,
+        tokens_per_second: if state.train_seconds > 0.0 {
+            state.train_tokens as f64 / state.train_seconds
+        } else {
+            0.0
+        },
+        eval_seconds,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        stopped_early: state.stopped_early,
+        interrupted,
+        device: device_name(device),
+        parameters: trainer.model().shape().num_parameters(),
+        vocab_size: corpus.vocab.len(),
+        train_examples: splits.train.len(),
+        val_examples: splits.val.len(),
+        test_examples: splits.test.len(),
+        final_parameter_checksum: final_checksum,
+    };
+    let text = serde_json::to_string_pretty(&summary)
+        .map_err(|e| WorkerError::Invalid(format!("cannot serialise the summary: {e}")))?;
+    trainer_core::write_atomically(&out.join(SUMMARY_FILE), text.as_bytes())?;
+    Ok(summary)
+}
+
+fn log_eval(
+    metrics: &mut MetricsLog,
+    split: &str,
+    epoch: usize,
+    counts: &EvalCounts,
+    train_seconds: f64,
+) -> Result<()> {
+    tracing::info!(
+        split,
+        epoch,
+        accuracy = format!("{:.4}", counts.accuracy()),
+        loss = format!("{:.4}", counts.mean_loss()),
+        "evaluation"
+    );
+    metrics.write(&json!({
+        "type": "eval",
+        "split": split,
+        "epoch": epoch,
+        "accuracy": counts.accuracy(),
+        "loss": counts.mean_loss(),
+        "examples": counts.total,
+        "train_seconds": train_seconds,
+    }))
+}
+
+/// Running sums between two log lines.
+#[derive(Debug, Default)]
+struct StepWindow {
+    loss_sum: f64,
+    correct: usize,
+    examples: usize,
+    tokens: usize,
+    seconds: f64,
+}
+
+impl StepWindow {
+    fn add(&mut self, s: &crate::trainer::StepStats) {
+        self.loss_sum += s.loss * s.examples as f64;
+        self.correct += s.correct;
+        self.examples += s.examples;
+        self.tokens += s.tokens;
+    }
+    fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.examples.max(1) as f64
+    }
+    fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.examples.max(1) as f64
+    }
+    fn tokens_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.tokens as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The windowed pass against independent references: padding never changes a result;
+//! TBPTT with K >= the longest review is full BPTT; with a smaller K it equals a
+//! step-by-step LSTM written out by hand with explicit detaches at the window boundaries.
+
+use tch::{Device, Kind, Reduction, Tensor};
+use trainer_core::batch::Batch;
+use trainer_core::config::{Head, ModelConfig};
+use worker::model::{LstmClassifier, ModelShape};
+use worker::predict::batch_of;
+use worker::tbptt::{run_windows, DeviceBatch, Pass, Precision};
+
+const VOCAB: usize = 40;
+
+fn model(head: Head, layers: usize, seed: i64) -> LstmClassifier {
+    tch::set_num_threads(1);
+    tch::manual_seed(seed);
+    let config = ModelConfig { embed_dim: 8, hidden: 12, layers, dropout: 0.0, head };
+    LstmClassifier::new(ModelShape::new(&config, VOCAB), 0.0, Device::Cpu).unwrap()
+}
+
+/// Rows of pseudo-random ids with the given lengths, labels alternating.
+fn rows(lengths: &[usize]) -> Vec<Vec<u32>> {
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(r, &len)| (0..len).map(|t| 2 + ((r * 31 + t * 17 + t * t * 7) % (VOCAB - 2)) as u32).collect())
+        .collect()
+}
+
+fn labelled(rows: &[Vec<u32>]) -> Batch {
+    let mut b = batch_of(rows);
+    b.labels = (0..b.size as i64).map(|i| (i * 7 + 1) % 2).collect();
+    b
+}
+
+fn logits(model: &LstmClassifier, batch: &Batch, bptt: usize) -> Tensor {
+    let db = DeviceBatch::new(batch, VOCAB, Device::Cpu).unwrap();
+    let out = run_windows(model, &db, bptt, Pass::Eval, Precision::F32).unwrap();
+    db.unsort(&out.logits).unwrap()
+}
+
+fn grads_of(model: &LstmClassifier) -> Vec<Tensor> {
+    model.parameters().iter().map(|(_, p)| p.grad().copy()).collect()
+}
+
+fn zero_grads(model: &LstmClassifier) {
+    model.zero_grad().unwrap();
+}
+
+fn windowed_grads(model: &LstmClassifier, batch: &Batch, bptt: usize) -> (f64, Vec<Tensor>) {
+    zero_grads(model);
+    let db = DeviceBatch::new(batch, VOCAB, Device::Cpu).unwrap();
+    let out = run_windows(model, &db, bptt, Pass::Train, Precision::F32).unwrap();
+    (out.loss_sum, grads_of(model))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn assert_grads_close(a: &[Tensor], b: &[Tensor], model: &LstmClassifier, tol: f64, what: &str) {
+    for ((name, _), (ga, gb)) in model.parameters().iter().zip(a.iter().zip(b)) {
+        let d = max_abs_diff(ga, gb);
+        assert!(d <= tol, "{what}: gradient of {name} differs by {d}");
+    }
+}
+
+/// The classifier written out step by step for one review at a time (no batching, no
+/// padding, no packing), with every state detached at multiples of `bptt` (0: never).
+/// Returns the summed cross-entropy; backpropagates `sum / batch size`.
+fn reference_backward(model: &LstmClassifier, rows: &[Vec<u32>], labels: &[i64], bptt: usize) -> f64 {
+    let shape = model.shape();
+    let (h_dim, layers) = (shape.hidden as i64, shape.layers);
+    let params = model.parameters();
+    let emb = &params[0].1;
+    let (fc_w, fc_b) = model.fc();
+    let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    for (row, &label) in rows.iter().zip(labels) {
+        let zeros = || Tensor::zeros([1, h_dim], (Kind::Float, Device::Cpu));
+        let mut h: Vec<Tensor> = (0..layers).map(|_| zeros()).collect();
+        let mut c: Vec<Tensor> = (0..layers).map(|_| zeros()).collect();
+        let mut run_max = Tensor::full([1, h_dim], f64::NEG_INFINITY, (Kind::Float, Device::Cpu));
+        let mut run_sum = zeros();
+        for (t, &id) in row.iter().enumerate() {
+            if bptt > 0 && t > 0 && t % bptt == 0 {
+                h = h.iter().map(Tensor::detach).collect();
+                c = c.iter().map(Tensor::detach).collect();
+                run_max = run_max.detach();
+                run_sum = run_sum.detach();
+            }
+            let mut x = emb.get(i64::from(id)).unsqueeze(0);
+            for l in 0..layers {
+                let w_ih = &params[1 + 4 * l].1;
+                let w_hh = &params[2 + 4 * l].1;
+                let b_ih = &params[3 + 4 * l].1;
+                let b_hh = &params[4 + 4 * l].1;
+                let gates = x.matmul(&w_ih.tr()) + b_ih + h[l].matmul(&w_hh.tr()) + b_hh;
+                let g = gates.chunk(4, 1);
+                let (i, f, gg, o) = (g[0].sigmoid(), g[1].sigmoid(), g[2].tanh(), g[3].sigmoid());
+                c[l] = &f * &c[l] + &i * &gg;
+                h[l] = &o * c[l].tanh();
+                x = h[l].shallow_clone();
+            }
+            run_max = run_max.maximum(&x);
+            run_sum = &run_sum + &x;
+        }
+        let last = h[layers - 1].shallow_clone();
+        let features = match shape.head {
+            Head::Last => last,
+            Head::ConcatPool => Tensor::cat(&[last, run_max, run_sum / row.len() as f64], 1),
+        };
+        let logits = features.matmul(&fc_w.tr()) + fc_b;
+        let loss = logits.cross_entropy_loss::<Tensor>(
+            &Tensor::from_slice(&[label]),
+            None,
+            Reduction::Sum,
+            -100,
+            0.0,
+        );
+        total = total + loss;
+    }
+    let sum = total.double_value(&[]);
+    (total / rows.len() as f64).backward();
+    sum
+}
+
+#[test]
+fn a_review_alone_and_inside_a_padded_batch_give_the_same_logits() {
+    for head in [Head::Last, Head::ConcatPool] {
+        let m = model(head, 2, 1);
+        let rs = rows(&[7, 3, 12, 1, 9, 12, 5]);
+        let batch = labelled(&rs);
+        for bptt in [0, 4, 5] {
+            let together = logits(&m, &batch, bptt);
+            for (i, r) in rs.iter().enumerate() {
+                let alone = logits(&m, &labelled(std::slice::from_ref(r)), bptt);
+                let d = max_abs_diff(&alone.get(0), &together.get(i as i64));
+                assert!(d < 1e-5, "{head:?} K={bptt}: row {i} differs by {d} alone");
+            }
+            // And with extra padding columns at the end of every row.
+            let mut wide = batch.clone();
+            let width = wide.max_len + 6;
+            let mut tokens = vec![0i64; wide.size * width];
+            for r in 0..wide.size {
+                tokens[r * width..r * width + wide.max_len]
+                    .copy_from_slice(&wide.tokens[r * wide.max_len..(r + 1) * wide.max_len]);
+            }
+            (wide.tokens, wide.max_len) = (tokens, width);
+            let padded = logits(&m, &wide, bptt);
+            assert!(
+                max_abs_diff(&padded, &together) < 1e-5,
+                "{head:?} K={bptt}: extra padding changed logits"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_window_never_changes_forward_values() {
+    let m = model(Head::ConcatPool, 2, 2);
+    let batch = labelled(&rows(&[10, 4, 17, 2, 8]));
+    let full = logits(&m, &batch, 0);
+    for k in [1, 3, 8, 17, 100] {
+        assert!(max_abs_diff(&logits(&m, &batch, k), &full) < 1e-5, "K={k}");
+    }
+}
+
+#[test]
+fn tbptt_with_k_at_least_the_longest_review_is_full_bptt() {
+    for head in [Head::Last, Head::ConcatPool] {
+        let m = model(head, 2, 3);
+        let rs = rows(&[9, 4, 14, 1, 14, 6]);
+        let batch = labelled(&rs);
+        let (loss_full, full) = windowed_grads(&m, &batch, 0);
+        for k in [14, 15, 1000] {
+            let (loss_k, g) = windowed_grads(&m, &batch, k);
+            assert!((loss_k - loss_full).abs() < 1e-5);
+            assert_grads_close(&g, &full, &m, 1e-5, &format!("{head:?} K={k} vs full"));
+        }
+        // Against the hand-written step-by-step LSTM without detaches.
+        zero_grads(&m);
+        let loss_ref = reference_backward(&m, &rs, &batch.labels, 0);
+        assert!((loss_ref - loss_full).abs() < 1e-4, "{loss_ref} vs {loss_full}");
+        assert_grads_close(&grads_of(&m), &full, &m, 1e-5, &format!("{head:?} full vs reference"));
+    }
+}
+
+#[test]
+fn tbptt_with_a_small_k_equals_explicit_detaches_at_the_window_boundaries() {
+    for (head, layers) in [(Head::Last, 2), (Head::ConcatPool, 1), (Head::ConcatPool, 2)] {
+        let m = model(head, layers, 4);
+        let rs = rows(&[11, 3, 16, 1, 7, 16, 8]);
+        let batch = labelled(&rs);
+        let (_, full) = windowed_grads(&m, &batch, 0);
+        for k in [1, 3, 4, 7] {
+            let (loss_k, g) = windowed_grads(&m, &batch, k);
+            zero_grads(&m);
+            let loss_ref = reference_backward(&m, &rs, &batch.labels, k);
+            assert!((loss_ref - loss_k).abs() < 1e-4, "{head:?} K={k}: loss {loss_k} vs {loss_ref}");
+            let reference = grads_of(&m);
+            assert_grads_close(&g, &reference, &m, 1e-5, &format!("{head:?} L={layers} K={k} vs reference"));
+            // Truncation must actually cut something: the recurrent weights' gradient differs.
+            let d = max_abs_diff(&g[2], &full[2]);
+            assert!(d > 1e-5, "{head:?} K={k}: truncated gradient equals full BPTT's ({d})");
+        }
+    }
+}
+
+#[test]
+fn bad_batches_are_refused_with_a_message() {
+    let mut b = labelled(&rows(&[3, 2]));
+    b.tokens[0] = VOCAB as i64;
+    let e = DeviceBatch::new(&b, VOCAB, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    let mut b = labelled(&rows(&[3, 2]));
+    b.labels[1] = 2;
+    let e = DeviceBatch::new(&b, VOCAB, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("label 2"), "{e}");
+    let mut b = labelled(&rows(&[3, 2]));
+    b.lengths[1] = 0;
+    assert!(DeviceBatch::new(&b, VOCAB, Device::Cpu).is_err());
+    let empty = batch_of(&[]);
+    assert!(DeviceBatch::new(&empty, VOCAB, Device::Cpu).is_err());
+}

@@ -1,17 +1,33 @@
-//! `coordinator`: the control plane. `coordinator data` prints corpus statistics;
-//! `coordinator --workers N` runs a data-parallel training job.
+//! `coordinator`: the control plane. `coordinator --workers N` runs a data-parallel training
+//! job (see train_cmd); `coordinator data` prints corpus statistics.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod data_cmd;
+mod driver;
+mod job;
+mod launcher;
+mod progress;
+mod run_dir;
+mod service;
+mod train_cmd;
 
 #[derive(Debug, Parser)]
-#[command(name = "coordinator", version, about = "Data-parallel LSTM training on IMDB: the coordinator")]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Data-parallel LSTM training on IMDB: the coordinator",
+    after_help = "The job secret comes from TRAINER_JOB_SECRET when set (required with \
+                  --external-workers); otherwise a random one is made for the job and handed \
+                  to the local workers in their environment."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    train: train_cmd::TrainArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -20,23 +36,28 @@ enum Command {
     Data(data_cmd::DataCmd),
 }
 
-fn init_tracing() {
+fn init_tracing(output: progress::Output) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(output).init();
 }
 
 fn main() -> ExitCode {
-    init_tracing();
+    let output = progress::Output::default();
+    init_tracing(output.clone());
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Data(cmd)) => data_cmd::run(&cmd),
-        None => Err(anyhow::anyhow!("training runs are not implemented yet; try `coordinator data`")),
+        None => train_cmd::run(cli.train, output),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<driver::Interrupted>().is_some() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -81,9 +81,7 @@ pub struct ClientAuth {
 
 impl ClientAuth {
     pub fn new(secret: &JobSecret) -> Self {
-        Self {
-            value: secret.header_value(),
-        }
+        Self { value: secret.header_value() }
     }
 }
 
@@ -113,16 +111,12 @@ impl ServerAuth {
 
     pub fn check(&self, request: &Request<()>) -> Result<(), Status> {
         let value = request.metadata().get(HEADER).ok_or_else(|| {
-            Status::unauthenticated(
-                "missing job secret: send metadata `authorization: Bearer <secret>`",
-            )
+            Status::unauthenticated("missing job secret: send metadata `authorization: Bearer <secret>`")
         })?;
         let presented = value
             .as_bytes()
             .strip_prefix(SCHEME.as_bytes())
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization metadata must be `Bearer <secret>`")
-            })?;
+            .ok_or_else(|| Status::unauthenticated("the authorization metadata must be `Bearer <secret>`"))?;
         if self.secret.matches(presented) {
             Ok(())
         } else {
@@ -168,22 +162,14 @@ mod tests {
         assert!(!e.message().contains("s3cr3t"));
 
         let mut no_scheme = Request::new(());
-        no_scheme
-            .metadata_mut()
-            .insert(HEADER, MetadataValue::from_static("s3cr3t-token"));
-        assert_eq!(
-            server.check(&no_scheme).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        no_scheme.metadata_mut().insert(HEADER, MetadataValue::from_static("s3cr3t-token"));
+        assert_eq!(server.check(&no_scheme).unwrap_err().code(), tonic::Code::Unauthenticated);
     }
 
     #[test]
     fn bad_secrets_are_refused() {
         assert_eq!(JobSecret::new("").unwrap_err(), AuthError::Empty);
         assert_eq!(JobSecret::new("a b").unwrap_err(), AuthError::BadCharacters);
-        assert_eq!(
-            JobSecret::new(&"x".repeat(600)).unwrap_err(),
-            AuthError::TooLong
-        );
+        assert_eq!(JobSecret::new(&"x".repeat(600)).unwrap_err(), AuthError::TooLong);
     }
 }

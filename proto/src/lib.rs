@@ -19,8 +19,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";
 /// Env var with the per-job secret.
 pub const JOB_SECRET_ENV: &str = "TRAINER_JOB_SECRET";
-/// Env var with the compute threads a local worker should use.
-pub const THREADS_ENV: &str = "TRAINER_THREADS";
+/// Env var with the compute threads a local worker should use (the worker's `--threads`).
+pub const THREADS_ENV: &str = "WORKER_THREADS";
 
 /// Largest message either side accepts. Shard chunks stay far below it (about 1 MB); the
 /// limit is there for one unusually long review, which always travels whole.

@@ -1,0 +1,150 @@
+//! The run folder, the same as `worker train` writes: model.safetensors, vocab.txt,
+//! config.toml, metrics.jsonl, summary.json (plus world_size and replica_checksums), and the
+//! last checkpoint. Every file is written to a temporary name and renamed, so that an
+//! interrupted run never leaves a half-written file behind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Serialize;
+use trainer_core::{JobConfig, Vocab};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub const VOCAB_FILE: &str = "vocab.txt";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Writes one uploaded artifact: a temporary file in the run folder, renamed on commit.
+pub struct ArtifactWriter {
+    tmp: tempfile::NamedTempFile,
+    target: PathBuf,
+}
+
+impl ArtifactWriter {
+    pub fn create(dir: &Path, name: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+        Ok(Self { tmp, target: dir.join(name) })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.tmp.write_all(bytes).with_context(|| format!("cannot write {}", self.target.display()))
+    }
+
+    pub fn commit(self) -> anyhow::Result<()> {
+        self.tmp.as_file().sync_all().with_context(|| format!("cannot sync {}", self.target.display()))?;
+        self.tmp
+            .persist(&self.target)
+            .map_err(|e| e.error)
+            .with_context(|| format!("cannot rename into {}", self.target.display()))?;
+        Ok(())
+    }
+}
+
+/// One line of metrics.jsonl, written at each epoch's end.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub steps: u64,
+    /// Mean training loss over all ranks' samples of the epoch.
+    pub train_loss: f64,
+    pub train_samples: u64,
+    pub train_tokens: u64,
+    pub epoch_seconds: f64,
+    pub tokens_per_second: f64,
+    /// Share of the ranks' step time spent inside collectives.
+    pub comm_share: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub parameter_checksum: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub test_accuracy: f64,
+    pub test_loss: f64,
+    pub best_val_accuracy: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub epochs: usize,
+    pub stopped_early: bool,
+    pub train_seconds: f64,
+    pub tokens_per_second: f64,
+    pub comm_share: f64,
+    pub world_size: usize,
+    pub backend: String,
+    /// One parameter checksum per rank after the last epoch, in rank order (hex).
+    pub replica_checksums: Vec<String>,
+    pub train_samples: usize,
+    pub val_samples: usize,
+    pub test_samples: usize,
+    pub vocab_size: usize,
+}
+
+pub fn checksum_hex(checksum: u64) -> String {
+    format!("{checksum:016x}")
+}
+
+pub struct RunDir {
+    dir: PathBuf,
+}
+
+impl RunDir {
+    /// Creates the folder and writes the vocabulary and the config right away.
+    pub fn create(dir: &Path, vocab: &Vocab, config: &JobConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the run folder {}", dir.display()))?;
+        vocab.save(&dir.join(VOCAB_FILE))?;
+        trainer_core::write_atomically(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
+        // A fresh metrics file per run.
+        trainer_core::write_atomically(&dir.join(METRICS_FILE), b"")?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn append_metrics(&self, record: &impl Serialize) -> anyhow::Result<()> {
+        let path = self.dir.join(METRICS_FILE);
+        let mut line = serde_json::to_string(record)?;
+        line.push('\n');
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        f.write_all(line.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    pub fn write_summary(&self, summary: &Summary) -> anyhow::Result<()> {
+        let json = serde_json::to_vec_pretty(summary)?;
+        trainer_core::write_atomically(&self.dir.join(SUMMARY_FILE), &json)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifacts_appear_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CHECKPOINT_FILE), b"old").unwrap();
+        let mut w = ArtifactWriter::create(dir.path(), CHECKPOINT_FILE).unwrap();
+        w.write(b"new bytes").unwrap();
+        drop(w); // an interrupted upload
+        assert_eq!(std::fs::read(dir.path().join(CHECKPOINT_FILE)).unwrap(), b"old");
+        let mut w = ArtifactWriter::create(dir.path(), CHECKPOINT_FILE).unwrap();
+        w.write(b"new bytes").unwrap();
+        w.commit().unwrap();
+        assert_eq!(std::fs::read(dir.path().join(CHECKPOINT_FILE)).unwrap(), b"new bytes");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
+    }
+}

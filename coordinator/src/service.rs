@@ -1,0 +1,518 @@
+//! The gRPC side of the coordinator: registration, shard streaming, rendezvous, the session
+//! streams and artifact uploads. It validates every request and turns what workers say
+//! into [`Event`]s for the job driver; it never decides anything about the job itself.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use trainer_proto::v1::coordinator_server::Coordinator;
+use trainer_proto::v1::{
+    worker_message, ArtifactChunk, ArtifactKind, CoordinatorMessage, RegisterRequest, RegisterResponse,
+    RendezvousRequest, RendezvousResponse, ShardChunk, ShardRequest, Split, UploadArtifactResponse,
+    WorkerIdentity, WorkerMessage,
+};
+use trainer_proto::PROTOCOL_VERSION;
+
+use crate::job::{for_each_chunk, JobData};
+
+/// What the service tells the driver.
+#[derive(Debug)]
+pub enum Event {
+    Registered {
+        rank: usize,
+        hostname: String,
+        pid: u32,
+        peer: Option<SocketAddr>,
+    },
+    SessionOpened {
+        rank: usize,
+    },
+    Message {
+        rank: usize,
+        body: worker_message::Body,
+    },
+    SessionClosed {
+        rank: usize,
+        reason: String,
+    },
+    /// A local worker process ended (sent by the launcher).
+    ChildExited {
+        pid: u32,
+        status: String,
+    },
+    /// Ctrl-C or SIGTERM.
+    Interrupted {
+        signal: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+}
+
+struct Slot {
+    token: String,
+    hostname: String,
+    pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RendezvousResult {
+    pub ring_addresses: Vec<String>,
+    pub nccl_unique_id: Vec<u8>,
+    pub ring_token: Vec<u8>,
+}
+
+#[derive(Default)]
+struct State {
+    slots: Vec<Slot>,
+    ring_addresses: Vec<Option<String>>,
+    nccl_unique_id: Vec<u8>,
+    sessions: Vec<Option<mpsc::Sender<Result<CoordinatorMessage, Status>>>>,
+}
+
+/// State shared by the gRPC handlers and the driver.
+pub struct Shared {
+    pub data: Arc<JobData>,
+    pub attempt: u32,
+    pub timing: Timing,
+    pub out_dir: PathBuf,
+    config_toml: String,
+    state: Mutex<State>,
+    events: mpsc::UnboundedSender<Event>,
+    rendezvous_done: watch::Sender<Option<Arc<RendezvousResult>>>,
+}
+
+const SESSION_BUFFER: usize = 64;
+const MAX_TEXT_FIELD: usize = 256;
+const MAX_DEVICES: usize = 64;
+const MAX_ARTIFACT_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+const NCCL_ID_BYTES: usize = 128;
+
+impl Shared {
+    pub fn new(
+        data: Arc<JobData>,
+        timing: Timing,
+        out_dir: PathBuf,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Arc<Self> {
+        let world = data.world_size;
+        let config_toml = data.config.to_toml();
+        Arc::new(Self {
+            data,
+            attempt: 0,
+            timing,
+            out_dir,
+            config_toml,
+            state: Mutex::new(State {
+                ring_addresses: vec![None; world],
+                sessions: (0..world).map(|_| None).collect(),
+                ..State::default()
+            }),
+            events,
+            rendezvous_done: watch::channel(None).0,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A handler that panicked while holding the lock left plain data behind; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: Event) {
+        // The driver is gone only while the process is exiting.
+        let _ = self.events.send(event);
+    }
+
+    /// Sends a command to one rank's session; false when it has no open session.
+    pub async fn send(&self, rank: usize, message: CoordinatorMessage) -> bool {
+        let tx = self.state().sessions.get(rank).and_then(Clone::clone);
+        match tx {
+            Some(tx) => tx.send(Ok(message)).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Sends without waiting (heartbeats and stop messages): a full buffer drops it.
+    pub fn try_send(&self, rank: usize, message: CoordinatorMessage) {
+        if let Some(Some(tx)) = self.state().sessions.get(rank) {
+            let _ = tx.try_send(Ok(message));
+        }
+    }
+
+    /// Closes every session stream (after the stop messages).
+    pub fn close_sessions(&self) {
+        for s in self.state().sessions.iter_mut() {
+            *s = None;
+        }
+    }
+
+    /// Ranks that have not reported a rendezvous address yet.
+    pub fn rendezvous_missing(&self) -> Vec<usize> {
+        let st = self.state();
+        (0..st.ring_addresses.len()).filter(|&r| st.ring_addresses[r].is_none()).collect()
+    }
+
+    fn check_identity(&self, who: Option<&WorkerIdentity>) -> Result<usize, Status> {
+        let who = who.ok_or_else(|| Status::invalid_argument("the worker identity is missing"))?;
+        let rank = who.rank as usize;
+        if who.attempt != self.attempt {
+            return Err(Status::failed_precondition(format!(
+                "attempt {} is over; the job is at attempt {}",
+                who.attempt, self.attempt
+            )));
+        }
+        let st = self.state();
+        let slot = st.slots.get(rank).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "rank {rank} is not registered ({} of {} ranks are)",
+                st.slots.len(),
+                self.data.world_size
+            ))
+        })?;
+        let same = slot.token.len() == who.worker_token.len()
+            && slot.token.bytes().zip(who.worker_token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if !same {
+            return Err(Status::permission_denied(format!(
+                "the worker token does not belong to rank {rank}"
+            )));
+        }
+        Ok(rank)
+    }
+}
+
+fn check_register(req: &RegisterRequest) -> Result<(), Status> {
+    if req.protocol_version == 0 {
+        return Err(Status::invalid_argument(format!(
+            "protocol_version is missing (0); this coordinator speaks protocol version \
+             {PROTOCOL_VERSION}"
+        )));
+    }
+    if req.protocol_version != PROTOCOL_VERSION {
+        return Err(Status::failed_precondition(format!(
+            "protocol version mismatch: the worker speaks protocol version {} (build {:?}), \
+             this coordinator speaks protocol version {PROTOCOL_VERSION} (build {}); \
+             run workers and coordinator from the same release",
+            req.protocol_version,
+            truncate(&req.build_version),
+            env!("CARGO_PKG_VERSION"),
+        )));
+    }
+    for (name, value) in [("hostname", &req.hostname), ("build_version", &req.build_version)] {
+        if value.len() > MAX_TEXT_FIELD {
+            return Err(Status::invalid_argument(format!(
+                "{name} is {} bytes long; at most {MAX_TEXT_FIELD} allowed",
+                value.len()
+            )));
+        }
+    }
+    if req.hostname.is_empty() {
+        return Err(Status::invalid_argument("hostname is empty"));
+    }
+    if req.pid == 0 {
+        return Err(Status::invalid_argument("pid is missing (0)"));
+    }
+    if req.devices.len() > MAX_DEVICES {
+        return Err(Status::invalid_argument(format!(
+            "{} devices listed; at most {MAX_DEVICES} allowed",
+            req.devices.len()
+        )));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn new_token() -> String {
+    let bytes: [u8; 16] = rand::random();
+    hex::encode(bytes)
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// The tonic service; cheap to clone.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    shared: Arc<Shared>,
+}
+
+impl CoordinatorService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        check_register(&req)?;
+        let sh = &self.shared;
+        let world = sh.data.world_size;
+        let (rank, token) = {
+            let mut st = sh.state();
+            if let Some((rank, _)) =
+                st.slots.iter().enumerate().find(|(_, s)| s.hostname == req.hostname && s.pid == req.pid)
+            {
+                return Err(Status::already_exists(format!(
+                    "host {} pid {} is already registered as rank {rank}",
+                    req.hostname, req.pid
+                )));
+            }
+            if st.slots.len() >= world {
+                return Err(Status::resource_exhausted(format!(
+                    "all {world} ranks of this job are taken (it runs with --workers {world})"
+                )));
+            }
+            let token = new_token();
+            st.slots.push(Slot { token: token.clone(), hostname: req.hostname.clone(), pid: req.pid });
+            (st.slots.len() - 1, token)
+        };
+        sh.emit(Event::Registered { rank, hostname: req.hostname.clone(), pid: req.pid, peer });
+        let (val, test) = (
+            crate::job::eval_shard(sh.data.splits.val.len(), world, rank).len(),
+            crate::job::eval_shard(sh.data.splits.test.len(), world, rank).len(),
+        );
+        Ok(Response::new(RegisterResponse {
+            rank: rank as u32,
+            world_size: world as u32,
+            attempt: sh.attempt,
+            worker_token: token,
+            job_config_toml: sh.config_toml.clone(),
+            vocab_size: sh.data.vocab_size as u32,
+            heartbeat_interval_ms: millis(sh.timing.heartbeat_interval),
+            heartbeat_timeout_ms: millis(sh.timing.heartbeat_timeout),
+            rendezvous_timeout_ms: millis(sh.timing.rendezvous_timeout),
+            validation_reviews: val as u32,
+            test_reviews: test as u32,
+            steps_per_epoch: sh.data.steps_per_epoch as u32,
+        }))
+    }
+
+    type FetchShardStream = BoxStream<ShardChunk>;
+
+    async fn fetch_shard(
+        &self,
+        request: Request<ShardRequest>,
+    ) -> Result<Response<Self::FetchShardStream>, Status> {
+        let req = request.into_inner();
+        let rank = self.shared.check_identity(req.worker.as_ref())?;
+        let split = Split::try_from(req.split)
+            .ok()
+            .filter(|s| *s != Split::Unspecified)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown split {}", req.split)))?;
+        if split == Split::Train && req.epoch >= self.shared.data.config.train.epochs as u64 {
+            return Err(Status::invalid_argument(format!(
+                "epoch {} is beyond the job's {} epochs",
+                req.epoch, self.shared.data.config.train.epochs
+            )));
+        }
+        let data = Arc::clone(&self.shared.data);
+        let epoch = req.epoch;
+        // Cut the chunks on a blocking thread; the bounded channel keeps only a few in memory.
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || match data.shard(split, rank, epoch) {
+            Ok((source, indices)) => {
+                for_each_chunk(source, &indices, split, epoch, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(Status::internal(format!("{e:#}"))));
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn rendezvous(
+        &self,
+        request: Request<RendezvousRequest>,
+    ) -> Result<Response<RendezvousResponse>, Status> {
+        let req = request.into_inner();
+        let sh = &self.shared;
+        let rank = sh.check_identity(req.worker.as_ref())?;
+        if req.ring_address.is_empty()
+            || req.ring_address.len() > MAX_TEXT_FIELD
+            || !req.ring_address.contains(':')
+        {
+            return Err(Status::invalid_argument(format!(
+                "ring_address must be host:port, got {:?}",
+                truncate(&req.ring_address)
+            )));
+        }
+        if !req.nccl_unique_id.is_empty() {
+            if rank != 0 {
+                return Err(Status::invalid_argument("only rank 0 may send the NCCL unique id"));
+            }
+            if req.nccl_unique_id.len() != NCCL_ID_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "the NCCL unique id must be {NCCL_ID_BYTES} bytes, got {}",
+                    req.nccl_unique_id.len()
+                )));
+            }
+        }
+        {
+            let mut st = sh.state();
+            if st.ring_addresses[rank].is_some() {
+                return Err(Status::already_exists(format!(
+                    "rank {rank} already reported its rendezvous address"
+                )));
+            }
+            st.ring_addresses[rank] = Some(req.ring_address.clone());
+            if rank == 0 {
+                st.nccl_unique_id = req.nccl_unique_id.clone();
+            }
+            if st.ring_addresses.iter().all(Option::is_some) {
+                let result = RendezvousResult {
+                    ring_addresses: st.ring_addresses.iter().flatten().cloned().collect(),
+                    nccl_unique_id: st.nccl_unique_id.clone(),
+                    ring_token: rand::random::<[u8; 32]>().to_vec(),
+                };
+                sh.rendezvous_done.send_replace(Some(Arc::new(result)));
+            }
+        }
+        tracing::debug!(rank, address = %req.ring_address, "rendezvous report");
+        let mut done = sh.rendezvous_done.subscribe();
+        let waited = tokio::time::timeout(sh.timing.rendezvous_timeout, done.wait_for(Option::is_some)).await;
+        match waited {
+            Ok(Ok(result)) => {
+                let result = result
+                    .as_ref()
+                    .map(Arc::clone)
+                    .ok_or_else(|| Status::internal("rendezvous finished without a result"))?;
+                Ok(Response::new(RendezvousResponse {
+                    ring_addresses: result.ring_addresses.clone(),
+                    nccl_unique_id: result.nccl_unique_id.clone(),
+                    ring_token: result.ring_token.clone(),
+                }))
+            }
+            Ok(Err(_)) => Err(Status::unavailable("the coordinator is shutting down")),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "rendezvous timed out after {:.1} s: ranks {:?} did not report their address",
+                sh.timing.rendezvous_timeout.as_secs_f64(),
+                sh.rendezvous_missing()
+            ))),
+        }
+    }
+
+    type SessionStream = BoxStream<CoordinatorMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let sh = Arc::clone(&self.shared);
+        let first = tokio::time::timeout(sh.timing.heartbeat_timeout, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello on the session stream"))??
+            .ok_or_else(|| Status::invalid_argument("the session ended before its hello"))?;
+        if !matches!(first.body, Some(worker_message::Body::Hello(_))) {
+            return Err(Status::invalid_argument("the first session message must be a hello"));
+        }
+        let rank = sh.check_identity(first.worker.as_ref())?;
+        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        {
+            let mut st = sh.state();
+            if st.sessions[rank].is_some() {
+                return Err(Status::already_exists(format!("rank {rank} already has a session")));
+            }
+            st.sessions[rank] = Some(tx);
+        }
+        sh.emit(Event::SessionOpened { rank });
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        let from = msg.worker.as_ref().map(|w| w.rank as usize);
+                        if from != Some(rank) {
+                            break format!(
+                                "protocol error: a message on rank {rank}'s session claims rank {from:?}"
+                            );
+                        }
+                        match msg.body {
+                            Some(body) => sh.emit(Event::Message { rank, body }),
+                            None => break "protocol error: a session message without a body".into(),
+                        }
+                    }
+                    Ok(None) => break "the worker closed its session".to_string(),
+                    Err(status) => break format!("the session stream broke: {}", status.message()),
+                }
+            };
+            sh.emit(Event::SessionClosed { rank, reason });
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload_artifact(
+        &self,
+        request: Request<Streaming<ArtifactChunk>>,
+    ) -> Result<Response<UploadArtifactResponse>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the upload carried no chunk"))?;
+        let rank = self.shared.check_identity(first.worker.as_ref())?;
+        if rank != 0 {
+            return Err(Status::permission_denied(format!("only rank 0 uploads artifacts, not rank {rank}")));
+        }
+        let file_name = match ArtifactKind::try_from(first.kind) {
+            Ok(ArtifactKind::Model) => crate::run_dir::MODEL_FILE,
+            Ok(ArtifactKind::Checkpoint) => crate::run_dir::CHECKPOINT_FILE,
+            _ => return Err(Status::invalid_argument(format!("unknown artifact kind {}", first.kind))),
+        };
+        if first.total_bytes > MAX_ARTIFACT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "artifact of {} bytes is over the {MAX_ARTIFACT_BYTES}-byte limit",
+                first.total_bytes
+            )));
+        }
+        let total = first.total_bytes;
+        let mut writer = crate::run_dir::ArtifactWriter::create(&self.shared.out_dir, file_name)
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let mut written = 0u64;
+        let mut chunk = Some(first);
+        while let Some(c) = chunk {
+            written += c.data.len() as u64;
+            if written > total {
+                return Err(Status::invalid_argument(format!(
+                    "the upload of {file_name} sent more than the {total} bytes it declared"
+                )));
+            }
+            writer.write(&c.data).map_err(|e| Status::internal(format!("{e:#}")))?;
+            chunk = inbound.message().await?;
+        }
+        if written != total {
+            // Dropping the writer deletes the partial file; the previous artifact stays.
+            return Err(Status::invalid_argument(format!(
+                "the upload of {file_name} ended after {written} of {total} bytes"
+            )));
+        }
+        writer.commit().map_err(|e| Status::internal(format!("{e:#}")))?;
+        tracing::debug!(file = file_name, bytes = written, "artifact stored");
+        Ok(Response::new(UploadArtifactResponse { bytes_written: written }))
+    }
+}

@@ -1,0 +1,282 @@
+//! `coordinator --workers N`: one data-parallel training job, from the corpus to the run
+//! folder. Sets up the gRPC server, the local workers and the driver, and tears all of it
+//! down on every exit path.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use trainer_core::cli::{ConfigArgs, DataArgs};
+use trainer_core::pipeline::prepare;
+use trainer_proto::v1::coordinator_server::CoordinatorServer;
+use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, MAX_MESSAGE_BYTES};
+
+use crate::driver::{render_summary, Driver};
+use crate::job::JobData;
+use crate::launcher::{default_worker_bin, threads_per_worker, LocalWorkers};
+use crate::progress::{Output, Progress};
+use crate::run_dir::RunDir;
+use crate::service::{CoordinatorService, Event, Shared, Timing};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Number of workers (ranks) in the job.
+    #[arg(long, env = "TRAINER_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
+    /// The run folder: model, vocab, config, metrics, summary and the last checkpoint.
+    #[arg(long, env = "TRAINER_OUT", default_value = "runs/latest")]
+    pub out: PathBuf,
+    /// Address the gRPC server listens on (port 0 picks a free one).
+    #[arg(long, env = "COORDINATOR_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Address workers should dial [default: the listen address, 127.0.0.1 for 0.0.0.0].
+    #[arg(long, env = "COORDINATOR_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Start no worker processes; wait for N workers started elsewhere (`worker join`).
+    /// The job secret must then come from TRAINER_JOB_SECRET.
+    #[arg(long, env = "COORDINATOR_EXTERNAL_WORKERS")]
+    pub external_workers: bool,
+    /// Seconds to wait for all workers to register and open their sessions.
+    #[arg(long, env = "COORDINATOR_REGISTER_TIMEOUT", default_value_t = 120.0)]
+    pub register_timeout: f64,
+    /// Seconds between heartbeats, both ways.
+    #[arg(long, env = "COORDINATOR_HEARTBEAT_INTERVAL", default_value_t = 1.0)]
+    pub heartbeat_interval: f64,
+    /// Seconds of silence after which a worker (or, for a worker, the coordinator) is
+    /// declared dead.
+    #[arg(long, env = "COORDINATOR_HEARTBEAT_TIMEOUT", default_value_t = 10.0)]
+    pub heartbeat_timeout: f64,
+    /// Seconds a rendezvous waits for every rank to report its address.
+    #[arg(long, env = "COORDINATOR_RENDEZVOUS_TIMEOUT", default_value_t = 120.0)]
+    pub rendezvous_timeout: f64,
+    /// The worker binary for local workers [default: `worker` next to this executable].
+    #[arg(long, env = "COORDINATOR_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+    /// Compute threads per local worker [default: the CPU cores divided by --workers].
+    #[arg(long, env = "COORDINATOR_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    if !(value > 0.0 && value <= 86_400.0) {
+        bail!("--{flag} must be between 0 and 86400 seconds, got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// The job secret: TRAINER_JOB_SECRET when set (required with --external-workers), else a
+/// fresh random one for this job.
+fn job_secret(external: bool) -> anyhow::Result<JobSecret> {
+    match std::env::var(JOB_SECRET_ENV) {
+        Ok(s) if !s.is_empty() => {
+            JobSecret::new(&s).with_context(|| format!("{JOB_SECRET_ENV} is not a usable secret"))
+        }
+        _ if external => {
+            bail!("--external-workers needs the job secret in {JOB_SECRET_ENV}, shared with the workers")
+        }
+        _ => {
+            let bytes: [u8; 32] = rand::random();
+            Ok(JobSecret::new(&hex::encode(bytes))?)
+        }
+    }
+}
+
+pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
+    let workers = args
+        .workers
+        .context("--workers N is required to train (or run a subcommand such as `coordinator data`)")?
+        as usize;
+    let timing = Timing {
+        heartbeat_interval: seconds("heartbeat-interval", args.heartbeat_interval)?,
+        heartbeat_timeout: seconds("heartbeat-timeout", args.heartbeat_timeout)?,
+        rendezvous_timeout: seconds("rendezvous-timeout", args.rendezvous_timeout)?,
+    };
+    if timing.heartbeat_timeout <= timing.heartbeat_interval {
+        bail!("--heartbeat-timeout must be longer than --heartbeat-interval");
+    }
+    let register_timeout = seconds("register-timeout", args.register_timeout)?;
+    let config = args.config.resolve()?;
+    let secret = job_secret(args.external_workers)?;
+    let worker_bin = match (&args.worker_bin, args.external_workers) {
+        (_, true) => None,
+        (Some(bin), false) => Some(bin.clone()),
+        (None, false) => Some(default_worker_bin()?),
+    };
+    if let Some(bin) = &worker_bin {
+        if !bin.is_file() {
+            bail!(
+                "the worker binary {} does not exist; build it (cargo build -p worker) or pass --worker-bin",
+                bin.display()
+            );
+        }
+    }
+
+    let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
+    tracing::info!(source = %report.source, cache = ?report.cache, "corpus ready");
+    let data = Arc::new(JobData::new(&corpus, config, workers)?);
+    tracing::info!(
+        workers,
+        train = data.splits.train.len(),
+        validation = data.splits.val.len(),
+        test = data.splits.test.len(),
+        vocab = data.vocab_size,
+        steps_per_epoch = data.steps_per_epoch,
+        "job planned"
+    );
+    let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config)?;
+    drop(corpus);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let job = Job { args, data, timing, register_timeout, secret, worker_bin, run_dir, output };
+    // Dropping the runtime drops the launcher's tasks, whose children are killed on drop.
+    runtime.block_on(job.run())
+}
+
+struct Job {
+    args: TrainArgs,
+    data: Arc<JobData>,
+    timing: Timing,
+    register_timeout: Duration,
+    secret: JobSecret,
+    worker_bin: Option<PathBuf>,
+    run_dir: RunDir,
+    output: Output,
+}
+
+impl Job {
+    async fn run(self) -> anyhow::Result<()> {
+        let listener = TcpListener::bind(self.args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", self.args.listen))?;
+        let local = listener.local_addr()?;
+        let advertise = match &self.args.advertise {
+            Some(a) => a.clone(),
+            None if local.ip().is_unspecified() => format!("127.0.0.1:{}", local.port()),
+            None => local.to_string(),
+        };
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let shared = Shared::new(
+            Arc::clone(&self.data),
+            self.timing,
+            self.run_dir.path().to_path_buf(),
+            events_tx.clone(),
+        );
+
+        // The gRPC server: health + coordinator, all behind the job secret.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+        let service = CoordinatorServer::new(CoordinatorService::new(Arc::clone(&shared)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .layer(tonic::service::InterceptorLayer::new(ServerAuth::new(self.secret.clone())))
+                .add_service(health_service)
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = server_stopped.await;
+                }),
+        );
+        tracing::info!(listen = %local, advertise = %advertise, "coordinator listening");
+
+        // Ctrl-C and SIGTERM become events, so that the driver stops the workers in order.
+        let signals = tokio::spawn(forward_signals(events_tx.clone()));
+
+        let mut local_workers = match &self.worker_bin {
+            Some(bin) => {
+                let threads =
+                    self.args.worker_threads.unwrap_or_else(|| threads_per_worker(self.data.world_size));
+                tracing::info!(workers = self.data.world_size, threads, bin = %bin.display(), "starting local workers");
+                Some(LocalWorkers::spawn(
+                    self.data.world_size,
+                    bin,
+                    &format!("http://{advertise}"),
+                    &self.secret,
+                    threads,
+                    events_tx.clone(),
+                    self.output.clone(),
+                )?)
+            }
+            None => {
+                tracing::info!(
+                    workers = self.data.world_size,
+                    address = %advertise,
+                    "waiting for external workers"
+                );
+                None
+            }
+        };
+        drop(events_tx);
+
+        let progress = Progress::new(
+            self.output.clone(),
+            self.data.config.train.epochs,
+            self.data.steps_per_epoch,
+            self.data.config.train.log_every,
+        );
+        let run_dir_path = self.run_dir.path().to_path_buf();
+        let mut driver = Driver::new(
+            Arc::clone(&shared),
+            events_rx,
+            progress,
+            self.run_dir,
+            self.register_timeout,
+            local_workers.as_ref().map(LocalWorkers::pids).unwrap_or_default(),
+        );
+        let result = driver.run().await;
+        if let Err(e) = &result {
+            driver.abort(&format!("{e:#}"));
+        }
+        driver.progress.finish();
+
+        // Teardown, on every path: workers first (they got a stop message), then the server.
+        if let Some(workers) = local_workers.as_mut() {
+            workers.shutdown(Duration::from_secs(5)).await;
+        }
+        shared.close_sessions();
+        let _ = stop_server.send(());
+        match tokio::time::timeout(Duration::from_secs(3), server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::debug!("gRPC server did not drain in time"),
+        }
+        signals.abort();
+
+        let outcome = result?;
+        print!("{}", render_summary(&outcome.summary, &driver.records, &run_dir_path));
+        Ok(())
+    }
+}
+
+async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = events.send(Event::Interrupted { signal: "SIGINT" });
+            return;
+        }
+    };
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    let _ = events.send(Event::Interrupted { signal });
+}

@@ -1,0 +1,782 @@
+//! The worker side of the coordinator's protocol (`worker join`).
+//!
+//! The agent registers with the coordinator, downloads this rank's validation and test
+//! shards, meets the other ranks at the rendezvous, builds the ring collective, and hands it
+//! to a [`Replica`] factory; then it keeps one session stream open (heartbeats up and down)
+//! and runs the coordinator's commands: train an epoch on the shard it downloads for that
+//! epoch, evaluate, upload a checkpoint or the model (rank 0), stop.
+//!
+//! # The seam
+//!
+//! The agent knows nothing about models. The training loop lives behind [`Replica`]:
+//!
+//! ```text
+//! worker::agent::run_agent(&join_args, |job: &JobInfo, collective: Box<dyn Collective>| {
+//!     // build the Trainer with `collective`, call broadcast_parameters(), wrap it
+//!     Ok(Box::new(MyReplica::new(job, collective)?) as Box<dyn Replica>)
+//! })
+//! ```
+//!
+//! The factory and every [`Replica`] method run on one dedicated thread (the "replica
+//! thread"), so a replica need not be `Send`; the gRPC side runs on a small tokio runtime
+//! and keeps heartbeats flowing while a step computes. The factory must leave the replica
+//! with rank 0's parameters (broadcast): the coordinator compares the checksums of all
+//! ranks right after it returns.
+//!
+//! # Exit
+//!
+//! [`run_agent`] returns `Ok` only when the coordinator says the job succeeded. It returns
+//! an error when the coordinator stops the job, when the session ends, when the coordinator
+//! stays silent for the heartbeat timeout, or when the replica fails (the error is also
+//! reported up). It never waits for a replica call that is stuck in a collective: the
+//! caller should exit the process on error (the replica thread dies with it).
+
+mod shard;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use trainer_core::{EncodedSplit, JobConfig};
+use trainer_proto::v1::coordinator_client::CoordinatorClient;
+use trainer_proto::v1::{
+    coordinator_message, worker_message, ArtifactChunk, ArtifactDone, ArtifactKind, CoordinatorMessage,
+    Device, EpochDone, EvalResult, Heartbeat, Hello, Ready, RegisterRequest, RendezvousRequest, ShardRequest,
+    Split, StepMetrics, WorkerError, WorkerIdentity, WorkerMessage,
+};
+use trainer_proto::{ClientAuth, JobSecret, ARTIFACT_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+
+use crate::collective::ring::{RingCollective, RingListener, RingOptions};
+use crate::collective::{Collective, NoopCollective};
+pub use crate::trainer::EvalCounts;
+
+pub use shard::{append_chunk, check_totals};
+
+/// `worker join`: where the coordinator is and how to prove membership of the job.
+#[derive(Debug, Clone, Args)]
+pub struct JoinArgs {
+    /// The coordinator's gRPC address (`host:port` or `http://host:port`).
+    #[arg(long, env = "COORDINATOR_ADDR")]
+    pub coordinator: String,
+    /// The per-job secret (prefer the env var: command lines are visible to other users).
+    #[arg(long, env = "TRAINER_JOB_SECRET", hide_env_values = true)]
+    pub secret: JobSecret,
+    /// Where this rank's ring listener binds (port 0 picks a free port).
+    #[arg(long, env = "WORKER_RING_LISTEN", default_value = "127.0.0.1:0")]
+    pub ring_listen: SocketAddr,
+    /// Host name or IP the other ranks dial for this rank's ring listener
+    /// [default: the listen IP, or this host's name when listening on 0.0.0.0].
+    #[arg(long, env = "WORKER_RING_ADVERTISE_HOST")]
+    pub ring_advertise_host: Option<String>,
+    /// Seconds a ring transfer may stall before the step fails.
+    #[arg(long, env = "WORKER_RING_TIMEOUT", default_value_t = 30.0)]
+    pub ring_timeout: f64,
+    /// Seconds to keep trying to reach the coordinator at start-up.
+    #[arg(long, env = "WORKER_CONNECT_TIMEOUT", default_value_t = 30.0)]
+    pub connect_timeout: f64,
+}
+
+/// What the coordinator told this rank at registration.
+#[derive(Debug, Clone)]
+pub struct JobInfo {
+    pub rank: usize,
+    pub world_size: usize,
+    pub attempt: u32,
+    pub config: JobConfig,
+    /// Vocabulary size including the specials.
+    pub vocab_size: usize,
+    /// Steps every rank runs per epoch (already capped by `train.max_steps_per_epoch`).
+    pub steps_per_epoch: usize,
+}
+
+/// One training step on this rank, reported while the epoch runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepReport {
+    /// 0-based step within the epoch.
+    pub step: u64,
+    /// Sum of per-sample losses of this rank's batch (mean loss x batch size).
+    pub loss_sum: f64,
+    pub samples: u64,
+    /// Real (unpadded) tokens.
+    pub tokens: u64,
+    pub step_seconds: f64,
+    /// Time spent inside collectives during the step.
+    pub comm_seconds: f64,
+}
+
+/// One epoch on this rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EpochReport {
+    pub steps: u64,
+    pub loss_sum: f64,
+    pub samples: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub comm_seconds: f64,
+}
+
+/// A model replica as the agent drives it. All methods run on the replica thread.
+pub trait Replica {
+    /// Trains epoch `epoch` (0-based) on `shard`, this rank's samples for the epoch in the
+    /// order the shard plan gives; runs exactly `JobInfo::steps_per_epoch` steps (every rank
+    /// the same number) and calls `report` after each.
+    fn train_epoch(
+        &mut self,
+        epoch: u64,
+        shard: &EncodedSplit,
+        report: &mut dyn FnMut(StepReport),
+    ) -> anyhow::Result<EpochReport>;
+    /// Evaluates every review of `split` (this rank's part; it may be empty).
+    fn evaluate(&mut self, split: &EncodedSplit) -> anyhow::Result<EvalCounts>;
+    /// A checksum of every parameter's bits, equal on all ranks while replicas agree.
+    fn parameter_checksum(&self) -> anyhow::Result<u64>;
+    /// Number of scalar parameters (for logs).
+    fn parameter_count(&self) -> u64;
+    /// The model as `model.safetensors` bytes (rank 0 only).
+    fn export_model(&mut self) -> anyhow::Result<Vec<u8>>;
+    /// A full checkpoint (`checkpoint.safetensors` bytes) taken after epoch `epoch` (rank 0).
+    fn checkpoint(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>>;
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
+
+/// Joins the job and serves it until the coordinator stops it; see the module docs.
+pub fn run_agent<F>(args: &JoinArgs, make_replica: F) -> anyhow::Result<()>
+where
+    F: FnOnce(&JobInfo, Box<dyn Collective>) -> anyhow::Result<Box<dyn Replica>> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("agent-rpc")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime
+        .block_on(Agent::join(args))
+        .and_then(|agent| runtime.block_on(agent.serve(args, Box::new(make_replica))));
+    // Never wait for blocking work: a replica stuck in a collective must not hold us here.
+    runtime.shutdown_background();
+    result
+}
+
+type Factory = Box<dyn FnOnce(&JobInfo, Box<dyn Collective>) -> anyhow::Result<Box<dyn Replica>> + Send>;
+
+/// How the coordinator looks from here: the time of its last message, and whether its
+/// session stream ended (with the reason).
+struct Liveness {
+    started: Instant,
+    last_seen_ms: AtomicU64,
+    closed: AtomicBool,
+    reason: std::sync::Mutex<String>,
+    timeout: Duration,
+}
+
+impl Liveness {
+    fn touch(&self) {
+        self.last_seen_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn close(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Resolves (with the error to exit on) once the coordinator is gone.
+    async fn dead(&self) -> anyhow::Error {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if self.closed.load(Ordering::Acquire) {
+                let reason = self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                return anyhow!("lost the coordinator: {reason}");
+            }
+            let silent = self.started.elapsed().as_millis() as u64
+                - self.last_seen_ms.load(Ordering::Relaxed).min(self.started.elapsed().as_millis() as u64);
+            if silent > self.timeout.as_millis() as u64 {
+                return anyhow!(
+                    "lost the coordinator: nothing heard for {:.1} s (heartbeat timeout {:.1} s)",
+                    silent as f64 / 1000.0,
+                    self.timeout.as_secs_f64()
+                );
+            }
+        }
+    }
+}
+
+/// Runs `fut` unless the coordinator dies first.
+async fn guarded<T>(
+    live: &Liveness,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        r = fut => r,
+        e = live.dead() => Err(e),
+    }
+}
+
+struct Agent {
+    client: Client,
+    job: JobInfo,
+    identity: WorkerIdentity,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
+}
+
+fn status_error(what: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow!("{what}: {} ({:?})", status.message(), status.code())
+}
+
+fn endpoint_uri(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into the buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "unknown-host".to_string()
+    } else {
+        name
+    }
+}
+
+fn devices() -> Vec<Device> {
+    let mut devices = vec![Device { kind: "cpu".into(), index: 0, name: String::new(), memory_bytes: 0 }];
+    for index in 0..tch::Cuda::device_count().max(0) {
+        devices.push(Device {
+            kind: "cuda".into(),
+            index: index as u32,
+            name: String::new(),
+            memory_bytes: 0,
+        });
+    }
+    devices
+}
+
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    if !(value > 0.0 && value <= 86_400.0) {
+        bail!("--{flag} must be between 0 and 86400 seconds, got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+impl Agent {
+    /// Connects (retrying while the coordinator starts) and registers.
+    async fn join(args: &JoinArgs) -> anyhow::Result<Self> {
+        let connect_timeout = seconds("connect-timeout", args.connect_timeout)?;
+        let uri = endpoint_uri(&args.coordinator);
+        let endpoint = Endpoint::from_shared(uri.clone())
+            .with_context(|| format!("bad coordinator address {:?}", args.coordinator))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let deadline = Instant::now() + connect_timeout;
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "coordinator not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow!(e)).with_context(|| {
+                        format!(
+                            "cannot reach the coordinator at {uri} within {:.0} s",
+                            connect_timeout.as_secs_f64()
+                        )
+                    })
+                }
+            }
+        };
+        let mut client = CoordinatorClient::with_interceptor(channel, ClientAuth::new(&args.secret))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let reply = client
+            .register(RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                build_version: env!("CARGO_PKG_VERSION").to_string(),
+                hostname: hostname(),
+                pid: std::process::id(),
+                devices: devices(),
+            })
+            .await
+            .map_err(|s| status_error("the coordinator refused the registration", s))?
+            .into_inner();
+        let config: JobConfig = toml::from_str(&reply.job_config_toml)
+            .context("the coordinator sent a job config this worker cannot read")?;
+        config.validate().context("the coordinator sent an invalid job config")?;
+        if reply.world_size == 0 || reply.rank >= reply.world_size {
+            bail!("the coordinator assigned rank {} of world size {}", reply.rank, reply.world_size);
+        }
+        let ms = |v: u32| Duration::from_millis(u64::from(v.max(1)));
+        let job = JobInfo {
+            rank: reply.rank as usize,
+            world_size: reply.world_size as usize,
+            attempt: reply.attempt,
+            config,
+            vocab_size: reply.vocab_size as usize,
+            steps_per_epoch: reply.steps_per_epoch as usize,
+        };
+        tracing::info!(rank = job.rank, world = job.world_size, "registered");
+        Ok(Self {
+            client,
+            identity: WorkerIdentity {
+                rank: reply.rank,
+                attempt: reply.attempt,
+                worker_token: reply.worker_token,
+            },
+            job,
+            heartbeat_interval: ms(reply.heartbeat_interval_ms),
+            heartbeat_timeout: ms(reply.heartbeat_timeout_ms),
+        })
+    }
+
+    fn message(&self, body: worker_message::Body) -> WorkerMessage {
+        WorkerMessage { worker: Some(self.identity.clone()), body: Some(body) }
+    }
+
+    async fn fetch_shard(&self, split: Split, epoch: u64) -> anyhow::Result<EncodedSplit> {
+        let what = format!("{} shard", split.as_str_name());
+        let mut stream = self
+            .client
+            .clone()
+            .fetch_shard(ShardRequest { worker: Some(self.identity.clone()), split: split as i32, epoch })
+            .await
+            .map_err(|s| status_error(&format!("cannot fetch the {what}"), s))?
+            .into_inner();
+        let mut out = EncodedSplit { offsets: vec![0], ..EncodedSplit::default() };
+        let mut totals: Option<(u64, u64)> = None;
+        while let Some(chunk) =
+            stream.message().await.map_err(|s| status_error(&format!("the {what} stream broke"), s))?
+        {
+            if chunk.split != split as i32 || chunk.epoch != epoch {
+                bail!("the {what} stream sent a chunk of another split or epoch");
+            }
+            let t = (chunk.total_reviews, chunk.total_tokens);
+            if *totals.get_or_insert(t) != t {
+                bail!("the {what} stream changed its announced totals");
+            }
+            append_chunk(&mut out, &chunk, self.job.vocab_size)
+                .map_err(|e| anyhow!("malformed {what}: {e}"))?;
+        }
+        let (reviews, tokens) = totals.ok_or_else(|| anyhow!("the {what} stream was empty"))?;
+        check_totals(&out, reviews, tokens).map_err(|e| anyhow!("{what}: {e}"))?;
+        Ok(out)
+    }
+
+    async fn upload(&self, kind: ArtifactKind, epoch: u64, bytes: Vec<u8>) -> anyhow::Result<u64> {
+        let total = bytes.len() as u64;
+        let identity = self.identity.clone();
+        let mut chunks: Vec<ArtifactChunk> = bytes
+            .chunks(ARTIFACT_CHUNK_BYTES)
+            .map(|data| ArtifactChunk { data: data.to_vec(), ..ArtifactChunk::default() })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(ArtifactChunk::default());
+        }
+        chunks[0].worker = Some(identity);
+        chunks[0].kind = kind as i32;
+        chunks[0].epoch = epoch;
+        chunks[0].total_bytes = total;
+        let reply = self
+            .client
+            .clone()
+            .upload_artifact(tokio_stream::iter(chunks))
+            .await
+            .map_err(|s| status_error(&format!("cannot upload the {}", kind.as_str_name()), s))?
+            .into_inner();
+        if reply.bytes_written != total {
+            bail!(
+                "the coordinator stored {} of the {total} bytes of the {}",
+                reply.bytes_written,
+                kind.as_str_name()
+            );
+        }
+        Ok(total)
+    }
+
+    async fn serve(mut self, args: &JoinArgs, factory: Factory) -> anyhow::Result<()> {
+        // 1. The session first, so that heartbeats flow while shards download and the
+        //    replica builds.
+        let (up, up_rx) = mpsc::channel::<WorkerMessage>(1024);
+        up.send(self.message(worker_message::Body::Hello(Hello {})))
+            .await
+            .map_err(|_| anyhow!("internal error: session channel closed"))?;
+        let mut inbound = self
+            .client
+            .session(ReceiverStream::new(up_rx))
+            .await
+            .map_err(|s| status_error("the coordinator refused the session", s))?
+            .into_inner();
+        let live = Arc::new(Liveness {
+            started: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            reason: std::sync::Mutex::new(String::new()),
+            timeout: self.heartbeat_timeout,
+        });
+        let (commands_tx, mut commands) = mpsc::unbounded_channel::<coordinator_message::Body>();
+        let reader_live = Arc::clone(&live);
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(CoordinatorMessage { body: Some(body) })) => {
+                        reader_live.touch();
+                        if !matches!(body, coordinator_message::Body::Heartbeat(_))
+                            && commands_tx.send(body).is_err()
+                        {
+                            break "the agent stopped listening".to_string();
+                        }
+                    }
+                    Ok(Some(CoordinatorMessage { body: None })) => {
+                        break "protocol error: a command without a body".to_string()
+                    }
+                    Ok(None) => break "the coordinator closed the session".to_string(),
+                    Err(s) => break format!("the session stream broke: {}", s.message()),
+                }
+            };
+            reader_live.close(reason);
+        });
+        let heartbeat_up = up.clone();
+        let heartbeat_identity = self.identity.clone();
+        let interval = self.heartbeat_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let beat = WorkerMessage {
+                    worker: Some(heartbeat_identity.clone()),
+                    body: Some(worker_message::Body::Heartbeat(Heartbeat {
+                        sent_unix_ms: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64),
+                    })),
+                };
+                if heartbeat_up.send(beat).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        // 2. Evaluation shards, the rendezvous, then the replica on its own thread.
+        let val = guarded(&live, self.fetch_shard(Split::Validation, 0)).await?;
+        let test = guarded(&live, self.fetch_shard(Split::Test, 0)).await?;
+        let listener = RingListener::bind(args.ring_listen)
+            .with_context(|| format!("cannot bind the ring listener on {}", args.ring_listen))?;
+        let bound = listener.local_addr();
+        let host = match &args.ring_advertise_host {
+            Some(h) => h.clone(),
+            None if bound.ip().is_unspecified() => hostname(),
+            None => bound.ip().to_string(),
+        };
+        let advertised = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{}", bound.port())
+        } else {
+            format!("{host}:{}", bound.port())
+        };
+        let mut client = self.client.clone();
+        let rendezvous = guarded(&live, async {
+            client
+                .rendezvous(RendezvousRequest {
+                    worker: Some(self.identity.clone()),
+                    ring_address: advertised.clone(),
+                    nccl_unique_id: Vec::new(),
+                })
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| status_error("the rendezvous failed", s))
+        })
+        .await?;
+        if rendezvous.ring_addresses.len() != self.job.world_size {
+            bail!(
+                "the rendezvous returned {} addresses for a world of {}",
+                rendezvous.ring_addresses.len(),
+                self.job.world_size
+            );
+        }
+        let peers = rendezvous
+            .ring_addresses
+            .iter()
+            .enumerate()
+            .map(|(rank, a)| {
+                a.to_socket_addrs()
+                    .ok()
+                    .and_then(|mut it| it.next())
+                    .ok_or_else(|| anyhow!("cannot resolve rank {rank}'s ring address {a:?}"))
+            })
+            .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
+        let mut ring_options = RingOptions::new(rendezvous.ring_token);
+        ring_options.timeout = seconds("ring-timeout", args.ring_timeout)?;
+        let (events_tx, mut events) = mpsc::unbounded_channel::<ReplicaEvent>();
+        let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
+        let thread_job = self.job.clone();
+        let replica_thread = std::thread::Builder::new()
+            .name("replica".into())
+            .spawn(move || {
+                replica_thread(
+                    thread_job,
+                    listener,
+                    peers,
+                    ring_options,
+                    factory,
+                    val,
+                    test,
+                    work_rx,
+                    events_tx,
+                )
+            })
+            .context("cannot start the replica thread")?;
+
+        // 3. Commands down, replica events up, until the coordinator says stop.
+        let result = loop {
+            tokio::select! {
+                e = live.dead() => break Err(e),
+                command = commands.recv() => {
+                    let Some(command) = command else {
+                        break Err(anyhow!("lost the coordinator: the session ended"));
+                    };
+                    match self.command(command, &live, &work_tx).await {
+                        Ok(None) => {}
+                        Ok(Some(done)) => break done,
+                        Err(e) => break Err(e),
+                    }
+                }
+                event = events.recv() => {
+                    let Some(event) = event else {
+                        break Err(anyhow!("the replica thread ended unexpectedly"));
+                    };
+                    if let Err(e) = self.event(event, &live, &up).await {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        match &result {
+            Ok(()) => {
+                drop(work_tx);
+                // Idle after a successful stop, so this returns at once.
+                let _ = replica_thread.join();
+            }
+            Err(e) => {
+                // Best effort: tell the coordinator why, and give the message a moment to leave.
+                let msg =
+                    self.message(worker_message::Body::Error(WorkerError { message: format!("{e:#}") }));
+                if up.try_send(msg).is_ok() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        result
+    }
+
+    /// Runs one command; `Some(result)` ends the session.
+    async fn command(
+        &mut self,
+        command: coordinator_message::Body,
+        live: &Liveness,
+        work: &std::sync::mpsc::Sender<Work>,
+    ) -> anyhow::Result<Option<anyhow::Result<()>>> {
+        let send = |w: Work| work.send(w).map_err(|_| anyhow!("the replica thread ended unexpectedly"));
+        match command {
+            coordinator_message::Body::Heartbeat(_) => {}
+            coordinator_message::Body::StartEpoch(s) => {
+                let shard = guarded(live, self.fetch_shard(Split::Train, s.epoch)).await?;
+                tracing::debug!(epoch = s.epoch, reviews = shard.len(), "train shard fetched");
+                send(Work::Train { epoch: s.epoch, shard })?;
+            }
+            coordinator_message::Body::Evaluate(e) => {
+                let split = Split::try_from(e.split)
+                    .ok()
+                    .filter(|s| matches!(s, Split::Validation | Split::Test))
+                    .ok_or_else(|| anyhow!("the coordinator asked to evaluate split {}", e.split))?;
+                send(Work::Evaluate { split, epoch: e.epoch })?;
+            }
+            coordinator_message::Body::Checkpoint(c) => {
+                send(Work::Artifact { kind: ArtifactKind::Checkpoint, epoch: c.epoch })?
+            }
+            coordinator_message::Body::ExportModel(m) => {
+                send(Work::Artifact { kind: ArtifactKind::Model, epoch: m.epoch })?
+            }
+            coordinator_message::Body::Stop(stop) => {
+                return Ok(Some(if stop.success {
+                    tracing::info!(reason = %stop.reason, "the coordinator finished the job");
+                    Ok(())
+                } else {
+                    Err(anyhow!("the coordinator stopped the job: {}", stop.reason))
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Forwards one replica event to the coordinator.
+    async fn event(
+        &mut self,
+        event: ReplicaEvent,
+        live: &Liveness,
+        up: &mpsc::Sender<WorkerMessage>,
+    ) -> anyhow::Result<()> {
+        let body = match event {
+            ReplicaEvent::Ready(r) => worker_message::Body::Ready(r),
+            ReplicaEvent::Step(s) => worker_message::Body::Step(s),
+            ReplicaEvent::EpochDone(d) => worker_message::Body::EpochDone(d),
+            ReplicaEvent::Eval(e) => worker_message::Body::Eval(e),
+            ReplicaEvent::Artifact { kind, epoch, bytes } => {
+                let bytes = guarded(live, self.upload(kind, epoch, bytes)).await?;
+                worker_message::Body::ArtifactDone(ArtifactDone { kind: kind as i32, epoch, bytes })
+            }
+            ReplicaEvent::Failed(message) => bail!("{message}"),
+        };
+        let message = self.message(body);
+        guarded(live, async { up.send(message).await.map_err(|_| anyhow!("the session stream is closed")) })
+            .await
+    }
+}
+
+/// Work for the replica thread, one item at a time, in the coordinator's order.
+enum Work {
+    Train { epoch: u64, shard: EncodedSplit },
+    Evaluate { split: Split, epoch: u64 },
+    Artifact { kind: ArtifactKind, epoch: u64 },
+}
+
+enum ReplicaEvent {
+    Ready(Ready),
+    Step(StepMetrics),
+    EpochDone(EpochDone),
+    Eval(EvalResult),
+    Artifact { kind: ArtifactKind, epoch: u64, bytes: Vec<u8> },
+    Failed(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn replica_thread(
+    job: JobInfo,
+    listener: RingListener,
+    peers: Vec<SocketAddr>,
+    ring_options: RingOptions,
+    factory: Factory,
+    val: EncodedSplit,
+    test: EncodedSplit,
+    work: std::sync::mpsc::Receiver<Work>,
+    events: mpsc::UnboundedSender<ReplicaEvent>,
+) {
+    let fail = |e: anyhow::Error| {
+        let _ = events.send(ReplicaEvent::Failed(format!("rank {}: {e:#}", job.rank)));
+    };
+    let collective: Box<dyn Collective> = if job.world_size == 1 {
+        drop(listener);
+        Box::new(NoopCollective)
+    } else {
+        match RingCollective::connect(listener, job.rank, job.world_size, &peers, ring_options) {
+            Ok(ring) => Box::new(ring),
+            Err(e) => return fail(anyhow!(e).context("cannot form the ring")),
+        }
+    };
+    let backend = collective.backend().to_string();
+    let mut replica = match make_replica(factory, &job, collective) {
+        Ok(r) => r,
+        Err(e) => return fail(e.context("cannot build the replica")),
+    };
+    match replica.parameter_checksum() {
+        Ok(checksum) => {
+            let _ = events.send(ReplicaEvent::Ready(Ready {
+                backend,
+                parameter_checksum: checksum,
+                parameter_count: replica.parameter_count(),
+            }));
+        }
+        Err(e) => return fail(e),
+    }
+    while let Ok(item) = work.recv() {
+        let outcome = match item {
+            Work::Train { epoch, shard } => {
+                let mut report = |s: StepReport| {
+                    let _ = events.send(ReplicaEvent::Step(StepMetrics {
+                        epoch,
+                        step: s.step,
+                        loss_sum: s.loss_sum,
+                        samples: s.samples,
+                        tokens: s.tokens,
+                        step_seconds: s.step_seconds,
+                        comm_seconds: s.comm_seconds,
+                    }));
+                };
+                replica
+                    .train_epoch(epoch, &shard, &mut report)
+                    .and_then(|r| {
+                        let checksum = replica.parameter_checksum()?;
+                        Ok(ReplicaEvent::EpochDone(EpochDone {
+                            epoch,
+                            steps: r.steps,
+                            loss_sum: r.loss_sum,
+                            samples: r.samples,
+                            tokens: r.tokens,
+                            seconds: r.seconds,
+                            comm_seconds: r.comm_seconds,
+                            parameter_checksum: checksum,
+                        }))
+                    })
+                    .with_context(|| format!("epoch {} failed", epoch + 1))
+            }
+            Work::Evaluate { split, epoch } => {
+                let data = if split == Split::Test { &test } else { &val };
+                replica
+                    .evaluate(data)
+                    .map(|c| {
+                        ReplicaEvent::Eval(EvalResult {
+                            split: split as i32,
+                            epoch,
+                            correct: c.correct,
+                            total: c.total,
+                            loss_sum: c.loss_sum,
+                        })
+                    })
+                    .with_context(|| format!("evaluation on {} failed", split.as_str_name()))
+            }
+            Work::Artifact { kind, epoch } => {
+                let bytes = if kind == ArtifactKind::Model {
+                    replica.export_model()
+                } else {
+                    replica.checkpoint(epoch)
+                };
+                bytes
+                    .map(|bytes| ReplicaEvent::Artifact { kind, epoch, bytes })
+                    .with_context(|| format!("cannot produce the {}", kind.as_str_name()))
+            }
+        };
+        match outcome {
+            Ok(event) => {
+                if events.send(event).is_err() {
+                    return;
+                }
+            }
+            Err(e) => return fail(e),
+        }
+    }
+}
+
+fn make_replica(
+    factory: Factory,
+    job: &JobInfo,
+    collective: Box<dyn Collective>,
+) -> anyhow::Result<Box<dyn Replica>> {
+    factory(job, collective)
+}

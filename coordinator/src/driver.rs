@@ -158,9 +158,7 @@ impl Driver {
                         self.progress.step(rank, &m);
                         Ok(None)
                     }
-                    Body::Error(e) if !self.finished => {
-                        bail!("rank {rank} failed: {}", e.message)
-                    }
+                    Body::Error(e) if !self.finished => Err(self.gather_failures(rank, e.message).await),
                     other => Ok(Some((rank, other))),
                 }
             }
@@ -179,6 +177,30 @@ impl Driver {
             }
             Event::Interrupted { signal } => Err(Interrupted(signal).into()),
         }
+    }
+
+    /// One rank's failure often makes its ring neighbours fail too, in any order: collect
+    /// what the other ranks report in a short window, so that the message names them all
+    /// (the root cause is usually the one that does not blame a peer).
+    async fn gather_failures(&mut self, rank: usize, message: String) -> anyhow::Error {
+        let mut failures = vec![(rank, message)];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            match event {
+                Event::Message { rank, body: Body::Error(e) } => failures.push((rank, e.message)),
+                Event::ChildExited { pid, status } => {
+                    if let Some(&r) = self.rank_of_pid.get(&pid) {
+                        failures.push((r, format!("its process {status}")));
+                    }
+                }
+                _ => {}
+            }
+        }
+        failures.sort_by_key(|f| f.0);
+        failures.dedup_by_key(|f| f.0);
+        let text: Vec<String> =
+            failures.iter().map(|(r, m)| format!("worker rank {r} failed: {m}")).collect();
+        anyhow!("{}", text.join("; "))
     }
 
     /// A session that ends usually means its process died: wait briefly for the exit status

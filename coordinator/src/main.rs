@@ -38,7 +38,9 @@ enum Command {
 
 fn init_tracing(output: progress::Output) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(output).init();
+    // Colours only on a terminal: logs that go to files or tests stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(output).init();
 }
 
 fn main() -> ExitCode {

@@ -62,8 +62,6 @@ pub struct Timing {
 
 struct Slot {
     token: String,
-    hostname: String,
-    pid: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,21 +273,13 @@ impl Coordinator for CoordinatorService {
         let world = sh.data.world_size;
         let (rank, token) = {
             let mut st = sh.state();
-            if let Some((rank, _)) =
-                st.slots.iter().enumerate().find(|(_, s)| s.hostname == req.hostname && s.pid == req.pid)
-            {
-                return Err(Status::already_exists(format!(
-                    "host {} pid {} is already registered as rank {rank}",
-                    req.hostname, req.pid
-                )));
-            }
             if st.slots.len() >= world {
                 return Err(Status::resource_exhausted(format!(
                     "all {world} ranks of this job are taken (it runs with --workers {world})"
                 )));
             }
             let token = new_token();
-            st.slots.push(Slot { token: token.clone(), hostname: req.hostname.clone(), pid: req.pid });
+            st.slots.push(Slot { token: token.clone() });
             (st.slots.len() - 1, token)
         };
         sh.emit(Event::Registered { rank, hostname: req.hostname.clone(), pid: req.pid, peer });

@@ -32,6 +32,8 @@
 //! caller should exit the process on error (the replica thread dies with it).
 
 mod shard;
+#[cfg(test)]
+mod tests;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -679,7 +681,7 @@ fn replica_thread(
     events: mpsc::UnboundedSender<ReplicaEvent>,
 ) {
     let fail = |e: anyhow::Error| {
-        let _ = events.send(ReplicaEvent::Failed(format!("rank {}: {e:#}", job.rank)));
+        let _ = events.send(ReplicaEvent::Failed(format!("{e:#}")));
     };
     let collective: Box<dyn Collective> = if job.world_size == 1 {
         drop(listener);

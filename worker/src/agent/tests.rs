@@ -1,0 +1,365 @@
+//! The agent against the real coordinator binary (started with --external-workers on
+//! 127.0.0.1), with toy replicas that use the real ring collective: registration, shard
+//! download, rendezvous, the session, epochs, evaluation, uploads and failures, without
+//! libtorch models. Skipped (with a line saying so) when the coordinator binary is not built.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+
+use super::*;
+
+const SECRET: &str = "test-secret-5f1e9a";
+
+fn coordinator_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("coordinator");
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("skipped: {} is not built (cargo build -p coordinator)", path.display());
+        None
+    }
+}
+
+/// A tiny corpus in the official layout: 60 train and 20 test reviews per label.
+fn write_corpus(dir: &Path) -> PathBuf {
+    let words = ["good", "bad", "film", "plot", "great", "awful", "actor", "scene", "fine", "dull"];
+    for (split, per_label) in [("train", 60), ("test", 20)] {
+        for (label, rating) in [("pos", 8), ("neg", 3)] {
+            let folder = dir.join("aclImdb").join(split).join(label);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..per_label {
+                let text: Vec<&str> = (0..3 + i % 7).map(|k| words[(i * 7 + k * 3) % words.len()]).collect();
+                std::fs::write(folder.join(format!("{i}_{rating}.txt")), text.join(" ")).unwrap();
+            }
+        }
+    }
+    dir.join("aclImdb")
+}
+
+struct Coordinator {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    addr: String,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    fn start(workers: usize, extra: &[&str]) -> Option<Self> {
+        let bin = coordinator_bin()?;
+        let dir = tempfile::tempdir().unwrap();
+        let data = write_corpus(dir.path());
+        let out = dir.path().join("run");
+        let mut child = Command::new(bin)
+            .args(["--workers", &workers.to_string(), "--external-workers", "--register-timeout", "20"])
+            .args(["--batch-size", "4", "--epochs", "2", "--val-fraction", "0.2", "--no-cache"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .env("TRAINER_JOB_SECRET", SECRET)
+            .env("RUST_LOG", "debug")
+            .env_remove("TRAINER_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let reader = BufReader::new(child.stderr.take().unwrap());
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                if let Some(at) = line.find("advertise=") {
+                    let addr: String = line[at + 10..].split_whitespace().next().unwrap_or("").into();
+                    let _ = addr_tx.send(addr);
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(60)).expect("coordinator address");
+        Some(Self { child, stderr, addr, out, _dir: dir })
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread drain the pipe.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            assert!(start.elapsed() < limit, "coordinator still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a toy replica saw, for the assertions.
+/// (epoch, the shard's (review id, label) pairs).
+type EpochShard = (u64, Vec<(u32, u8)>);
+
+#[derive(Default)]
+struct Seen {
+    /// (epoch, the shard's (review id, label) pairs: unique in the toy corpus).
+    train_ids: Vec<EpochShard>,
+}
+
+struct Toy {
+    rank: usize,
+    params: Vec<f32>,
+    collective: Box<dyn Collective>,
+    steps: usize,
+    batch: usize,
+    fail_at: Option<(u64, u64)>,
+    step_delay: Duration,
+    seen: Arc<Mutex<Seen>>,
+}
+
+fn checksum(params: &[f32]) -> u64 {
+    params
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3))
+}
+
+impl Replica for Toy {
+    fn train_epoch(
+        &mut self,
+        epoch: u64,
+        shard: &EncodedSplit,
+        report: &mut dyn FnMut(StepReport),
+    ) -> anyhow::Result<EpochReport> {
+        self.seen
+            .lock()
+            .unwrap()
+            .train_ids
+            .push((epoch, shard.ids.iter().copied().zip(shard.labels.iter().copied()).collect()));
+        let mut total = EpochReport::default();
+        for step in 0..self.steps {
+            if self.fail_at == Some((epoch, step as u64)) {
+                bail!("toy failure at step {step}");
+            }
+            std::thread::sleep(self.step_delay);
+            // A "gradient" from this rank's batch, averaged over the ranks.
+            let rows = step * self.batch..(step + 1) * self.batch;
+            let grad: Vec<f32> = (0..self.params.len())
+                .map(|j| {
+                    rows.clone().map(|r| shard.review(r).iter().sum::<u32>() as f32 * (j + 1) as f32).sum()
+                })
+                .collect();
+            let mut t = Tensor::from_slice(&grad);
+            self.collective.all_reduce_mean(&mut t)?;
+            let grad = Vec::<f32>::try_from(&t)?;
+            for (p, g) in self.params.iter_mut().zip(&grad) {
+                *p -= 1e-3 * g;
+            }
+            let tokens: u64 = rows.clone().map(|r| shard.length(r) as u64).sum();
+            let r = StepReport {
+                step: step as u64,
+                loss_sum: 0.5 * self.batch as f64,
+                samples: self.batch as u64,
+                tokens,
+                step_seconds: 0.01,
+                comm_seconds: 0.001,
+            };
+            report(r);
+            total.steps += 1;
+            total.loss_sum += r.loss_sum;
+            total.samples += r.samples;
+            total.tokens += r.tokens;
+        }
+        Ok(total)
+    }
+
+    fn evaluate(&mut self, split: &EncodedSplit) -> anyhow::Result<EvalCounts> {
+        // "Predicts" positive for every review: accuracy is the share of positive labels.
+        Ok(EvalCounts {
+            correct: split.labels.iter().filter(|&&l| l == 1).count() as u64,
+            total: split.len() as u64,
+            loss_sum: split.len() as f64,
+        })
+    }
+
+    fn parameter_checksum(&self) -> anyhow::Result<u64> {
+        Ok(checksum(&self.params))
+    }
+
+    fn parameter_count(&self) -> u64 {
+        self.params.len() as u64
+    }
+
+    fn export_model(&mut self) -> anyhow::Result<Vec<u8>> {
+        Ok(self.params.iter().flat_map(|p| p.to_le_bytes()).collect())
+    }
+
+    fn checkpoint(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>> {
+        Ok(format!("checkpoint of rank {} after epoch {epoch}", self.rank).into_bytes())
+    }
+}
+
+fn join_args(addr: &str) -> JoinArgs {
+    JoinArgs {
+        coordinator: addr.to_string(),
+        secret: JobSecret::new(SECRET).unwrap(),
+        ring_listen: "127.0.0.1:0".parse().unwrap(),
+        ring_advertise_host: None,
+        ring_timeout: 10.0,
+        connect_timeout: 10.0,
+    }
+}
+
+type AgentResult = (anyhow::Result<()>, Arc<Mutex<Seen>>);
+
+/// Runs `world` agents on threads; `fail_at` makes one rank's replica fail at (epoch, step).
+fn run_agents(
+    addr: &str,
+    world: usize,
+    fail_at: Option<(usize, u64, u64)>,
+    step_delay: Duration,
+) -> Vec<std::thread::JoinHandle<AgentResult>> {
+    (0..world)
+        .map(|_| {
+            let args = join_args(addr);
+            std::thread::spawn(move || {
+                let seen = Arc::new(Mutex::new(Seen::default()));
+                let s = Arc::clone(&seen);
+                let result = run_agent(&args, move |job: &JobInfo, mut collective: Box<dyn Collective>| {
+                    // Different initial values per rank: the broadcast must make them equal.
+                    let mut init = Tensor::from_slice(&[job.rank as f32 + 1.0; 8]);
+                    collective.broadcast(&mut init, 0)?;
+                    let toy = Toy {
+                        rank: job.rank,
+                        params: Vec::<f32>::try_from(&init)?,
+                        collective,
+                        steps: job.steps_per_epoch,
+                        batch: job.config.train.batch_size,
+                        fail_at: fail_at.filter(|f| f.0 == job.rank).map(|f| (f.1, f.2)),
+                        step_delay,
+                        seen: s,
+                    };
+                    Ok(Box::new(toy) as Box<dyn Replica>)
+                });
+                (result, seen)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn agents_train_a_job_with_the_real_coordinator() {
+    let Some(mut coord) = Coordinator::start(2, &[]) else { return };
+    let handles = run_agents(&coord.addr, 2, None, Duration::ZERO);
+    let results: Vec<AgentResult> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let status = coord.wait(Duration::from_secs(60));
+    let stderr = coord.stderr();
+    for (r, _) in &results {
+        assert!(r.is_ok(), "agent failed: {r:?}\n{stderr}");
+    }
+    assert!(status.success(), "coordinator failed:\n{stderr}");
+    assert!(!stderr.contains(SECRET), "the secret leaked into the coordinator's log");
+
+    // Shards: 96 train reviews (120 minus 20% validation), batch 4, 2 ranks -> 12 steps of
+    // 4 per rank; disjoint across ranks, reshuffled between epochs.
+    let shards: Vec<Vec<EpochShard>> =
+        results.iter().map(|(_, s)| s.lock().unwrap().train_ids.clone()).collect();
+    for epoch in 0..2u64 {
+        let a = &shards[0][epoch as usize];
+        let b = &shards[1][epoch as usize];
+        assert_eq!((a.0, b.0), (epoch, epoch));
+        assert_eq!((a.1.len(), b.1.len()), (48, 48));
+        let mut union: Vec<(u32, u8)> = a.1.iter().chain(&b.1).copied().collect();
+        union.sort_unstable();
+        union.dedup();
+        assert_eq!(union.len(), 96, "the ranks' train shards overlap");
+    }
+    assert_ne!(shards[0][0].1, shards[0][1].1, "the train shard did not change between epochs");
+
+    // The run folder.
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(coord.out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["world_size"], 2);
+    assert_eq!(summary["epochs"], 2);
+    let checksums = summary["replica_checksums"].as_array().unwrap();
+    assert_eq!(checksums.len(), 2);
+    assert_eq!(checksums[0], checksums[1]);
+    // Every test review evaluated exactly once across ranks: the balanced test split gives
+    // the all-positive toy exactly half; the loss (1 per review) averages to exactly 1.
+    assert_eq!(summary["test_accuracy"], 0.5);
+    assert_eq!(summary["test_loss"], 1.0);
+    assert_eq!(summary["test_samples"], 40);
+    assert!(summary["best_val_accuracy"].as_f64().is_some());
+    let metrics = std::fs::read_to_string(coord.out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(first["train_samples"], 96);
+    assert_eq!(first["train_loss"], 0.5);
+    let model = std::fs::read(coord.out.join("model.safetensors")).unwrap();
+    assert_eq!(model.len(), 8 * 4);
+    let params: Vec<f32> = model.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    assert_eq!(format!("{:016x}", checksum(&params)), checksums[0].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(coord.out.join("checkpoint.safetensors")).unwrap(),
+        "checkpoint of rank 0 after epoch 1"
+    );
+    for f in ["vocab.txt", "config.toml"] {
+        assert!(coord.out.join(f).is_file(), "{f} missing");
+    }
+}
+
+#[test]
+fn a_failing_replica_stops_the_job_and_names_its_rank() {
+    let Some(mut coord) = Coordinator::start(2, &[]) else { return };
+    let handles = run_agents(&coord.addr, 2, Some((1, 0, 3)), Duration::ZERO);
+    let results: Vec<AgentResult> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let status = coord.wait(Duration::from_secs(60));
+    let stderr = coord.stderr();
+    assert!(!status.success());
+    assert!(stderr.contains("rank 1") && stderr.contains("toy failure at step 3"), "{stderr}");
+    let e1 = format!("{:#}", results[1].0.as_ref().unwrap_err());
+    assert!(e1.contains("toy failure"), "{e1}");
+    // Rank 0 is told to stop (or loses its ring peer first); either way it fails.
+    assert!(results[0].0.is_err());
+    assert!(!coord.out.join("summary.json").exists());
+}
+
+#[test]
+fn agents_exit_within_the_heartbeat_timeout_when_the_coordinator_dies() {
+    let Some(mut coord) = Coordinator::start(2, &["--heartbeat-timeout", "2", "--heartbeat-interval", "0.5"])
+    else {
+        return;
+    };
+    let handles = run_agents(&coord.addr, 2, None, Duration::from_millis(300));
+    // Let the job reach the training phase, then kill the coordinator outright.
+    let start = Instant::now();
+    while !coord.stderr().contains("epoch started") && !coord.stderr().contains("all replicas ready") {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", coord.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    coord.child.kill().unwrap();
+    let killed = Instant::now();
+    for h in handles {
+        let (result, _) = h.join().unwrap();
+        let e = format!("{:#}", result.unwrap_err());
+        assert!(e.contains("lost the coordinator") || e.contains("stream"), "{e}");
+    }
+    assert!(killed.elapsed() < Duration::from_secs(4), "agents took {:?} to exit", killed.elapsed());
+}

@@ -1,0 +1,345 @@
+//! The coordinator's gRPC surface, from a plain tonic client against the real binary on
+//! 127.0.0.1 (--external-workers, so that no worker process joins): health, the job secret,
+//! protocol versions, the number of ranks, malformed requests, shards, rendezvous, and the
+//! register timeout. A small synthetic corpus keeps these independent of IMDB_DATA.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use trainer_proto::v1::coordinator_client::CoordinatorClient;
+use trainer_proto::v1::{
+    worker_message, Hello, RegisterRequest, RegisterResponse, RendezvousRequest, ShardRequest, Split,
+    WorkerIdentity, WorkerMessage,
+};
+use trainer_proto::{ClientAuth, JobSecret, PROTOCOL_VERSION};
+
+const SECRET: &str = "protocol-test-secret-c0ffee";
+
+/// 50 train and 20 test reviews per label, in the official layout.
+fn write_corpus(dir: &Path) -> PathBuf {
+    let words = ["good", "bad", "film", "plot", "great", "awful", "actor", "scene"];
+    for (split, per_label) in [("train", 50), ("test", 20)] {
+        for (label, rating) in [("pos", 9), ("neg", 2)] {
+            let folder = dir.join("aclImdb").join(split).join(label);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..per_label {
+                let text: Vec<&str> = (0..2 + i % 5).map(|k| words[(i + k * 3) % words.len()]).collect();
+                std::fs::write(folder.join(format!("{i}_{rating}.txt")), text.join(" ")).unwrap();
+            }
+        }
+    }
+    dir.join("aclImdb")
+}
+
+struct Coordinator {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    addr: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Coordinator {
+    fn start(workers: usize, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data = write_corpus(dir.path());
+        let mut child = Command::new(common::bin("coordinator"))
+            .args(["--workers", &workers.to_string(), "--external-workers"])
+            .args(["--batch-size", "4", "--epochs", "1", "--no-cache"])
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.path().join("run"))
+            .args(extra)
+            .env("TRAINER_JOB_SECRET", SECRET)
+            .env("RUST_LOG", "debug")
+            .env_remove("TRAINER_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let reader = BufReader::new(child.stderr.take().unwrap());
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                if let Some(at) = line.find("advertise=") {
+                    let addr: String = line[at + 10..].split_whitespace().next().unwrap_or("").into();
+                    let _ = addr_tx.send(addr);
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(60)).ok();
+        Self { child, stderr, addr, _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr.as_deref().expect("the coordinator printed no address"))
+    }
+
+    fn wait(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return (status, start.elapsed());
+            }
+            assert!(start.elapsed() < limit, "coordinator still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
+
+async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string()).unwrap().connect().await.unwrap()
+}
+
+async fn client(url: &str, secret: &str) -> Client {
+    CoordinatorClient::with_interceptor(channel(url).await, ClientAuth::new(&JobSecret::new(secret).unwrap()))
+}
+
+fn register_request(version: u32, pid: u32) -> RegisterRequest {
+    RegisterRequest {
+        protocol_version: version,
+        build_version: "test".into(),
+        hostname: "test-host".into(),
+        pid,
+        devices: vec![],
+    }
+}
+
+fn identity(r: &RegisterResponse) -> WorkerIdentity {
+    WorkerIdentity { rank: r.rank, attempt: r.attempt, worker_token: r.worker_token.clone() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
+    let mut coord = Coordinator::start(2, &["--register-timeout", "120", "--rendezvous-timeout", "20"]);
+    let url = coord.url();
+
+    // Health: SERVING with the secret; nothing without it or with a wrong one.
+    let mut health = HealthClient::with_interceptor(
+        channel(&url).await,
+        ClientAuth::new(&JobSecret::new(SECRET).unwrap()),
+    );
+    let reply = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
+    let reply = health.check(HealthCheckRequest { service: "trainer.v1.Coordinator".into() }).await.unwrap();
+    assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
+    let e = HealthClient::new(channel(&url).await)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    // Coordinator RPCs: missing and wrong secrets.
+    let e = CoordinatorClient::new(channel(&url).await)
+        .register(register_request(PROTOCOL_VERSION, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = client(&url, "not-the-secret")
+        .await
+        .register(register_request(PROTOCOL_VERSION, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(!e.message().contains(SECRET));
+
+    let mut c = client(&url, SECRET).await;
+    // Another protocol version: refused, and the message states both.
+    let other = PROTOCOL_VERSION + 998;
+    let e = c.register(register_request(other, 1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(&format!("protocol version {other}"))
+            && e.message().contains(&format!("protocol version {PROTOCOL_VERSION}")),
+        "{}",
+        e.message()
+    );
+    // Malformed registrations.
+    for (req, what) in [
+        (register_request(0, 1), "protocol_version"),
+        (register_request(PROTOCOL_VERSION, 0), "pid"),
+        (
+            RegisterRequest { hostname: "h".repeat(10_000), ..register_request(PROTOCOL_VERSION, 1) },
+            "hostname",
+        ),
+    ] {
+        let e = c.register(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(what), "{}", e.message());
+    }
+
+    // Two ranks, in registration order; a third is refused.
+    let r0 = c.register(register_request(PROTOCOL_VERSION, 100)).await.unwrap().into_inner();
+    let r1 = c.register(register_request(PROTOCOL_VERSION, 101)).await.unwrap().into_inner();
+    assert_eq!((r0.rank, r1.rank, r0.world_size), (0, 1, 2));
+    assert_ne!(r0.worker_token, r1.worker_token);
+    let config: trainer_core::JobConfig = toml_config(&r0.job_config_toml);
+    assert_eq!(config.train.batch_size, 4);
+    assert!(r0.vocab_size > 2 && r0.heartbeat_timeout_ms > r0.heartbeat_interval_ms);
+    let e = c.register(register_request(PROTOCOL_VERSION, 102)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("2 ranks"), "{}", e.message());
+
+    // Shards: equal, disjoint train shards; a stolen rank is refused.
+    let mut train = Vec::new();
+    for r in [&r0, &r1] {
+        let mut stream = c
+            .fetch_shard(ShardRequest { worker: Some(identity(r)), split: Split::Train as i32, epoch: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut ids = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            assert_eq!(chunk.lengths.len(), chunk.review_ids.len());
+            assert_eq!(chunk.tokens.len() as u32, chunk.lengths.iter().sum::<u32>());
+            assert!(chunk.tokens.iter().all(|&t| t < r0.vocab_size));
+            ids.extend(chunk.review_ids.iter().zip(chunk.labels.iter()).map(|(&i, &l)| (i, l)));
+        }
+        train.push(ids);
+    }
+    // 100 train reviews, 10% held out: 90, 2 ranks x batch 4 -> 11 batches of 4 each.
+    assert_eq!((train[0].len(), train[1].len()), (44, 44));
+    assert!(train[0].iter().all(|x| !train[1].contains(x)), "train shards overlap");
+    let stolen = WorkerIdentity { rank: 1, attempt: 0, worker_token: r0.worker_token.clone() };
+    let e = c
+        .fetch_shard(ShardRequest { worker: Some(stolen), split: Split::Test as i32, epoch: 0 })
+        .await
+        .err()
+        .expect("a request with another rank's token must fail");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = c
+        .fetch_shard(ShardRequest { worker: Some(identity(&r0)), split: 42, epoch: 0 })
+        .await
+        .err()
+        .expect("an unknown split must fail");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Rendezvous: both ranks get every address in rank order; a second report is refused.
+    let (mut ca, mut cb) = (c.clone(), c.clone());
+    let (id0, id1) = (identity(&r0), identity(&r1));
+    let a = tokio::spawn(async move {
+        ca.rendezvous(RendezvousRequest {
+            worker: Some(id0),
+            ring_address: "127.0.0.1:7000".into(),
+            nccl_unique_id: vec![],
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = cb
+        .rendezvous(RendezvousRequest {
+            worker: Some(id1),
+            ring_address: "127.0.0.1:7001".into(),
+            nccl_unique_id: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let a = a.await.unwrap().unwrap().into_inner();
+    assert_eq!(a.ring_addresses, ["127.0.0.1:7000", "127.0.0.1:7001"]);
+    assert_eq!(a.ring_addresses, b.ring_addresses);
+    assert_eq!(a.ring_token, b.ring_token);
+    assert!(a.ring_token.len() >= 16);
+    let e = c
+        .rendezvous(RendezvousRequest {
+            worker: Some(identity(&r1)),
+            ring_address: "127.0.0.1:7002".into(),
+            nccl_unique_id: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    // A session must start with a hello.
+    let first = WorkerMessage {
+        worker: Some(identity(&r0)),
+        body: Some(worker_message::Body::Ready(Default::default())),
+    };
+    let e = c.session(tokio_stream::iter(vec![first])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A hello with a forged token is refused too.
+    let forged = WorkerIdentity { worker_token: "0".repeat(32), ..identity(&r0) };
+    let hello = WorkerMessage { worker: Some(forged), body: Some(worker_message::Body::Hello(Hello {})) };
+    let e = c.session(tokio_stream::iter(vec![hello])).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    let _ = coord.child.kill();
+    coord.wait(Duration::from_secs(10));
+    assert!(!coord.stderr().contains(SECRET), "the secret leaked into the coordinator's log");
+}
+
+fn toml_config(text: &str) -> trainer_core::JobConfig {
+    // The job config is TOML; go through a file to use the public loader.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    trainer_core::JobConfig::from_toml_file(&path).unwrap()
+}
+
+#[test]
+fn external_workers_that_never_come_time_out_with_a_clear_message() {
+    let mut coord = Coordinator::start(3, &["--register-timeout", "2"]);
+    let (status, took) = coord.wait(Duration::from_secs(30));
+    let stderr = coord.stderr();
+    assert!(!status.success());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        stderr.contains("only 0 of 3 workers registered") && stderr.contains("--register-timeout"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(SECRET));
+}
+
+#[test]
+fn a_missing_worker_binary_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(common::bin("coordinator"))
+        .args(["--workers", "2", "--worker-bin"])
+        .arg(dir.path().join("no-such-worker"))
+        .env_remove("TRAINER_JOB_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no-such-worker") && stderr.contains("does not exist"), "{stderr}");
+}
+
+#[test]
+fn external_workers_need_a_shared_secret() {
+    let out = Command::new(common::bin("coordinator"))
+        .args(["--workers", "2", "--external-workers"])
+        .env_remove("TRAINER_JOB_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TRAINER_JOB_SECRET"), "{stderr}");
+}

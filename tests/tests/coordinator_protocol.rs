@@ -232,14 +232,12 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
     let e = c
         .fetch_shard(ShardRequest { worker: Some(stolen), split: Split::Test as i32, epoch: 0 })
         .await
-        .err()
-        .expect("a request with another rank's token must fail");
+        .expect_err("a request with another rank's token must fail");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let e = c
         .fetch_shard(ShardRequest { worker: Some(identity(&r0)), split: 42, epoch: 0 })
         .await
-        .err()
-        .expect("an unknown split must fail");
+        .expect_err("an unknown split must fail");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     // Rendezvous: both ranks get every address in rank order; a second report is refused.

@@ -138,6 +138,9 @@ pub struct TrainConfig {
     pub max_steps_per_epoch: usize,
     /// Evaluation batch size.
     pub eval_batch_size: usize,
+    /// libtorch CPU threads per process (0: libtorch's default, one per core). On a small,
+    /// shared CPU one thread avoids OpenMP spinning against other processes.
+    pub threads: usize,
 }
 
 impl Default for TrainConfig {
@@ -162,6 +165,7 @@ impl Default for TrainConfig {
             log_every: 50,
             max_steps_per_epoch: 0,
             eval_batch_size: 256,
+            threads: 0,
         }
     }
 }
@@ -260,6 +264,7 @@ impl JobConfig {
         check(t.bucket_pool >= 1, "train.bucket_pool", "at least 1", t.bucket_pool)?;
         check(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)?;
         check(t.eval_batch_size >= 1, "train.eval_batch_size", "at least 1", t.eval_batch_size)?;
+        check(t.threads <= 1024, "train.threads", "0..=1024 (0: libtorch's default)", t.threads)?;
         parse_device(&t.device)?;
         Ok(())
     }

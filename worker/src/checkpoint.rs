@@ -304,3 +304,122 @@ pub fn load_model_weights(model: &mut LstmClassifier, path: &Path) -> Result<()>
     let named: Vec<(String, Tensor)> = tensors.into_iter().collect();
     model.load_named(&named, &path.display().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::NoopCollective;
+    use crate::predict::batch_of;
+    use trainer_core::batch::Batch;
+
+    const VOCAB: usize = 30;
+
+    fn tiny_config(hidden: usize) -> JobConfig {
+        let mut c = JobConfig::default();
+        c.model.embed_dim = 8;
+        c.model.hidden = hidden;
+        c.model.layers = 1;
+        // No dropout: these tests run beside others in one process, and libtorch's RNG is
+        // global.
+        c.model.dropout = 0.0;
+        c.train.lr = 1e-2;
+        c.train.weight_decay = 1e-3;
+        c.train.device = "cpu".into();
+        c
+    }
+
+    fn trainer(hidden: usize) -> Trainer {
+        tch::set_num_threads(1);
+        Trainer::new(&tiny_config(hidden), VOCAB, Device::Cpu, Box::new(NoopCollective)).unwrap()
+    }
+
+    fn batch(shift: u32) -> Batch {
+        let rows: Vec<Vec<u32>> =
+            (0..6u32).map(|r| (0..(3 + r * 2)).map(|t| 2 + (r * 7 + t * 3 + shift) % 28).collect()).collect();
+        let mut b = batch_of(&rows);
+        b.labels = (0..6).map(|i| i % 2).collect();
+        b
+    }
+
+    #[test]
+    fn a_restored_checkpoint_continues_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT_FILE);
+        let mut a = trainer(8);
+        a.set_total_steps(10);
+        for s in 0..3 {
+            a.train_step(&batch(s)).unwrap();
+        }
+        let position = Position { epoch: 1, step_in_epoch: 2, global_step: a.global_step() };
+        let state = LoopState { best_val_accuracy: Some(0.75), ..LoopState::default() };
+        save_checkpoint(&a, &path, position, &state, "v:1").unwrap();
+
+        let checkpoint = load_checkpoint(&path).unwrap();
+        assert_eq!(checkpoint.meta.position, position);
+        assert_eq!(checkpoint.meta.loop_state, state);
+        assert_eq!(checkpoint.meta.optimizer_steps, 3);
+        // A replica with other initial weights becomes identical once restored.
+        let mut config = tiny_config(8);
+        config.train.seed = 99;
+        let mut b = Trainer::new(&config, VOCAB, Device::Cpu, Box::new(NoopCollective)).unwrap();
+        b.set_total_steps(10);
+        assert_ne!(a.parameter_checksum().unwrap(), b.parameter_checksum().unwrap());
+        checkpoint.restore_into(&mut b, "v:1", &path).unwrap();
+        assert_eq!(a.parameter_checksum().unwrap(), b.parameter_checksum().unwrap());
+        assert_eq!(b.global_step(), 3);
+        // The next step (Adam's moments and step count included) gives the same weights.
+        let sa = a.train_step(&batch(5)).unwrap();
+        let sb = b.train_step(&batch(5)).unwrap();
+        assert_eq!(sa.loss.to_bits(), sb.loss.to_bits());
+        assert_eq!(a.parameter_checksum().unwrap(), b.parameter_checksum().unwrap());
+    }
+
+    #[test]
+    fn checkpoints_of_another_shape_or_vocabulary_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT_FILE);
+        let a = trainer(8);
+        save_checkpoint(&a, &path, Position::default(), &LoopState::default(), "v:1").unwrap();
+        let checkpoint = load_checkpoint(&path).unwrap();
+
+        let mut wider = trainer(16);
+        let e = checkpoint.restore_into(&mut wider, "v:1", &path).unwrap_err().to_string();
+        assert!(e.contains("another shape") && e.contains("hidden 8 vs 16"), "{e}");
+
+        let mut other_vocab =
+            Trainer::new(&tiny_config(8), VOCAB + 1, Device::Cpu, Box::new(NoopCollective)).unwrap();
+        let e = checkpoint.restore_into(&mut other_vocab, "v:1", &path).unwrap_err().to_string();
+        assert!(e.contains("vocab size 30 vs 31"), "{e}");
+
+        let mut same = trainer(8);
+        let e = checkpoint.restore_into(&mut same, "v:2", &path).unwrap_err().to_string();
+        assert!(e.contains("another vocabulary"), "{e}");
+    }
+
+    #[test]
+    fn exported_models_load_back_and_bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = trainer(8);
+        let path = dir.path().join(MODEL_FILE);
+        export_model(a.model(), a.config(), &path).unwrap();
+        let mut b = trainer(8);
+        let mut config = tiny_config(8);
+        config.train.seed = 5;
+        let c = Trainer::new(&config, VOCAB, Device::Cpu, Box::new(NoopCollective)).unwrap();
+        load_model_weights(b.model_mut(), &path).unwrap();
+        assert_eq!(a.parameter_checksum().unwrap(), b.parameter_checksum().unwrap());
+        assert_ne!(a.parameter_checksum().unwrap(), c.parameter_checksum().unwrap());
+
+        let mut wider = trainer(16);
+        let e = load_model_weights(wider.model_mut(), &path).unwrap_err().to_string();
+        assert!(e.contains("another shape"), "{e}");
+        // A model file is not a checkpoint, garbage is not safetensors, absence is named.
+        let e = load_checkpoint(&path).unwrap_err().to_string();
+        assert!(e.contains("not a training checkpoint"), "{e}");
+        let junk = dir.path().join("junk.safetensors");
+        std::fs::write(&junk, b"not a tensor file").unwrap();
+        assert!(load_checkpoint(&junk).unwrap_err().to_string().contains("not a safetensors file"));
+        let e = load_checkpoint(&dir.path().join("none")).unwrap_err().to_string();
+        assert!(e.contains("no checkpoint here"), "{e}");
+    }
+}

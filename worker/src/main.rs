@@ -22,9 +22,9 @@ use worker::run::{run_training, RunOptions};
 #[derive(Debug, Parser)]
 #[command(name = "worker", version, about = "Data-parallel LSTM training on IMDB: the model replica")]
 struct Cli {
-    /// libtorch's intra-op threads (0: libtorch's default).
+    /// libtorch CPU threads (0: train.threads of the config, else libtorch's default).
     #[arg(long, env = "WORKER_THREADS", default_value_t = 0, global = true)]
-    threads: i32,
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -104,8 +104,11 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-fn train(cmd: &TrainCmd) -> anyhow::Result<()> {
-    let config = cmd.config.resolve().context("invalid job config")?;
+fn train(cmd: &TrainCmd, threads: usize) -> anyhow::Result<()> {
+    let mut config = cmd.config.resolve().context("invalid job config")?;
+    if threads > 0 {
+        config.train.threads = threads;
+    }
     let options = RunOptions {
         prepare: cmd.data.prepare_options(&config),
         config,
@@ -179,10 +182,10 @@ fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
     if cli.threads > 0 {
-        tch::set_num_threads(cli.threads);
+        tch::set_num_threads(cli.threads.min(1024) as i32);
     }
     let result = match &cli.command {
-        Command::Train(cmd) => train(cmd),
+        Command::Train(cmd) => train(cmd, cli.threads),
         Command::Predict(cmd) => predict(cmd),
         Command::BenchMemory(cmd) => bench(cmd),
     };

@@ -15,7 +15,7 @@ use crate::checkpoint::{load_model_weights, MODEL_FILE};
 use crate::error::{Result, WorkerError};
 use crate::model::{LstmClassifier, ModelShape};
 use crate::run::{CONFIG_FILE, VOCAB_FILE};
-use crate::tbptt::Precision;
+use crate::tbptt::PassOptions;
 use crate::trainer::positive_probabilities;
 
 /// Reviews per forward pass.
@@ -90,7 +90,11 @@ impl Predictor {
                 })
                 .collect();
             let batch = batch_of(&rows);
-            let probs = positive_probabilities(&self.model, &batch, self.config.train.bptt, Precision::F32)?;
+            let probs = positive_probabilities(
+                &self.model,
+                &batch,
+                PassOptions::new(self.config.train.bptt, self.model.device()),
+            )?;
             for (p, row) in probs.iter().zip(&rows) {
                 let positive = f64::from(*p);
                 let (label, probability) =

@@ -135,6 +135,9 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     let wall = Instant::now();
     let config = &options.config;
     config.validate()?;
+    if config.train.threads > 0 {
+        tch::set_num_threads(config.train.threads as i32);
+    }
     let out = &options.out;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
 

@@ -11,10 +11,13 @@
 //!   freed before the next one is built and memory is bounded by K, not by the batch's
 //!   longest review.
 //!
-//! Inside a window where some rows end early, the LSTM runs on a packed sequence (libtorch's
-//! packed LSTM), so no row's state ever advances over padding; a window where every active
-//! row fills the whole window runs the dense LSTM, which is the same computation. With
-//! `K >= max_len` there is one window and the result is full BPTT's.
+//! Inside a window no row's state ever advances over padding, in one of two ways
+//! ([`LstmKernel`]): libtorch's packed LSTM over the window (one call; cuDNN handles the
+//! varying batch size well), or the window cut into segments at the rows' ends, each a dense
+//! LSTM call over the rows still running, with the state carried (not detached) from one
+//! segment to the next (much faster on the CPU, where the packed LSTM runs step by step).
+//! Both are the exact same computation. With `K >= max_len` there is one window and the
+//! result is full BPTT's.
 //!
 //! The concat-pool head carries the running max and sum of the last layer's outputs across
 //! windows, detached like the state.
@@ -40,6 +43,42 @@ pub enum Pass {
 pub enum Precision {
     F32,
     Bf16,
+}
+
+/// How a window's rows of different lengths are run (same results, different speed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LstmKernel {
+    /// One packed-sequence LSTM call per window.
+    Packed,
+    /// One dense LSTM call per stretch of the window in which no row ends.
+    Segmented,
+}
+
+impl LstmKernel {
+    /// Packed on CUDA (cuDNN), segmented on the CPU.
+    pub fn for_device(device: Device) -> Self {
+        if device.is_cuda() {
+            LstmKernel::Packed
+        } else {
+            LstmKernel::Segmented
+        }
+    }
+}
+
+/// How to run a pass: the TBPTT window, the arithmetic and the LSTM kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PassOptions {
+    /// Window in time steps; 0 is one window over the whole batch (full BPTT).
+    pub bptt: usize,
+    pub precision: Precision,
+    pub kernel: LstmKernel,
+}
+
+impl PassOptions {
+    /// f32, the device's kernel.
+    pub fn new(bptt: usize, device: Device) -> Self {
+        Self { bptt, precision: Precision::F32, kernel: LstmKernel::for_device(device) }
+    }
 }
 
 /// A batch on the device, rows sorted by length (longest first).
@@ -133,7 +172,28 @@ fn rows_longer_than(lengths: &[i64], t: usize) -> usize {
     lengths.partition_point(|&l| l as usize > t)
 }
 
-/// Runs the model over `batch` in windows of `bptt` steps (0: one window, full BPTT).
+/// The LSTM's state and the pooling sums of the rows still running (rows `0..n`).
+struct Carried {
+    h: Tensor,
+    c: Tensor,
+    /// Running max and sum of the last layer's outputs (concat pooling only).
+    pool: Option<(Tensor, Tensor)>,
+}
+
+impl Carried {
+    fn detach(self) -> Result<Self> {
+        Ok(Self {
+            h: self.h.f_detach()?,
+            c: self.c.f_detach()?,
+            pool: match self.pool {
+                Some((mx, sm)) => Some((mx.f_detach()?, sm.f_detach()?)),
+                None => None,
+            },
+        })
+    }
+}
+
+/// Runs the model over `batch` in windows of `options.bptt` steps.
 ///
 /// In [`Pass::Train`] each window's loss, `sum(cross-entropy of rows ending there) / size`,
 /// is backpropagated before the next window, so after the call the parameters' gradients
@@ -141,145 +201,125 @@ fn rows_longer_than(lengths: &[i64], t: usize) -> usize {
 pub fn run_windows(
     model: &LstmClassifier,
     batch: &DeviceBatch,
-    bptt: usize,
     pass: Pass,
-    precision: Precision,
+    options: PassOptions,
 ) -> Result<PassOutput> {
     let train = pass == Pass::Train;
     let _no_grad = (!train).then(tch::no_grad_guard);
     let shape = model.shape();
     let (layers, hidden) = (shape.layers as i64, shape.hidden as i64);
     let device = model.device();
-    let compute_kind = match precision {
+    let kind = match options.precision {
         Precision::F32 => Kind::Float,
         Precision::Bf16 => Kind::BFloat16,
     };
-    let window = if bptt == 0 { batch.max_len } else { bptt.min(batch.max_len) };
+    let window = match options.bptt {
+        0 => batch.max_len,
+        k => k.min(batch.max_len),
+    };
     let size = batch.size as i64;
     let pool = shape.head == Head::ConcatPool;
-
     let weights: Vec<Tensor> =
-        model.lstm_weights().into_iter().map(|w| cast(w, compute_kind)).collect::<Result<_>>()?;
+        model.lstm_weights().into_iter().map(|w| cast(w, kind)).collect::<Result<_>>()?;
     let (fc_w, fc_b) = model.fc();
+    let lengths = &batch.lengths;
 
-    // Carried state of rows 0..carried: h and c are (layers, carried, hidden).
-    let zeros = |rows: i64| Tensor::f_zeros([layers, rows, hidden], (Kind::Float, device));
-    let mut h = zeros(size)?;
-    let mut c = zeros(size)?;
-    let mut run_max: Option<Tensor> = None;
-    let mut run_sum: Option<Tensor> = None;
-    let mut logits_by_window: Vec<Tensor> = Vec::new();
+    let zeros = || Tensor::f_zeros([layers, size, hidden], (Kind::Float, device));
+    let mut carried = Carried { h: zeros()?, c: zeros()?, pool: None };
+    let mut logits_by_chunk: Vec<Tensor> = Vec::new();
     let mut loss_sum = 0.0;
     let mut windows = 0;
 
     let mut t0 = 0usize;
-    while t0 < batch.max_len {
+    while t0 < batch.max_len && rows_longer_than(lengths, t0) > 0 {
         let t1 = (t0 + window).min(batch.max_len);
-        let active = rows_longer_than(&batch.lengths, t0);
-        if active == 0 {
-            break;
-        }
-        let carried = rows_longer_than(&batch.lengths, t1);
-        let width = (batch.lengths[0] as usize).min(t1) - t0;
-        let (active_i, carried_i) = (active as i64, carried as i64);
-
-        let ids = batch.tokens.f_narrow(0, 0, active_i)?.f_narrow(1, t0 as i64, width as i64)?;
-        let x = cast(&Tensor::f_embedding(model.embedding_weight(), &ids, -1, false, false)?, compute_kind)?;
-        let hx = [
-            cast(&h.f_narrow(1, 0, active_i)?.f_contiguous()?, compute_kind)?,
-            cast(&c.f_narrow(1, 0, active_i)?.f_contiguous()?, compute_kind)?,
-        ];
-        // Every active row fills the window: the dense LSTM is exact (no padding inside).
-        let dense = batch.lengths[active - 1] as usize >= t0 + width;
-        let (out, h_n, c_n) = if dense {
-            let (out, h_n, c_n) = x.f_lstm(&hx, &weights, true, layers, 0.0, train, false, true)?;
-            (pool.then_some(out), h_n, c_n)
-        } else {
-            let window_lengths: Vec<i64> =
-                batch.lengths[..active].iter().map(|&l| (l as usize).min(t1) as i64 - t0 as i64).collect();
-            let lengths_t = Tensor::f_from_slice(&window_lengths)?;
-            let (data, batch_sizes) = x.f_internal_pack_padded_sequence(&lengths_t, true)?;
-            let (out_data, h_n, c_n) =
-                Tensor::f_lstm_data(&data, &batch_sizes, &hx, &weights, true, layers, 0.0, train, false)?;
-            let out = if pool {
-                let (padded, _) =
-                    Tensor::f_internal_pad_packed_sequence(&out_data, &batch_sizes, true, 0.0, width as i64)?;
-                Some(padded)
-            } else {
-                None
-            };
-            (out, h_n, c_n)
-        };
-        let h_n = h_n.f_to_kind(Kind::Float)?;
-        let c_n = c_n.f_to_kind(Kind::Float)?;
-
-        // Concat pooling: running max and sum over the rows' own (unpadded) steps.
-        let (win_max, win_sum) = match &out {
-            Some(out) => {
-                let out = out.f_to_kind(Kind::Float)?;
-                let steps = Tensor::f_arange(width as i64, (Kind::Int64, device))?.f_unsqueeze(0)?;
-                let ends = Tensor::f_from_slice(
-                    &batch.lengths[..active]
-                        .iter()
-                        .map(|&l| (l as usize).min(t1) as i64 - t0 as i64)
-                        .collect::<Vec<_>>(),
-                )?
-                .f_to_device(device)?
-                .f_unsqueeze(1)?;
-                let padding = steps.f_ge_tensor(&ends)?.f_unsqueeze(2)?;
-                let masked = out.f_masked_fill(&padding, f64::NEG_INFINITY)?;
-                let mut win_max = masked.f_amax([1i64].as_slice(), false)?;
-                let mut win_sum = out.f_masked_fill(&padding, 0.0)?.f_sum_dim_intlist(
-                    [1i64].as_slice(),
-                    false,
-                    Kind::Float,
-                )?;
-                if let (Some(prev_max), Some(prev_sum)) = (&run_max, &run_sum) {
-                    win_max = win_max.f_maximum(&prev_max.f_narrow(0, 0, active_i)?)?;
-                    win_sum = win_sum.f_add(&prev_sum.f_narrow(0, 0, active_i)?)?;
-                }
-                (Some(win_max), Some(win_sum))
+        let mut window_loss: Option<Tensor> = None;
+        // Chunks of the window: the whole window (packed), or the stretches between row ends.
+        let mut s0 = t0;
+        loop {
+            let active = rows_longer_than(lengths, s0);
+            if active == 0 || s0 >= t1 {
+                break;
             }
-            None => (None, None),
-        };
-
-        // Rows ending in this window: loss from the state at their own last token.
-        let ending = active_i - carried_i;
-        if ending > 0 {
-            let last = h_n.f_select(0, layers - 1)?.f_narrow(0, carried_i, ending)?;
-            let features = match (&win_max, &win_sum) {
-                (Some(mx), Some(sm)) => {
-                    let lens: Vec<f32> = batch.lengths[carried..active].iter().map(|&l| l as f32).collect();
-                    let lens = Tensor::f_from_slice(&lens)?.f_to_device(device)?.f_unsqueeze(1)?;
-                    let mean = sm.f_narrow(0, carried_i, ending)?.f_div(&lens)?;
-                    Tensor::f_cat(&[last, mx.f_narrow(0, carried_i, ending)?, mean], 1)?
-                }
-                _ => last,
+            let s1 = match options.kernel {
+                LstmKernel::Packed => t1,
+                LstmKernel::Segmented => (lengths[active - 1] as usize).min(t1),
             };
-            let features = features.f_dropout(model.dropout(), train)?;
-            let logits = features.f_linear(fc_w, Some(fc_b))?;
-            let labels = batch.labels.f_narrow(0, carried_i, ending)?;
-            let loss = logits.f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0)?;
-            loss_sum += loss.f_double_value(&[])?;
-            if train {
-                loss.f_div_scalar(size as f64)?.f_backward()?;
-            }
-            logits_by_window.push(logits.f_detach()?);
-        }
+            let ends: Vec<i64> =
+                lengths[..active].iter().map(|&l| (l as usize).min(s1) as i64 - s0 as i64).collect();
+            let (out, h_n, c_n) =
+                run_chunk(model, batch, &carried, &weights, active, s0, &ends, kind, train, pool)?;
+            let (active_i, still) = (active as i64, rows_longer_than(lengths, s1));
+            let still_i = still as i64;
 
-        // Carry the state of rows that go on, cut from this window's graph.
-        h = h_n.f_narrow(1, 0, carried_i)?.f_detach()?;
-        c = c_n.f_narrow(1, 0, carried_i)?.f_detach()?;
-        if let (Some(mx), Some(sm)) = (win_max, win_sum) {
-            run_max = Some(mx.f_narrow(0, 0, carried_i)?.f_detach()?);
-            run_sum = Some(sm.f_narrow(0, 0, carried_i)?.f_detach()?);
+            // Concat pooling: running max and sum over the rows' own (unpadded) steps.
+            let pooled = match out {
+                Some(out) => {
+                    let width = ends[0];
+                    let steps = Tensor::f_arange(width, (Kind::Int64, device))?.f_unsqueeze(0)?;
+                    let ends_t = Tensor::f_from_slice(&ends)?.f_to_device(device)?.f_unsqueeze(1)?;
+                    let padding = steps.f_ge_tensor(&ends_t)?.f_unsqueeze(2)?;
+                    let mut mx =
+                        out.f_masked_fill(&padding, f64::NEG_INFINITY)?.f_amax([1i64].as_slice(), false)?;
+                    let mut sm = out.f_masked_fill(&padding, 0.0)?.f_sum_dim_intlist(
+                        [1i64].as_slice(),
+                        false,
+                        Kind::Float,
+                    )?;
+                    if let Some((prev_mx, prev_sm)) = &carried.pool {
+                        mx = mx.f_maximum(&prev_mx.f_narrow(0, 0, active_i)?)?;
+                        sm = sm.f_add(&prev_sm.f_narrow(0, 0, active_i)?)?;
+                    }
+                    Some((mx, sm))
+                }
+                None => None,
+            };
+
+            // Rows ending in this chunk: loss from the state at their own last token.
+            let ending = active_i - still_i;
+            if ending > 0 {
+                let last = h_n.f_select(0, layers - 1)?.f_narrow(0, still_i, ending)?;
+                let features = match &pooled {
+                    Some((mx, sm)) => {
+                        let lens: Vec<f32> = lengths[still..active].iter().map(|&l| l as f32).collect();
+                        let lens = Tensor::f_from_slice(&lens)?.f_to_device(device)?.f_unsqueeze(1)?;
+                        let mean = sm.f_narrow(0, still_i, ending)?.f_div(&lens)?;
+                        Tensor::f_cat(&[last, mx.f_narrow(0, still_i, ending)?, mean], 1)?
+                    }
+                    None => last,
+                };
+                let logits = features.f_dropout(model.dropout(), train)?.f_linear(fc_w, Some(fc_b))?;
+                let labels = batch.labels.f_narrow(0, still_i, ending)?;
+                let loss = logits.f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0)?;
+                loss_sum += loss.f_double_value(&[])?;
+                window_loss = Some(match window_loss {
+                    Some(w) => w.f_add(&loss)?,
+                    None => loss,
+                });
+                logits_by_chunk.push(logits.f_detach()?);
+            }
+            // Rows that go on keep their state, still attached within the window.
+            carried = Carried {
+                h: h_n.f_narrow(1, 0, still_i)?,
+                c: c_n.f_narrow(1, 0, still_i)?,
+                pool: match pooled {
+                    Some((mx, sm)) => Some((mx.f_narrow(0, 0, still_i)?, sm.f_narrow(0, 0, still_i)?)),
+                    None => None,
+                },
+            };
+            s0 = s1;
         }
+        // Backpropagate the window, then cut the carried state from its graph.
+        if let (true, Some(loss)) = (train, window_loss) {
+            loss.f_div_scalar(size as f64)?.f_backward()?;
+        }
+        carried = carried.detach()?;
         windows += 1;
         t0 = t1;
     }
-    // Windows end rows from the shortest up: reversed, the pieces are in sorted row order.
-    logits_by_window.reverse();
-    let logits = Tensor::f_cat(&logits_by_window, 0)?;
+    // Chunks end rows from the shortest up: reversed, the pieces are in sorted row order.
+    logits_by_chunk.reverse();
+    let logits = Tensor::f_cat(&logits_by_chunk, 0)?;
     if logits.size()[0] != size {
         return Err(WorkerError::Batch(format!(
             "internal: {} of {size} rows produced logits",
@@ -287,6 +327,55 @@ pub fn run_windows(
         )));
     }
     Ok(PassOutput { loss_sum, logits, windows })
+}
+
+/// The LSTM over steps `s0..s0 + ends[0]` of rows `0..active`, each row stopping after
+/// `ends[i]` steps: dense when all rows run the whole chunk, packed otherwise. Returns the
+/// last layer's outputs (f32, padded with zeros; only when `want_outputs`) and the final
+/// (h, c) of every row at its own last step, in f32.
+#[allow(clippy::too_many_arguments)]
+fn run_chunk(
+    model: &LstmClassifier,
+    batch: &DeviceBatch,
+    carried: &Carried,
+    weights: &[Tensor],
+    active: usize,
+    s0: usize,
+    ends: &[i64],
+    kind: Kind,
+    train: bool,
+    want_outputs: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let layers = model.shape().layers as i64;
+    let (active_i, width) = (active as i64, ends[0]);
+    let ids = batch.tokens.f_narrow(0, 0, active_i)?.f_narrow(1, s0 as i64, width)?;
+    let x = cast(&Tensor::f_embedding(model.embedding_weight(), &ids, -1, false, false)?, kind)?;
+    let hx = [
+        cast(&carried.h.f_narrow(1, 0, active_i)?.f_contiguous()?, kind)?,
+        cast(&carried.c.f_narrow(1, 0, active_i)?.f_contiguous()?, kind)?,
+    ];
+    let (out, h_n, c_n) = if ends[active - 1] == width {
+        let (out, h_n, c_n) = x.f_lstm(&hx, weights, true, layers, 0.0, train, false, true)?;
+        (want_outputs.then_some(out), h_n, c_n)
+    } else {
+        let lengths = Tensor::f_from_slice(ends)?;
+        let (data, batch_sizes) = x.f_internal_pack_padded_sequence(&lengths, true)?;
+        let (out_data, h_n, c_n) =
+            Tensor::f_lstm_data(&data, &batch_sizes, &hx, weights, true, layers, 0.0, train, false)?;
+        let out = if want_outputs {
+            let (padded, _) =
+                Tensor::f_internal_pad_packed_sequence(&out_data, &batch_sizes, true, 0.0, width)?;
+            Some(padded)
+        } else {
+            None
+        };
+        (out, h_n, c_n)
+    };
+    let out = match out {
+        Some(o) => Some(o.f_to_kind(Kind::Float)?),
+        None => None,
+    };
+    Ok((out, h_n.f_to_kind(Kind::Float)?, c_n.f_to_kind(Kind::Float)?))
 }
 
 fn cast(t: &Tensor, kind: Kind) -> Result<Tensor> {

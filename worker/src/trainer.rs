@@ -12,7 +12,7 @@ use crate::collective::Collective;
 use crate::error::{Result, WorkerError};
 use crate::model::{LstmClassifier, ModelShape};
 use crate::optim::{clip_global_norm, lr_at, Adam, AdamConfig};
-use crate::tbptt::{run_windows, DeviceBatch, Pass, Precision};
+use crate::tbptt::{run_windows, DeviceBatch, LstmKernel, Pass, PassOptions, Precision};
 
 /// What one training step did, on this rank.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,7 +69,7 @@ pub struct Trainer {
     model: LstmClassifier,
     optimizer: Adam,
     collective: Box<dyn Collective>,
-    precision: Precision,
+    pass_options: PassOptions,
     global_step: u64,
     total_steps: u64,
     /// The flat gradient buffer, reused every step (all parameters, canonical order).
@@ -124,7 +124,8 @@ impl Trainer {
         } else {
             Precision::F32
         };
-        tch::manual_seed((config.train.seed >> 1) as i64);
+        // Bijective u64 -> i64, so that different seeds give different weights.
+        tch::manual_seed(config.train.seed as i64);
         let shape = ModelShape::new(&config.model, vocab_size);
         let model = LstmClassifier::new(shape.clone(), config.model.dropout, device)?;
         let params: Vec<&Tensor> = model.parameters().iter().map(|(_, t)| t).collect();
@@ -135,7 +136,11 @@ impl Trainer {
             model,
             optimizer,
             collective,
-            precision,
+            pass_options: PassOptions {
+                bptt: config.train.bptt,
+                precision,
+                kernel: LstmKernel::for_device(device),
+            },
             global_step: 0,
             total_steps: 0,
             flat_grad,
@@ -178,8 +183,14 @@ impl Trainer {
         self.model.device()
     }
 
-    pub fn precision(&self) -> Precision {
-        self.precision
+    /// The TBPTT window, arithmetic and LSTM kernel of every pass.
+    pub fn pass_options(&self) -> PassOptions {
+        self.pass_options
+    }
+
+    /// Chooses how rows of different lengths are run (both kernels give the same results).
+    pub fn set_lstm_kernel(&mut self, kernel: LstmKernel) {
+        self.pass_options.kernel = kernel;
     }
 
     /// Optimizer steps taken so far (the schedule's position).
@@ -279,7 +290,7 @@ impl Trainer {
         self.model.zero_grad()?;
 
         // Forward and backward, window by window.
-        let out = run_windows(&self.model, &batch, self.config.train.bptt, Pass::Train, self.precision)?;
+        let out = run_windows(&self.model, &batch, Pass::Train, self.pass_options)?;
         let loss = out.loss_sum / batch.size as f64;
         if !loss.is_finite() {
             return Err(WorkerError::Diverged {
@@ -318,11 +329,6 @@ impl Trainer {
         })
     }
 
-    fn eval_window(&self) -> usize {
-        // Forward values do not depend on the window; the training one bounds memory.
-        self.config.train.bptt
-    }
-
     /// Accuracy and loss over `indices` of `split` (evaluation mode, no gradients), as sums.
     pub fn evaluate(&self, split: &EncodedSplit, indices: &[u32]) -> Result<EvalCounts> {
         if let Some(&bad) = indices.iter().find(|&&i| i as usize >= split.len()) {
@@ -339,7 +345,7 @@ impl Trainer {
         for chunk in order.chunks(self.config.train.eval_batch_size.max(1)) {
             let batch = collate(split, chunk, d.max_len, d.truncation);
             let batch = DeviceBatch::new(&batch, self.model.shape().vocab_size, self.device())?;
-            let out = run_windows(&self.model, &batch, self.eval_window(), Pass::Eval, self.precision)?;
+            let out = run_windows(&self.model, &batch, Pass::Eval, self.pass_options)?;
             counts.add(&EvalCounts {
                 correct: count_correct(&out.logits, &batch.labels)? as u64,
                 total: batch.size as u64,
@@ -351,7 +357,7 @@ impl Trainer {
 
     /// P(positive) for each row of `batch`, in the batch's order.
     pub fn positive_probabilities(&self, batch: &Batch) -> Result<Vec<f32>> {
-        positive_probabilities(&self.model, batch, self.eval_window(), self.precision)
+        positive_probabilities(&self.model, batch, self.pass_options)
     }
 
     /// A hash of every parameter's bytes in the canonical order: equal on every rank iff
@@ -365,11 +371,10 @@ impl Trainer {
 pub fn positive_probabilities(
     model: &LstmClassifier,
     batch: &Batch,
-    bptt: usize,
-    precision: Precision,
+    options: PassOptions,
 ) -> Result<Vec<f32>> {
     let batch = DeviceBatch::new(batch, model.shape().vocab_size, model.device())?;
-    let out = run_windows(model, &batch, bptt, Pass::Eval, precision)?;
+    let out = run_windows(model, &batch, Pass::Eval, options)?;
     let probs = batch
         .unsort(&out.logits)?
         .f_softmax(1, Kind::Float)?

@@ -7,7 +7,9 @@ use trainer_core::batch::Batch;
 use trainer_core::config::{Head, ModelConfig};
 use worker::model::{LstmClassifier, ModelShape};
 use worker::predict::batch_of;
-use worker::tbptt::{run_windows, DeviceBatch, Pass, Precision};
+use worker::tbptt::{run_windows, DeviceBatch, LstmKernel, Pass, PassOptions, Precision};
+
+const KERNELS: [LstmKernel; 2] = [LstmKernel::Packed, LstmKernel::Segmented];
 
 const VOCAB: usize = 40;
 
@@ -33,9 +35,13 @@ fn labelled(rows: &[Vec<u32>]) -> Batch {
     b
 }
 
-fn logits(model: &LstmClassifier, batch: &Batch, bptt: usize) -> Tensor {
+fn options(bptt: usize, kernel: LstmKernel) -> PassOptions {
+    PassOptions { bptt, precision: Precision::F32, kernel }
+}
+
+fn logits(model: &LstmClassifier, batch: &Batch, bptt: usize, kernel: LstmKernel) -> Tensor {
     let db = DeviceBatch::new(batch, VOCAB, Device::Cpu).unwrap();
-    let out = run_windows(model, &db, bptt, Pass::Eval, Precision::F32).unwrap();
+    let out = run_windows(model, &db, Pass::Eval, options(bptt, kernel)).unwrap();
     db.unsort(&out.logits).unwrap()
 }
 
@@ -47,10 +53,15 @@ fn zero_grads(model: &LstmClassifier) {
     model.zero_grad().unwrap();
 }
 
-fn windowed_grads(model: &LstmClassifier, batch: &Batch, bptt: usize) -> (f64, Vec<Tensor>) {
+fn windowed_grads(
+    model: &LstmClassifier,
+    batch: &Batch,
+    bptt: usize,
+    kernel: LstmKernel,
+) -> (f64, Vec<Tensor>) {
     zero_grads(model);
     let db = DeviceBatch::new(batch, VOCAB, Device::Cpu).unwrap();
-    let out = run_windows(model, &db, bptt, Pass::Train, Precision::F32).unwrap();
+    let out = run_windows(model, &db, Pass::Train, options(bptt, kernel)).unwrap();
     (out.loss_sum, grads_of(model))
 }
 
@@ -126,42 +137,45 @@ fn reference_backward(model: &LstmClassifier, rows: &[Vec<u32>], labels: &[i64],
 
 #[test]
 fn a_review_alone_and_inside_a_padded_batch_give_the_same_logits() {
-    for head in [Head::Last, Head::ConcatPool] {
-        let m = model(head, 2, 1);
-        let rs = rows(&[7, 3, 12, 1, 9, 12, 5]);
-        let batch = labelled(&rs);
-        for bptt in [0, 4, 5] {
-            let together = logits(&m, &batch, bptt);
-            for (i, r) in rs.iter().enumerate() {
-                let alone = logits(&m, &labelled(std::slice::from_ref(r)), bptt);
-                let d = max_abs_diff(&alone.get(0), &together.get(i as i64));
-                assert!(d < 1e-5, "{head:?} K={bptt}: row {i} differs by {d} alone");
+    for kernel in KERNELS {
+        for head in [Head::Last, Head::ConcatPool] {
+            let m = model(head, 2, 1);
+            let rs = rows(&[7, 3, 12, 1, 9, 12, 5]);
+            let batch = labelled(&rs);
+            for bptt in [0, 4, 5] {
+                let what = format!("{kernel:?} {head:?} K={bptt}");
+                let together = logits(&m, &batch, bptt, kernel);
+                for (i, r) in rs.iter().enumerate() {
+                    let alone = logits(&m, &labelled(std::slice::from_ref(r)), bptt, kernel);
+                    let d = max_abs_diff(&alone.get(0), &together.get(i as i64));
+                    assert!(d < 1e-5, "{what}: row {i} differs by {d} alone");
+                }
+                // And with extra padding columns at the end of every row.
+                let mut wide = batch.clone();
+                let width = wide.max_len + 6;
+                let mut tokens = vec![0i64; wide.size * width];
+                for r in 0..wide.size {
+                    tokens[r * width..r * width + wide.max_len]
+                        .copy_from_slice(&wide.tokens[r * wide.max_len..(r + 1) * wide.max_len]);
+                }
+                (wide.tokens, wide.max_len) = (tokens, width);
+                let padded = logits(&m, &wide, bptt, kernel);
+                assert!(max_abs_diff(&padded, &together) < 1e-5, "{what}: extra padding changed logits");
             }
-            // And with extra padding columns at the end of every row.
-            let mut wide = batch.clone();
-            let width = wide.max_len + 6;
-            let mut tokens = vec![0i64; wide.size * width];
-            for r in 0..wide.size {
-                tokens[r * width..r * width + wide.max_len]
-                    .copy_from_slice(&wide.tokens[r * wide.max_len..(r + 1) * wide.max_len]);
-            }
-            (wide.tokens, wide.max_len) = (tokens, width);
-            let padded = logits(&m, &wide, bptt);
-            assert!(
-                max_abs_diff(&padded, &together) < 1e-5,
-                "{head:?} K={bptt}: extra padding changed logits"
-            );
         }
     }
 }
 
 #[test]
-fn the_window_never_changes_forward_values() {
+fn neither_the_window_nor_the_kernel_changes_forward_values() {
     let m = model(Head::ConcatPool, 2, 2);
     let batch = labelled(&rows(&[10, 4, 17, 2, 8]));
-    let full = logits(&m, &batch, 0);
-    for k in [1, 3, 8, 17, 100] {
-        assert!(max_abs_diff(&logits(&m, &batch, k), &full) < 1e-5, "K={k}");
+    let full = logits(&m, &batch, 0, LstmKernel::Packed);
+    for kernel in KERNELS {
+        for k in [0, 1, 3, 8, 17, 100] {
+            let d = max_abs_diff(&logits(&m, &batch, k, kernel), &full);
+            assert!(d < 1e-5, "{kernel:?} K={k}: {d}");
+        }
     }
 }
 
@@ -171,17 +185,26 @@ fn tbptt_with_k_at_least_the_longest_review_is_full_bptt() {
         let m = model(head, 2, 3);
         let rs = rows(&[9, 4, 14, 1, 14, 6]);
         let batch = labelled(&rs);
-        let (loss_full, full) = windowed_grads(&m, &batch, 0);
-        for k in [14, 15, 1000] {
-            let (loss_k, g) = windowed_grads(&m, &batch, k);
-            assert!((loss_k - loss_full).abs() < 1e-5);
-            assert_grads_close(&g, &full, &m, 1e-5, &format!("{head:?} K={k} vs full"));
-        }
-        // Against the hand-written step-by-step LSTM without detaches.
+        // The hand-written step-by-step LSTM without detaches.
         zero_grads(&m);
         let loss_ref = reference_backward(&m, &rs, &batch.labels, 0);
-        assert!((loss_ref - loss_full).abs() < 1e-4, "{loss_ref} vs {loss_full}");
-        assert_grads_close(&grads_of(&m), &full, &m, 1e-5, &format!("{head:?} full vs reference"));
+        let reference = grads_of(&m);
+        for kernel in KERNELS {
+            let (loss_full, full) = windowed_grads(&m, &batch, 0, kernel);
+            assert!((loss_ref - loss_full).abs() < 1e-4, "{loss_ref} vs {loss_full}");
+            assert_grads_close(
+                &full,
+                &reference,
+                &m,
+                1e-5,
+                &format!("{kernel:?} {head:?} full vs reference"),
+            );
+            for k in [14, 15, 1000] {
+                let (loss_k, g) = windowed_grads(&m, &batch, k, kernel);
+                assert!((loss_k - loss_full).abs() < 1e-5);
+                assert_grads_close(&g, &full, &m, 1e-5, &format!("{kernel:?} {head:?} K={k} vs full"));
+            }
+        }
     }
 }
 
@@ -191,17 +214,20 @@ fn tbptt_with_a_small_k_equals_explicit_detaches_at_the_window_boundaries() {
         let m = model(head, layers, 4);
         let rs = rows(&[11, 3, 16, 1, 7, 16, 8]);
         let batch = labelled(&rs);
-        let (_, full) = windowed_grads(&m, &batch, 0);
+        let (_, full) = windowed_grads(&m, &batch, 0, LstmKernel::Packed);
         for k in [1, 3, 4, 7] {
-            let (loss_k, g) = windowed_grads(&m, &batch, k);
             zero_grads(&m);
             let loss_ref = reference_backward(&m, &rs, &batch.labels, k);
-            assert!((loss_ref - loss_k).abs() < 1e-4, "{head:?} K={k}: loss {loss_k} vs {loss_ref}");
             let reference = grads_of(&m);
-            assert_grads_close(&g, &reference, &m, 1e-5, &format!("{head:?} L={layers} K={k} vs reference"));
-            // Truncation must actually cut something: the recurrent weights' gradient differs.
-            let d = max_abs_diff(&g[2], &full[2]);
-            assert!(d > 1e-5, "{head:?} K={k}: truncated gradient equals full BPTT's ({d})");
+            for kernel in KERNELS {
+                let what = format!("{kernel:?} {head:?} L={layers} K={k}");
+                let (loss_k, g) = windowed_grads(&m, &batch, k, kernel);
+                assert!((loss_ref - loss_k).abs() < 1e-4, "{what}: loss {loss_k} vs {loss_ref}");
+                assert_grads_close(&g, &reference, &m, 1e-5, &format!("{what} vs reference"));
+                // Truncation must actually cut something: the recurrent weights' gradient differs.
+                let d = max_abs_diff(&g[2], &full[2]);
+                assert!(d > 1e-5, "{what}: truncated gradient equals full BPTT's ({d})");
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`predict`]: `worker predict`.
 //! - [`device`]: `auto|cpu|cuda|cuda:N`, with the CUDA library loaded by hand.
 
+pub mod agent;
 pub mod bench;
 pub mod checkpoint;
 pub mod collective;

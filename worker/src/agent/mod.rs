@@ -34,6 +34,7 @@
 mod shard;
 #[cfg(test)]
 mod tests;
+mod trainer_replica;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,6 +61,7 @@ use crate::collective::{Collective, NoopCollective};
 pub use crate::trainer::EvalCounts;
 
 pub use shard::{append_chunk, check_totals};
+pub use trainer_replica::TrainerReplica;
 
 /// `worker join`: where the coordinator is and how to prove membership of the job.
 #[derive(Debug, Clone, Args)]

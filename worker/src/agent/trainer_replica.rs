@@ -1,0 +1,178 @@
+//! [`Replica`] for the tch [`Trainer`]: what `worker join` runs. The batches of an epoch are
+//! formed exactly as `worker train` forms them (`plan_batches` over the shard in the shard
+//! plan's order, then `collate`), so a rank's steps match the single-process run's.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use trainer_core::batch::{collate, plan_batches};
+use trainer_core::EncodedSplit;
+
+use super::{EpochReport, EvalCounts, JobInfo, Replica, StepReport};
+use crate::checkpoint::{export_model, save_checkpoint, LoopState, Position};
+use crate::collective::{Collective, CollectiveError};
+use crate::device::resolve_device;
+use crate::trainer::Trainer;
+
+/// Wraps a collective and adds up the time spent inside it (for the comm share).
+struct TimedCollective {
+    inner: Box<dyn Collective>,
+    nanos: Arc<AtomicU64>,
+}
+
+impl TimedCollective {
+    fn timed<T>(&mut self, op: impl FnOnce(&mut dyn Collective) -> T) -> T {
+        let start = Instant::now();
+        let out = op(self.inner.as_mut());
+        self.nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl Collective for TimedCollective {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn all_reduce_mean(&mut self, buffer: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        self.timed(|c| c.all_reduce_mean(buffer))
+    }
+    fn broadcast(&mut self, buffer: &mut tch::Tensor, root: usize) -> Result<(), CollectiveError> {
+        self.timed(|c| c.broadcast(buffer, root))
+    }
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        self.timed(|c| c.barrier())
+    }
+}
+
+/// The tch replica behind the agent.
+pub struct TrainerReplica {
+    trainer: Trainer,
+    job: JobInfo,
+    comm_nanos: Arc<AtomicU64>,
+}
+
+impl TrainerReplica {
+    /// Builds the model on the configured device and copies rank 0's parameters to every
+    /// rank (the factory contract of [`super::run_agent`]).
+    pub fn new(job: &JobInfo, collective: Box<dyn Collective>) -> anyhow::Result<Self> {
+        let mut replica = Self::build(job, collective)?;
+        replica.broadcast_from_rank0()?;
+        Ok(replica)
+    }
+
+    /// The model with this rank's own initial weights; call [`Self::broadcast_from_rank0`]
+    /// before training (every rank at the same time).
+    pub fn build(job: &JobInfo, collective: Box<dyn Collective>) -> anyhow::Result<Self> {
+        let device = resolve_device(&job.config.train.device)?;
+        let comm_nanos = Arc::new(AtomicU64::new(0));
+        let timed = TimedCollective { inner: collective, nanos: Arc::clone(&comm_nanos) };
+        let mut trainer = Trainer::new(&job.config, job.vocab_size, device, Box::new(timed))?;
+        trainer.set_total_steps((job.steps_per_epoch * job.config.train.epochs) as u64);
+        Ok(Self { trainer, job: job.clone(), comm_nanos })
+    }
+
+    /// Replaces this rank's parameters with rank 0's (a collective call).
+    pub fn broadcast_from_rank0(&mut self) -> anyhow::Result<()> {
+        self.trainer.broadcast_parameters().context("cannot broadcast rank 0's parameters")
+    }
+
+    fn to_bytes(
+        &self,
+        name: &str,
+        write: impl FnOnce(&std::path::Path) -> crate::Result<()>,
+    ) -> anyhow::Result<Vec<u8>> {
+        // The writers take a path; a private temporary file turns them into bytes.
+        let path =
+            std::env::temp_dir().join(format!(".worker-{}-rank{}-{name}", std::process::id(), self.job.rank));
+        let result = write(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| std::fs::read(&path).with_context(|| format!("cannot read {}", path.display())));
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+}
+
+impl Replica for TrainerReplica {
+    fn train_epoch(
+        &mut self,
+        epoch: u64,
+        shard: &EncodedSplit,
+        report: &mut dyn FnMut(StepReport),
+    ) -> anyhow::Result<EpochReport> {
+        let c = &self.job.config;
+        let t = &c.train;
+        let order: Vec<u32> = (0..shard.len() as u32).collect();
+        let mut batches =
+            plan_batches(shard, &order, t.batch_size, t.batch_order, t.bucket_pool, t.seed, epoch);
+        batches.truncate(self.job.steps_per_epoch);
+        if batches.len() != self.job.steps_per_epoch {
+            anyhow::bail!(
+                "the shard of epoch {} gives {} batches, the job needs {} on every rank",
+                epoch + 1,
+                batches.len(),
+                self.job.steps_per_epoch
+            );
+        }
+        let mut total = EpochReport::default();
+        let epoch_start = Instant::now();
+        for (step, samples) in batches.iter().enumerate() {
+            let start = Instant::now();
+            let comm_before = self.comm_nanos.load(Ordering::Relaxed);
+            let batch = collate(shard, samples, c.data.max_len, c.data.truncation);
+            let stats = self.trainer.train_step(&batch)?;
+            let r = StepReport {
+                step: step as u64,
+                loss_sum: stats.loss * stats.examples as f64,
+                samples: stats.examples as u64,
+                tokens: stats.tokens as u64,
+                step_seconds: start.elapsed().as_secs_f64(),
+                comm_seconds: (self.comm_nanos.load(Ordering::Relaxed) - comm_before) as f64 * 1e-9,
+            };
+            report(r);
+            total.steps += 1;
+            total.loss_sum += r.loss_sum;
+            total.samples += r.samples;
+            total.tokens += r.tokens;
+            total.comm_seconds += r.comm_seconds;
+        }
+        total.seconds = epoch_start.elapsed().as_secs_f64();
+        Ok(total)
+    }
+
+    fn evaluate(&mut self, split: &EncodedSplit) -> anyhow::Result<EvalCounts> {
+        let all: Vec<u32> = (0..split.len() as u32).collect();
+        Ok(self.trainer.evaluate(split, &all)?)
+    }
+
+    fn parameter_checksum(&self) -> anyhow::Result<u64> {
+        Ok(self.trainer.parameter_checksum()?)
+    }
+
+    fn parameter_count(&self) -> u64 {
+        self.trainer.model().shape().num_parameters() as u64
+    }
+
+    fn export_model(&mut self) -> anyhow::Result<Vec<u8>> {
+        let (model, config) = (self.trainer.model(), self.trainer.config());
+        self.to_bytes("model.safetensors", |p| export_model(model, config, p))
+    }
+
+    fn checkpoint(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>> {
+        let position =
+            Position { epoch: epoch as usize + 1, step_in_epoch: 0, global_step: self.trainer.global_step() };
+        // The coordinator keeps the loop state (best accuracy, early stopping); the vocab
+        // fingerprint is not known here (the vocab stays with the coordinator).
+        let trainer = &self.trainer;
+        self.to_bytes("checkpoint.safetensors", |p| {
+            save_checkpoint(trainer, p, position, &LoopState::default(), "unknown")
+        })
+    }
+}

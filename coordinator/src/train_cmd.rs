@@ -245,8 +245,10 @@ impl Job {
         driver.progress.finish();
 
         // Teardown, on every path: workers first (they got a stop message), then the server.
+        // Workers got a stop message; after a failure they need not finish anything.
+        let grace = if result.is_ok() { Duration::from_secs(10) } else { Duration::from_secs(2) };
         if let Some(workers) = local_workers.as_mut() {
-            workers.shutdown(Duration::from_secs(5)).await;
+            workers.shutdown(grace).await;
         }
         shared.close_sessions();
         let _ = stop_server.send(());

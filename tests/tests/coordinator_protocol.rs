@@ -341,3 +341,114 @@ fn external_workers_need_a_shared_secret() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("TRAINER_JOB_SECRET"), "{stderr}");
 }
+
+/// A stand-in worker binary: a shell script (the real `worker join` is tested elsewhere).
+fn script(dir: &Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("fake-worker");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn local_coordinator(worker_bin: &Path, extra: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_corpus(dir.path());
+    Command::new(common::bin("coordinator"))
+        .args(["--workers", "2", "--batch-size", "4", "--epochs", "1", "--no-cache"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .arg("--worker-bin")
+        .arg(worker_bin)
+        .args(extra)
+        .env_remove("TRAINER_JOB_SECRET")
+        .env_remove("TRAINER_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_local_worker_that_exits_is_reported_with_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = script(dir.path(), "exit 3");
+    let out = local_coordinator(&bin, &["--register-timeout", "60"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("exited with status 3"), "{stderr}");
+}
+
+#[test]
+fn local_workers_that_never_register_are_killed_on_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    // Each fake worker records its pid and the env it got, then hangs.
+    let bin = script(
+        dir.path(),
+        &format!(
+            "echo $$ >> {}; [ -n \"$TRAINER_JOB_SECRET\" ] && [ -n \"$COORDINATOR_ADDR\" ] && [ -n \"$WORKER_THREADS\" ] && echo env-ok >> {}; exec sleep 300",
+            pids.display(),
+            pids.display()
+        ),
+    );
+    let start = Instant::now();
+    let out = local_coordinator(&bin, &["--register-timeout", "2"]);
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("only 0 of 2 workers registered"), "{stderr}");
+    let text = std::fs::read_to_string(&pids).unwrap();
+    assert_eq!(text.lines().filter(|l| *l == "env-ok").count(), 2, "{text}");
+    for pid in text.lines().filter_map(|l| l.parse::<i32>().ok()) {
+        // `sleep` replaced the shell under the same pid; it must be gone (not even a zombie
+        // of ours: the coordinator reaped it before exiting).
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        assert!(!alive, "worker pid {pid} was left behind");
+    }
+}
+
+#[test]
+fn ctrl_c_stops_the_local_workers_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let bin = script(dir.path(), &format!("echo $$ >> {}; exec sleep 300", pids.display()));
+    let data = write_corpus(dir.path());
+    let child = Command::new(common::bin("coordinator"))
+        .args([
+            "--workers",
+            "2",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--no-cache",
+            "--register-timeout",
+            "60",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .arg("--worker-bin")
+        .arg(&bin)
+        .env_remove("TRAINER_JOB_SECRET")
+        .env_remove("TRAINER_CONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(&pids).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the workers never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    for pid in std::fs::read_to_string(&pids).unwrap().lines() {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "worker pid {pid} was left behind");
+    }
+}

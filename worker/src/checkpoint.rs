@@ -29,6 +29,19 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const CHECKPOINT_FORMAT: &str = "imdb-ddp-checkpoint/1";
 pub const MODEL_FORMAT: &str = "imdb-ddp-model/1";
+/// The one metadata key of each file: a single key keeps the header's bytes reproducible
+/// (safetensors writes a map's keys in hash order).
+const CHECKPOINT_KEY: &str = "imdb_ddp_checkpoint";
+const MODEL_KEY: &str = "imdb_ddp_model";
+
+/// The exported model's metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub format: String,
+    pub shape: ModelShape,
+    /// The resolved job config, as TOML.
+    pub config: String,
+}
 
 /// Where a run stands: the epoch in progress, how many of its batches are done, and the
 /// optimizer steps taken in all.
@@ -194,24 +207,24 @@ pub fn save_checkpoint(
         tensors.push((format!("adam.exp_avg.{name}"), &opt.exp_avg[i]));
         tensors.push((format!("adam.exp_avg_sq.{name}"), &opt.exp_avg_sq[i]));
     }
-    let metadata =
-        HashMap::from([("format".to_string(), CHECKPOINT_FORMAT.to_string()), ("state".to_string(), json)]);
-    write_safetensors(path, &tensors, metadata)
+    write_safetensors(path, &tensors, HashMap::from([(CHECKPOINT_KEY.to_string(), json)]))
 }
 
 /// Reads a checkpoint file (tensors stay on the CPU until restored).
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
     let (tensors, metadata) = read_safetensors(path, "checkpoint")?;
     let bad = |message: String| WorkerError::Checkpoint { path: path.to_path_buf(), message };
-    if metadata.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+    let state = metadata.get(CHECKPOINT_KEY).ok_or_else(|| {
+        bad(format!("not a training checkpoint (no {CHECKPOINT_KEY} metadata; a model file?)"))
+    })?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(state).map_err(|e| bad(format!("unreadable checkpoint state: {e}")))?;
+    if meta.format != CHECKPOINT_FORMAT {
         return Err(bad(format!(
-            "not a training checkpoint (format {:?}, expected {CHECKPOINT_FORMAT})",
-            metadata.get("format")
+            "checkpoint format {:?}; this worker reads {CHECKPOINT_FORMAT:?}",
+            meta.format
         )));
     }
-    let state = metadata.get("state").ok_or_else(|| bad("the state metadata is missing".into()))?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(state).map_err(|e| bad(format!("unreadable state metadata: {e}")))?;
     Ok(Checkpoint { meta, tensors })
 }
 
@@ -273,24 +286,26 @@ impl Checkpoint {
 /// Writes the model's parameters (PyTorch names) with the config in the metadata.
 pub fn export_model(model: &LstmClassifier, config: &JobConfig, path: &Path) -> Result<()> {
     let tensors: Vec<(String, &Tensor)> = model.parameters().iter().map(|(n, t)| (n.clone(), t)).collect();
-    let shape = serde_json::to_string(model.shape())
-        .map_err(|e| WorkerError::Invalid(format!("cannot serialise the model shape: {e}")))?;
-    let metadata = HashMap::from([
-        ("format".to_string(), MODEL_FORMAT.to_string()),
-        ("shape".to_string(), shape),
-        ("config".to_string(), config.to_toml()),
-    ]);
-    write_safetensors(path, &tensors, metadata)
+    let meta = ModelMeta {
+        format: MODEL_FORMAT.to_string(),
+        shape: model.shape().clone(),
+        config: config.to_toml(),
+    };
+    let json = serde_json::to_string(&meta)
+        .map_err(|e| WorkerError::Invalid(format!("cannot serialise the model metadata: {e}")))?;
+    write_safetensors(path, &tensors, HashMap::from([(MODEL_KEY.to_string(), json)]))
 }
 
 /// Loads an exported model file into `model` (same shape required).
 pub fn load_model_weights(model: &mut LstmClassifier, path: &Path) -> Result<()> {
     let (tensors, metadata) = read_safetensors(path, "model file")?;
-    if let Some(shape) = metadata.get("shape") {
-        let theirs: ModelShape = serde_json::from_str(shape).map_err(|e| WorkerError::Checkpoint {
+    // Files from elsewhere (without our metadata) are still checked tensor by tensor.
+    if let Some(json) = metadata.get(MODEL_KEY) {
+        let meta: ModelMeta = serde_json::from_str(json).map_err(|e| WorkerError::Checkpoint {
             path: path.to_path_buf(),
-            message: format!("unreadable shape metadata: {e}"),
+            message: format!("unreadable model metadata: {e}"),
         })?;
+        let theirs = meta.shape;
         if &theirs != model.shape() {
             return Err(WorkerError::Checkpoint {
                 path: path.to_path_buf(),

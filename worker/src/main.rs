@@ -33,7 +33,7 @@ struct Cli {
 enum Command {
     /// Train in one process and write a run folder (model, vocab, config, metrics, summary,
     /// checkpoint).
-    Train(TrainCmd),
+    Train(Box<TrainCmd>),
     /// Classify reviews (arguments, or one per line on stdin) with a trained run folder.
     Predict(PredictCmd),
     /// Peak memory of one training step on a long synthetic batch (one K per process).
@@ -58,6 +58,9 @@ struct TrainCmd {
     /// Stop after this many epochs in all, keeping the checkpoint (as if interrupted).
     #[arg(long, env = "WORKER_STOP_AFTER_EPOCH")]
     stop_after_epoch: Option<usize>,
+    /// Stop after this many optimizer steps in all, checkpointing there (as if interrupted).
+    #[arg(long, env = "WORKER_STOP_AFTER_STEPS")]
+    stop_after_steps: Option<u64>,
     /// Also evaluate the test split after every epoch (time-to-accuracy benchmarks).
     #[arg(long, env = "WORKER_EVAL_TEST_EACH_EPOCH")]
     eval_test_each_epoch: bool,
@@ -116,6 +119,7 @@ fn train(cmd: &TrainCmd, threads: usize) -> anyhow::Result<()> {
         resume: cmd.resume.clone(),
         checkpoint_every: cmd.checkpoint_every,
         stop_after_epoch: cmd.stop_after_epoch,
+        stop_after_steps: cmd.stop_after_steps,
         eval_test_each_epoch: cmd.eval_test_each_epoch,
     };
     let summary = run_training(&options)?;

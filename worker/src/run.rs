@@ -44,6 +44,9 @@ pub struct RunOptions {
     pub checkpoint_every: usize,
     /// Stop once this many epochs are complete, as if interrupted (the checkpoint stays).
     pub stop_after_epoch: Option<usize>,
+    /// Stop once this many optimizer steps are done in all, checkpointing there (mid-epoch
+    /// if need be), as if interrupted.
+    pub stop_after_steps: Option<u64>,
     /// Also measure test accuracy after every epoch (for time-to-accuracy benchmarks).
     pub eval_test_each_epoch: bool,
 }
@@ -224,9 +227,11 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
             window.add(&stats);
             state.train_tokens += stats.tokens as u64;
             let log_now = (i + 1) % t.log_every == 0 || i + 1 == batches.len();
-            let checkpoint_now = options.checkpoint_every > 0
-                && (i + 1) % options.checkpoint_every == 0
-                && i + 1 < batches.len();
+            let stop_now = options.stop_after_steps == Some(trainer.global_step());
+            let checkpoint_now = stop_now
+                || (options.checkpoint_every > 0
+                    && (i + 1) % options.checkpoint_every == 0
+                    && i + 1 < batches.len());
             if !(log_now || checkpoint_now) {
                 continue;
             }
@@ -262,7 +267,14 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
                 let position = Position { epoch, step_in_epoch: i + 1, global_step: trainer.global_step() };
                 save_checkpoint(&trainer, &checkpoint_path, position, &state, &fingerprint)?;
             }
+            if stop_now {
+                interrupted = true;
+                break;
+            }
             clock = Instant::now();
+        }
+        if interrupted {
+            break;
         }
 
         // Evaluation; the best model (by validation accuracy) is kept.

@@ -128,7 +128,7 @@ fn reference_backward(model: &LstmClassifier, rows: &[Vec<u32>], labels: &[i64],
             -100,
             0.0,
         );
-        total = total + loss;
+        total += loss;
     }
     let sum = total.double_value(&[]);
     (total / rows.len() as f64).backward();

@@ -2,11 +2,14 @@
 //! validation hold-out, and label-balanced subsets for small runs.
 //!
 //! The shard plan is a pure function of (corpus size, world size, batch size, seed, epoch):
-//! the samples are shuffled with a generator seeded by (seed, epoch); each rank takes a
-//! contiguous block of `batches_per_rank * batch_size` samples of that order. What does not
-//! fill a whole batch on every rank (fewer than `world_size * batch_size` samples) is dropped
-//! for that epoch; the shuffle changes every epoch, so a different few are dropped each time
-//! and no sample is repeated. Every rank therefore runs exactly the same number of steps,
+//! the samples are shuffled with a generator seeded by (seed, epoch), and that order is cut
+//! into global batches of `world_size * batch_size` samples; rank `r` takes the `r`-th slice
+//! of `batch_size` samples of every global batch. So step `i` of a `W`-rank run sees exactly
+//! the samples of step `i` of a one-process run with batch `W * batch_size`, which is what
+//! makes the two comparable (and DDP's guarantee). What does not fill a whole global batch
+//! (fewer than `world_size * batch_size` samples) is dropped for that epoch; the shuffle
+//! changes every epoch, so a different few are dropped each time and no sample is repeated.
+//! Every rank therefore runs exactly the same number of steps,
 //! and no collective can wait for a rank that ran out of data.
 
 use rand::seq::SliceRandom;
@@ -62,7 +65,12 @@ impl ShardPlan {
         let mut order: Vec<u32> = (0..corpus_size as u32).collect();
         order.shuffle(&mut rng_for(seed, epoch, PURPOSE_SHARD));
         let per_rank = batches_per_rank * batch_size;
-        let ranks = order.chunks(per_rank).take(world_size).map(<[u32]>::to_vec).collect();
+        let mut ranks: Vec<Vec<u32>> = vec![Vec::with_capacity(per_rank); world_size];
+        for global_batch in order.chunks_exact(per_step).take(batches_per_rank) {
+            for (rank, slice) in global_batch.chunks_exact(batch_size).enumerate() {
+                ranks[rank].extend_from_slice(slice);
+            }
+        }
         let dropped = order[per_rank * world_size..].to_vec();
         Ok(Self { world_size, batch_size, batches_per_rank, ranks, dropped })
     }
@@ -156,6 +164,22 @@ mod tests {
             prop_assert_eq!(train.len() + val.len(), n);
             let all: HashSet<usize> = train.iter().chain(&val).copied().collect();
             prop_assert_eq!(all.len(), n);
+        }
+    }
+
+    #[test]
+    fn step_i_of_w_ranks_is_step_i_of_one_rank_with_w_times_the_batch() {
+        let (n, w, b) = (1000, 4, 8);
+        let multi = ShardPlan::new(n, w, b, 3, 2).unwrap();
+        let single = ShardPlan::new(n, 1, w * b, 3, 2).unwrap();
+        assert_eq!(multi.batches_per_rank, single.batches_per_rank);
+        for step in 0..multi.batches_per_rank {
+            let mut union: Vec<u32> =
+                (0..w).flat_map(|r| multi.rank(r)[step * b..(step + 1) * b].to_vec()).collect();
+            let mut expected = single.rank(0)[step * w * b..(step + 1) * w * b].to_vec();
+            union.sort_unstable();
+            expected.sort_unstable();
+            assert_eq!(union, expected, "step {step}");
         }
     }
 

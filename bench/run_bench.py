@@ -252,8 +252,7 @@ class Sides:
         self.pipeline_bench = rel / "pipeline_bench"
         self.worker = rel / "worker"
         self.coordinator = rel / "coordinator"
-        self.ring_bench = next((rel / n for n in ("ring_bench", "allreduce_bench", "ring-bench")
-                                if (rel / n).is_file()), None)
+        self.ring_bench = rel / "ring_bench" if (rel / "ring_bench").is_file() else None
         self._cache: dict[str, str] = {}
 
     def _check(self, key: str, fn) -> str:
@@ -301,13 +300,17 @@ class Sides:
                 return "not available: target/release/coordinator not built (cargo build --release --bins)"
             if "--workers" not in h:
                 return "not available: coordinator has no --workers (the distributed trainer is not in yet)"
+            # The coordinator starts its local workers as `worker join`.
+            w = help_text([str(self.worker)])
+            if w is None or not re.search(r"^\s+join\b", w, re.M):
+                return "not available: target/release/worker has no `join` subcommand (needed by the coordinator's workers)"
             return self.ours_worker()
         return self._check("coordinator", check)
 
     def ours_ring(self) -> str:
         def check() -> str:
             if self.ring_bench is None:
-                return "not available: no ring all-reduce bench binary in target/release (ring_bench)"
+                return "not available: target/release/ring_bench not built (cargo build --release --bins)"
             return "" if help_text([str(self.ring_bench)]) is not None else f"not available: {self.ring_bench.name} --help fails"
         return self._check("ring", check)
 
@@ -369,9 +372,9 @@ def section_pipeline(a, sides: Sides, runner: Runner) -> Section:
     cold = Row("cold pipeline", "s", target="≥ 8× faster", target_speedup=8.0)
     warm = Row("ours warm (encoded cache hit) vs reference cold", "s")
     sec.rows += [cold, warm]
-    missing = sides.ours_pipeline() or sides.reference()
-    if missing:
-        cold.missing = warm.missing = missing
+    missing = "; ".join(m.replace("not available:", f"{side} not available:", 1) for side, m in
+                        (("ours", sides.ours_pipeline()), ("reference", sides.reference())) if m)
+    cold.missing = warm.missing = missing
     ours_cmd = [str(sides.pipeline_bench), "--data", a.data, "--json", "--runs", "1"]
     ref_cmd = [a.python, str(REFERENCE / "data_pipeline.py"), "--data", a.data]
 
@@ -436,10 +439,12 @@ def section_train(a, sides: Sides, runner: Runner, world: int) -> Section:
         if a.device != "cuda":
             rows[0].target, rows[0].target_speedup = "≥ 1.5× faster", 1.5
     as_written, lfl, unsorted = rows
+    # Each side runs when it can: a reference figure alone is still worth recording.
     missing_ours = sides.ours_worker() if world == 1 else sides.ours_coordinator()
     missing_ref = sides.reference()
     for row in rows:
-        row.missing = missing_ours or missing_ref
+        row.missing = "; ".join(m.replace("not available:", f"{side} not available:", 1)
+                                for side, m in (("ours", missing_ours), ("reference", missing_ref)) if m)
     work = runner.log_dir / key
     work.mkdir(exist_ok=True)
 
@@ -465,7 +470,7 @@ def section_train(a, sides: Sides, runner: Runner, world: int) -> Section:
                 "--data", a.data] + extra
 
     def run_ours(row: Row, order: str, rep: int) -> None:
-        if missing_ours or missing_ref:
+        if missing_ours:
             return
         cmd, out = ours_cmd(order, rep)
         sec.command(runner.show(cmd))
@@ -479,7 +484,7 @@ def section_train(a, sides: Sides, runner: Runner, world: int) -> Section:
         row.missing = f"failed (ours): {r.why() if not r.ok else 'no tokens_per_second in summary.json'}"
 
     def run_ref(row: Row, bucketed: bool, rep: int) -> None:
-        if missing_ours or missing_ref:
+        if missing_ref:
             return
         cmd = ref_cmd(bucketed)
         sec.command(runner.show(cmd))
@@ -527,8 +532,13 @@ def section_tta(a, sides: Sides, runner: Runner) -> Section:
     best = Row(f"best {metric} accuracy in the run", "%")
     sec.rows += [row, best]
     cfg_path = ROOT / ours_cfg
-    missing = (sides.ours_worker() or sides.reference()
-               or ("" if cfg_path.is_file() else f"not available: {ours_cfg} does not exist yet"))
+    ours_missing = sides.ours_worker() or ("" if cfg_path.is_file() else f"not available: {ours_cfg} does not exist yet")
+    ref_missing = sides.reference()
+    if a.tta_ours_workers > 1 and not ours_missing:
+        ours_missing = sides.ours_coordinator()
+    # Both sides are needed (and the reference's CPU settings come from our config).
+    missing = "; ".join(m.replace("not available:", f"{side} not available:", 1)
+                        for side, m in (("ours", ours_missing), ("reference", ref_missing)) if m)
     if a.device == "cuda" and not missing:
         # GPU target: ours to 88% test accuracy in at most a fifth of the reference's time to its best.
         row.target, row.target_speedup = "≥ 5× faster (vs the reference's time to its best)", 5.0
@@ -557,14 +567,21 @@ def section_tta(a, sides: Sides, runner: Runner) -> Section:
             "--epochs", t.get("epochs", 5), "--max-len", d.get("max_len", 0), "--min-freq", d.get("min_freq", 1),
             "--max-vocab", d.get("max_vocab", 0), "--train-subset", d.get("train_subset", 0),
             "--test-subset", d.get("test_subset", 0), "--val-fraction", d.get("val_fraction", 0.1),
-            "--bucketed", "--eval-every-steps", "100", "--threads", os.cpu_count() or 1)]
+            "--bucketed", "--eval-every-steps", "100", "--threads", t.get("threads", 0) or os.cpu_count() or 1)]
         ref_desc = ("reference: the model, data and optimizer settings of our config, length-bucketed batches, "
                     "validation every 100 steps")
     if metric == "test":
         ref_extra.append("--test-each-eval")
     if a.device != "cuda":
         ref_extra += ["--target-val-accuracy", str(target)] if metric == "val" else []
-    sec.settings = (f"Ours: `{ours_cfg}` (its own settings, one `worker train` process); {ref_desc}. "
+    launch = (f"`coordinator --workers {a.tta_ours_workers}`" if a.tta_ours_workers > 1
+              else "one `worker train` process")
+    if settings:
+        launch += (f": embed {m.get('embed_dim', 128)}, LSTM {m.get('hidden', 256)}×{m.get('layers', 2)}, "
+                   f"batch {t.get('batch_size', 32)} {t.get('batch_order', 'unsorted')}, bptt {t.get('bptt', 0)}, "
+                   f"max-len {d.get('max_len', 0)}, lr {t.get('lr', 1e-3)}, {t.get('epochs', 5)} epochs, "
+                   f"train subset {d.get('train_subset', 0) or 'all'}, threads {t.get('threads', 0) or 'default'}")
+    sec.settings = (f"Ours: `{ours_cfg}` (its own settings, {launch}); {ref_desc}. "
                     f"Time = training seconds (evaluation excluded) at the first evaluation reaching the target; "
                     f"each run is capped at {a.tta_budget:.0f} s.")
     out = runner.log_dir / "tta-ours"
@@ -573,9 +590,13 @@ def section_tta(a, sides: Sides, runner: Runner) -> Section:
         if missing:
             return
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [str(sides.worker), "train", "--config", str(cfg_path), "--data", a.data, "--out", str(out)]
-        if metric == "test":
-            cmd.append("--eval-test-each-epoch")
+        if a.tta_ours_workers > 1:
+            cmd = [str(sides.coordinator), "--workers", str(a.tta_ours_workers), "--config", str(cfg_path),
+                   "--data", a.data, "--out", str(out)]
+        else:
+            cmd = [str(sides.worker), "train", "--config", str(cfg_path), "--data", a.data, "--out", str(out)]
+            if metric == "test":
+                cmd.append("--eval-test-each-epoch")
         sec.command(runner.show(cmd))
         r = runner.run("tta-ours", cmd, a.tta_budget)
         metrics = out / "metrics.jsonl"
@@ -630,36 +651,35 @@ def section_tta(a, sides: Sides, runner: Runner) -> Section:
 def section_allreduce(a, sides: Sides, runner: Runner) -> Section:
     sec = Section("allreduce", "All-reduce of the 51 MB gradient buffer on 127.0.0.1: our TCP ring vs gloo")
     sec.settings = (f"{ALLREDUCE_NUMEL:,} f32 ({ALLREDUCE_NUMEL * 4 / 1e6:.2f} MB, the full vocab's embedding "
-                    f"gradient), sum, {a.allreduce_iters} timed calls after 2 warm-up calls, median seconds per call; "
-                    "one process per rank, one compute thread each.")
+                    f"gradient), sum, {a.allreduce_iters} timed calls after 2 warm-up calls; seconds per call = the slowest "
+                    "rank's median (both sides); one process per rank.")
     ref_missing = sides.reference()
     ours_missing = sides.ours_ring()
     rows = {}
-    copy = Row("plain copy of the buffer, for scale (rank 0)", "s")
+    copy = Row("plain copy of the buffer, for scale (ours: Rust copy; reference: torch copy_)", "s")
     for world in a.allreduce_worlds:
         rows[world] = Row(f"{world} processes: seconds per all-reduce", "s")
         sec.rows.append(rows[world])
-        if ours_missing or ref_missing:
-            rows[world].missing = ours_missing or ref_missing
+        rows[world].missing = "; ".join(m.replace("not available:", f"{side} not available:", 1) for side, m in
+                                        (("ours", ours_missing), ("reference", ref_missing)) if m)
     sec.rows.append(copy)
 
     def ours(rep: int) -> None:
         if ours_missing:
             return
         for world in a.allreduce_worlds:
-            # The ring bench's CLI (another helper's binary): adjust here if its flags differ.
-            cmd = [str(sides.ring_bench), "--world", str(world), "--numel", str(ALLREDUCE_NUMEL),
-                   "--iters", str(a.allreduce_iters), "--json"]
+            # worker/src/bin/ring_bench.rs: prints "RESULT world=.. allreduce_ms=.. memcpy_ms=.." (the
+            # slowest rank's median per call, and a copy of the same buffer).
+            cmd = [str(sides.ring_bench), "--world", str(world), "--elems", str(ALLREDUCE_NUMEL),
+                   "--iters", str(a.allreduce_iters), "--warmup", "2"]
             sec.command(runner.show(cmd))
             r = runner.run(f"allreduce-ours-{world}", cmd, a.timeout)
-            out = last_json(r.stdout) if r.ok else None
-            value = next((out[k] for k in ("seconds_median", "median_seconds", "seconds") if out and k in out), None)
-            if value is not None:
-                rows[world].ours.append(float(value))
-                if out.get("copy_seconds_median") is not None:
-                    copy.ours.append(float(out["copy_seconds_median"]))
+            m = re.search(r"^RESULT .*\ballreduce_ms=([0-9.]+).*\bmemcpy_ms=([0-9.]+)", r.stdout + r.stderr, re.M)
+            if r.ok and m:
+                rows[world].ours.append(float(m.group(1)) / 1e3)
+                copy.ours.append(float(m.group(2)) / 1e3)
             else:
-                rows[world].missing = f"failed (ours): {r.why() if not r.ok else 'no seconds_median in output'}"
+                rows[world].missing = f"failed (ours): {r.why() if not r.ok else 'no RESULT line in output'}"
 
     def ref(rep: int) -> None:
         if ref_missing:
@@ -767,6 +787,8 @@ def main() -> int:
     p.add_argument("--skip-unsorted-ours", action="store_true", help="skip ours' unsorted like-for-like runs")
     p.add_argument("--tta-ours-config", help="ours' config for time-to-accuracy "
                    "(default: configs/cpu-demo.toml, configs/gpu-fast.toml with --device cuda)")
+    p.add_argument("--tta-ours-workers", type=int, default=1,
+                   help="ours' time-to-accuracy run: 1 = worker train, N > 1 = coordinator --workers N")
     p.add_argument("--tta-ref-args", help="the reference's arguments for time-to-accuracy (default: see the section)")
     p.add_argument("--tta-target", type=float, help="target accuracy (default 0.80 on CPU, 0.88 on GPU)")
     p.add_argument("--tta-metric", choices=["val", "test"], help="default val on CPU, test on GPU")
@@ -779,8 +801,15 @@ def main() -> int:
     p.add_argument("--no-write", action="store_true", help="print the tables, leave RESULTS.md alone")
     p.add_argument("--note", default="", help="a line added to every section (e.g. the machine's load)")
     a = p.parse_args()
+    if not a.data:
+        # The official tarball where our binaries download it (core's default_cache_dir).
+        cache = env("IMDB_CACHE_DIR") or str(Path(env("XDG_CACHE_HOME") or Path.home() / ".cache") / "imdb-ddp")
+        downloaded = Path(cache) / "aclImdb_v1.tar.gz"
+        if downloaded.is_file():
+            a.data = str(downloaded)
     if not a.data or not Path(a.data).exists():
-        p.error("--data (or $IMDB_DATA) must name the IMDB tarball")
+        p.error("--data (or $IMDB_DATA) must name the IMDB tarball; without one, "
+                "`target/release/coordinator data` downloads it into the cache first")
     a.data = str(Path(a.data).resolve())
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     if sections == ["all"]:

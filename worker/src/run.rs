@@ -283,7 +283,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
             true
         } else {
             let val = trainer.evaluate(&splits.val, &all_indices(&splits.val))?;
-            log_eval(&mut metrics, "val", epoch + 1, &val, state.train_seconds)?;
+            log_eval(&mut metrics, "val", "last", epoch + 1, &val, state.train_seconds)?;
             let better = state.best_val_accuracy.is_none_or(|b| val.accuracy() > b);
             if better {
                 state.best_val_accuracy = Some(val.accuracy());
@@ -299,7 +299,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         }
         if options.eval_test_each_epoch {
             let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
-            log_eval(&mut metrics, "test", epoch + 1, &test, state.train_seconds)?;
+            log_eval(&mut metrics, "test", "last", epoch + 1, &test, state.train_seconds)?;
         }
         eval_seconds += eval_clock.elapsed().as_secs_f64();
         state.epochs_completed = epoch + 1;
@@ -328,7 +328,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
             load_model_weights(trainer.model_mut(), &model_path)?;
         }
         let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
-        log_eval(&mut metrics, "test", state.epochs_completed, &test, state.train_seconds)?;
+        log_eval(&mut metrics, "test", "best", state.epochs_completed, &test, state.train_seconds)?;
         eval_seconds += eval_clock.elapsed().as_secs_f64();
         test_accuracy = Some(test.accuracy());
         test_loss = Some(test.mean_loss());
@@ -365,15 +365,18 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     Ok(summary)
 }
 
+/// `model`: `last` (the weights after that epoch) or `best` (the kept best model).
 fn log_eval(
     metrics: &mut MetricsLog,
     split: &str,
+    model: &str,
     epoch: usize,
     counts: &EvalCounts,
     train_seconds: f64,
 ) -> Result<()> {
     tracing::info!(
         split,
+        model,
         epoch,
         accuracy = format!("{:.4}", counts.accuracy()),
         loss = format!("{:.4}", counts.mean_loss()),
@@ -382,6 +385,7 @@ fn log_eval(
     metrics.write(&json!({
         "type": "eval",
         "split": split,
+        "model": model,
         "epoch": epoch,
         "accuracy": counts.accuracy(),
         "loss": counts.mean_loss(),

@@ -1,0 +1,42 @@
+//! The shipped configs parse, validate, and say what they claim.
+
+use std::path::Path;
+
+use trainer_core::config::{BatchOrder, Head, Schedule};
+use trainer_core::JobConfig;
+
+fn load(name: &str) -> JobConfig {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(name);
+    let c = JobConfig::from_toml_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+    c
+}
+
+#[test]
+fn seed_is_the_tutorial_recipe() {
+    let c = load("seed.toml");
+    let (d, m, t) = (&c.data, &c.model, &c.train);
+    assert_eq!((d.min_freq, d.max_vocab, d.max_len), (1, 0, 0));
+    assert_eq!((m.embed_dim, m.hidden, m.layers, m.head), (128, 256, 2, Head::Last));
+    assert_eq!(m.dropout, 0.5);
+    assert_eq!((t.batch_size, t.epochs, t.bptt, t.batch_order), (32, 5, 0, BatchOrder::Unsorted));
+    assert_eq!((t.lr, t.beta1, t.beta2, t.weight_decay, t.clip_norm), (1e-3, 0.9, 0.999, 0.0, 0.0));
+    assert_eq!((t.schedule, t.warmup_steps, t.amp), (Schedule::Constant, 0, false));
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".toml") {
+            load(&name);
+            seen += 1;
+        }
+    }
+    assert!(seen >= 4, "expected seed, cpu-demo, gpu-fast and test-tiny in {}", dir.display());
+    let demo = load("cpu-demo.toml");
+    assert!(!demo.train.amp && demo.train.device != "cuda", "cpu-demo must run on a CPU");
+    assert!(load("gpu-fast.toml").train.amp);
+}

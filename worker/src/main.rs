@@ -38,6 +38,8 @@ enum Command {
     Predict(PredictCmd),
     /// Peak memory of one training step on a long synthetic batch (one K per process).
     BenchMemory(BenchMemoryCmd),
+    /// Join a coordinator's job as one rank (what `coordinator --workers N` starts).
+    Join(worker::agent::JoinArgs),
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +194,10 @@ fn main() -> ExitCode {
         Command::Train(cmd) => train(cmd, cli.threads),
         Command::Predict(cmd) => predict(cmd),
         Command::BenchMemory(cmd) => bench(cmd),
+        Command::Join(args) => worker::agent::run_agent(args, |job, collective| {
+            let replica = worker::agent::TrainerReplica::new(job, collective)?;
+            Ok(Box::new(replica) as Box<dyn worker::agent::Replica>)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -198,21 +198,27 @@ fn replicas_agree_and_the_same_seed_gives_the_same_parameters() {
 fn four_workers_learn_above_chance() {
     let Some(data) = imdb_data() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &TINY
-            .replace("train_subset = 640", "train_subset = 3000")
-            .replace("test_subset = 200", "test_subset = 600")
-            .replace("epochs = 1", "epochs = 3")
-            .replace("embed_dim = 8", "embed_dim = 32")
-            .replace("hidden = 8", "hidden = 32"),
-    );
+    // The demo recipe, on a subset small enough for a test.
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/cpu-demo.toml");
     let out = dir.path().join("run");
     let marker = format!("four-{}", std::process::id());
-    let run = run_ok(&mut coordinator(4, &config, &out, &data, &marker));
+    let run = run_ok(coordinator(4, &config, &out, &data, &marker).args([
+        "--train-subset",
+        "4000",
+        "--test-subset",
+        "600",
+        "--batch-size",
+        "16",
+        "--max-vocab",
+        "5000",
+        "--max-len",
+        "200",
+    ]));
     assert_none_left(&marker);
     let s = summary(&out);
     assert_eq!(s["world_size"], 4);
+    let sums = s["replica_checksums"].as_array().expect("replica_checksums");
+    assert!(sums.len() == 4 && sums.iter().all(|c| c == &sums[0]), "replicas drifted: {sums:?}");
     let acc = s["test_accuracy"].as_f64().expect("test_accuracy");
     assert!(acc > 0.6, "test accuracy {acc} is not above chance\n{}", stderr(&run));
     for file in ["model.safetensors", "vocab.txt", "config.toml", "metrics.jsonl", "summary.json"] {

@@ -11,7 +11,7 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
-use trainer_proto::{JobSecret, COORDINATOR_ADDR_ENV, JOB_SECRET_ENV, THREADS_ENV};
+use trainer_proto::{JobSecret, BACKEND_ENV, COORDINATOR_ADDR_ENV, DEVICE_ENV, JOB_SECRET_ENV, THREADS_ENV};
 
 use crate::progress::Output;
 use crate::service::Event;
@@ -68,6 +68,8 @@ impl LocalWorkers {
         coordinator_addr: &str,
         secret: &JobSecret,
         threads: usize,
+        devices: &[Option<String>],
+        backend: &str,
         events: mpsc::UnboundedSender<Event>,
         output: Output,
     ) -> anyhow::Result<Self> {
@@ -78,6 +80,8 @@ impl LocalWorkers {
                 .env(COORDINATOR_ADDR_ENV, coordinator_addr)
                 .env(JOB_SECRET_ENV, secret.expose())
                 .env(THREADS_ENV, threads.to_string())
+                // The worker prepares NCCL at start unless the ring is forced.
+                .env(BACKEND_ENV, backend)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -85,6 +89,9 @@ impl LocalWorkers {
                 // which then stops the workers in order.
                 .process_group(0)
                 .kill_on_drop(true);
+            if let Some(device) = devices.get(index).cloned().flatten() {
+                cmd.env(DEVICE_ENV, device);
+            }
             // A failed spawn drops `workers`, which kills the ones already started.
             let mut child = cmd
                 .spawn()

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::backend::{self, BackendChoice};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -69,12 +70,16 @@ pub struct RendezvousResult {
     pub ring_addresses: Vec<String>,
     pub nccl_unique_id: Vec<u8>,
     pub ring_token: Vec<u8>,
+    /// "ring" or "nccl", or why the requested backend cannot run.
+    pub backend: Result<&'static str, String>,
 }
 
 #[derive(Default)]
 struct State {
     slots: Vec<Slot>,
     ring_addresses: Vec<Option<String>>,
+    /// Per rank: (trains on CUDA, can load NCCL), from its rendezvous report.
+    collective_reports: Vec<(bool, bool)>,
     nccl_unique_id: Vec<u8>,
     sessions: Vec<Option<mpsc::Sender<Result<CoordinatorMessage, Status>>>>,
 }
@@ -85,6 +90,7 @@ pub struct Shared {
     pub attempt: u32,
     pub timing: Timing,
     pub out_dir: PathBuf,
+    pub backend: BackendChoice,
     config_toml: String,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<Event>,
@@ -102,6 +108,7 @@ impl Shared {
         data: Arc<JobData>,
         timing: Timing,
         out_dir: PathBuf,
+        backend: BackendChoice,
         events: mpsc::UnboundedSender<Event>,
     ) -> Arc<Self> {
         let world = data.world_size;
@@ -111,9 +118,11 @@ impl Shared {
             attempt: 0,
             timing,
             out_dir,
+            backend,
             config_toml,
             state: Mutex::new(State {
                 ring_addresses: vec![None; world],
+                collective_reports: vec![(false, false); world],
                 sessions: (0..world).map(|_| None).collect(),
                 ..State::default()
             }),
@@ -371,14 +380,19 @@ impl Coordinator for CoordinatorService {
                 )));
             }
             st.ring_addresses[rank] = Some(req.ring_address.clone());
+            st.collective_reports[rank] = (req.device.starts_with("cuda"), req.nccl_available);
             if rank == 0 {
                 st.nccl_unique_id = req.nccl_unique_id.clone();
             }
             if st.ring_addresses.iter().all(Option::is_some) {
+                let backend =
+                    backend::decide(sh.backend, &st.collective_reports, !st.nccl_unique_id.is_empty());
+                tracing::info!(backend = ?backend, "collective chosen");
                 let result = RendezvousResult {
                     ring_addresses: st.ring_addresses.iter().flatten().cloned().collect(),
                     nccl_unique_id: st.nccl_unique_id.clone(),
                     ring_token: rand::random::<[u8; 32]>().to_vec(),
+                    backend,
                 };
                 sh.rendezvous_done.send_replace(Some(Arc::new(result)));
             }
@@ -392,10 +406,12 @@ impl Coordinator for CoordinatorService {
                     .as_ref()
                     .map(Arc::clone)
                     .ok_or_else(|| Status::internal("rendezvous finished without a result"))?;
+                let backend = result.backend.clone().map_err(Status::failed_precondition)?;
                 Ok(Response::new(RendezvousResponse {
                     ring_addresses: result.ring_addresses.clone(),
                     nccl_unique_id: result.nccl_unique_id.clone(),
                     ring_token: result.ring_token.clone(),
+                    backend: backend.to_string(),
                 }))
             }
             Ok(Err(_)) => Err(Status::unavailable("the coordinator is shutting down")),

@@ -17,6 +17,7 @@ use trainer_core::pipeline::prepare;
 use trainer_proto::v1::coordinator_server::CoordinatorServer;
 use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, MAX_MESSAGE_BYTES};
 
+use crate::backend::{local_devices, visible_gpu_count, BackendChoice};
 use crate::driver::{render_summary, Driver};
 use crate::job::JobData;
 use crate::launcher::{default_worker_bin, threads_per_worker, LocalWorkers};
@@ -61,6 +62,10 @@ pub struct TrainArgs {
     /// Compute threads per local worker [default: the CPU cores divided by --workers].
     #[arg(long, env = "COORDINATOR_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// The collective: nccl (GPU memory, one GPU per worker), ring (TCP), or auto (NCCL when
+    /// every worker has a GPU, the ring otherwise).
+    #[arg(long, env = "TRAINER_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -121,6 +126,15 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         }
     }
 
+    // Refuse an impossible launch before loading anything or starting any worker.
+    let devices = if worker_bin.is_some() {
+        let gpus = visible_gpu_count();
+        let devices = local_devices(args.backend, workers, gpus, &config.train.device)?;
+        tracing::info!(gpus, backend = args.backend.name(), "devices for local workers: {devices:?}");
+        devices
+    } else {
+        Vec::new()
+    };
     let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
     tracing::info!(source = %report.source, cache = ?report.cache, "corpus ready");
     let data = Arc::new(JobData::new(&corpus, config, workers)?);
@@ -141,7 +155,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let job = Job { args, data, timing, register_timeout, secret, worker_bin, run_dir, output };
+    let job = Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output };
     // Dropping the runtime drops the launcher's tasks, whose children are killed on drop.
     runtime.block_on(job.run())
 }
@@ -153,6 +167,8 @@ struct Job {
     register_timeout: Duration,
     secret: JobSecret,
     worker_bin: Option<PathBuf>,
+    /// The device of each local worker (empty with external workers).
+    devices: Vec<Option<String>>,
     run_dir: RunDir,
     output: Output,
 }
@@ -173,6 +189,7 @@ impl Job {
             Arc::clone(&self.data),
             self.timing,
             self.run_dir.path().to_path_buf(),
+            self.args.backend,
             events_tx.clone(),
         );
 
@@ -208,6 +225,8 @@ impl Job {
                     &format!("http://{advertise}"),
                     &self.secret,
                     threads,
+                    &self.devices,
+                    self.args.backend.name(),
                     events_tx.clone(),
                     self.output.clone(),
                 )?)

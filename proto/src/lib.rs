@@ -13,7 +13,7 @@ pub use auth::{AuthError, ClientAuth, JobSecret, ServerAuth};
 
 /// The protocol version a worker sends in `Register`; a coordinator refuses any other.
 /// Bump it on every change that an old peer would misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Env var with the coordinator's address (`http://host:port` or `host:port`).
 pub const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";
@@ -21,6 +21,10 @@ pub const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";
 pub const JOB_SECRET_ENV: &str = "TRAINER_JOB_SECRET";
 /// Env var with the compute threads a local worker should use (the worker's `--threads`).
 pub const THREADS_ENV: &str = "WORKER_THREADS";
+/// The collective a local worker should prepare for: `auto`, `nccl` or `ring`.
+pub const BACKEND_ENV: &str = "TRAINER_BACKEND";
+/// The device a worker trains on instead of the job's (`cuda:N` for local worker N).
+pub const DEVICE_ENV: &str = "WORKER_DEVICE";
 
 /// Largest message either side accepts. Shard chunks stay far below it (about 1 MB); the
 /// limit is there for one unusually long review, which always travels whole.

@@ -248,6 +248,8 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
             worker: Some(id0),
             ring_address: "127.0.0.1:7000".into(),
             nccl_unique_id: vec![],
+            device: "cpu".into(),
+            nccl_available: false,
         })
         .await
     });
@@ -257,6 +259,8 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
             worker: Some(id1),
             ring_address: "127.0.0.1:7001".into(),
             nccl_unique_id: vec![],
+            device: "cpu".into(),
+            nccl_available: false,
         })
         .await
         .unwrap()
@@ -266,11 +270,15 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
     assert_eq!(a.ring_addresses, b.ring_addresses);
     assert_eq!(a.ring_token, b.ring_token);
     assert!(a.ring_token.len() >= 16);
+    // CPU ranks: the coordinator's `auto` picks the ring.
+    assert_eq!((a.backend.as_str(), b.backend.as_str()), ("ring", "ring"));
     let e = c
         .rendezvous(RendezvousRequest {
             worker: Some(identity(&r1)),
             ring_address: "127.0.0.1:7002".into(),
             nccl_unique_id: vec![],
+            device: "cpu".into(),
+            nccl_available: false,
         })
         .await
         .unwrap_err();

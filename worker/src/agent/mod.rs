@@ -56,6 +56,7 @@ use trainer_proto::v1::{
 };
 use trainer_proto::{ClientAuth, JobSecret, ARTIFACT_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 
+use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::{RingCollective, RingListener, RingOptions};
 use crate::collective::{Collective, NoopCollective};
 pub use crate::trainer::EvalCounts;
@@ -85,6 +86,63 @@ pub struct JoinArgs {
     /// Seconds to keep trying to reach the coordinator at start-up.
     #[arg(long, env = "WORKER_CONNECT_TIMEOUT", default_value_t = 30.0)]
     pub connect_timeout: f64,
+    /// The device this rank trains on instead of the job's (`cpu`, `cuda`, `cuda:N`); local
+    /// workers get `cuda:i` from the coordinator.
+    #[arg(long, env = "WORKER_DEVICE")]
+    pub device: Option<String>,
+    /// This worker's index on its machine (torchrun's and PyTorchJob's LOCAL_RANK): with a
+    /// GPU job and no --device, it trains on `cuda:LOCAL_RANK`.
+    #[arg(long, env = "LOCAL_RANK")]
+    pub local_rank: Option<usize>,
+    /// The collective to prepare for: `auto`, `nccl` or `ring` (the coordinator decides at
+    /// the rendezvous; `nccl` makes a missing NCCL library an error at start).
+    #[arg(long, env = "TRAINER_BACKEND", default_value = "auto", value_parser = ["auto", "nccl", "ring"])]
+    pub backend: String,
+}
+
+/// What this process can offer the collective, found once at start.
+#[derive(Debug, Clone, Copy)]
+struct NcclSupport {
+    available: bool,
+}
+
+/// Logs the devices and, on a GPU host, makes NCCL loadable (which may re-execute the
+/// process once, see `collective::nccl_lib`).
+fn prepare_devices(args: &JoinArgs) -> anyhow::Result<NcclSupport> {
+    let cuda = crate::device::cuda_available();
+    tracing::info!(
+        cuda,
+        cudnn = cuda && tch::Cuda::cudnn_is_available(),
+        gpus = if cuda { tch::Cuda::device_count() } else { 0 },
+        "devices"
+    );
+    if !cuda || args.backend == "ring" {
+        return Ok(NcclSupport { available: false });
+    }
+    match crate::collective::nccl_lib::ensure_nccl_loadable() {
+        Ok(path) => {
+            let version = crate::collective::nccl::nccl_version().unwrap_or_else(|| "unknown".into());
+            tracing::info!(library = %path.display(), %version, "NCCL");
+            Ok(NcclSupport { available: true })
+        }
+        Err(e) if args.backend == "nccl" => Err(anyhow!(e).context("--backend nccl")),
+        Err(e) => {
+            tracing::warn!(error = %e, "NCCL unavailable; this worker can only use the ring");
+            Ok(NcclSupport { available: false })
+        }
+    }
+}
+
+/// The device string this rank trains on: --device, else cuda:LOCAL_RANK for a GPU job,
+/// else the job's.
+fn rank_device(args: &JoinArgs, job_device: &str) -> String {
+    if let Some(device) = &args.device {
+        return device.clone();
+    }
+    match args.local_rank {
+        Some(local) if job_device != "cpu" && crate::device::cuda_available() => format!("cuda:{local}"),
+        _ => job_device.to_string(),
+    }
 }
 
 /// What the coordinator told this rank at registration.
@@ -162,9 +220,11 @@ where
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime
-        .block_on(Agent::join(args))
-        .and_then(|agent| runtime.block_on(agent.serve(args, Box::new(make_replica))));
+    let result = prepare_devices(args).and_then(|nccl| {
+        runtime
+            .block_on(Agent::join(args))
+            .and_then(|agent| runtime.block_on(agent.serve(args, nccl, Box::new(make_replica))))
+    });
     // Never wait for blocking work: a replica stuck in a collective must not hold us here.
     runtime.shutdown_background();
     result
@@ -323,9 +383,10 @@ impl Agent {
             .await
             .map_err(|s| status_error("the coordinator refused the registration", s))?
             .into_inner();
-        let config: JobConfig = toml::from_str(&reply.job_config_toml)
+        let mut config: JobConfig = toml::from_str(&reply.job_config_toml)
             .context("the coordinator sent a job config this worker cannot read")?;
-        config.validate().context("the coordinator sent an invalid job config")?;
+        config.train.device = rank_device(args, &config.train.device);
+        config.validate().context("the job config (with this worker's device) is invalid")?;
         if reply.world_size == 0 || reply.rank >= reply.world_size {
             bail!("the coordinator assigned rank {} of world size {}", reply.rank, reply.world_size);
         }
@@ -416,7 +477,7 @@ impl Agent {
         Ok(total)
     }
 
-    async fn serve(mut self, args: &JoinArgs, factory: Factory) -> anyhow::Result<()> {
+    async fn serve(mut self, args: &JoinArgs, nccl: NcclSupport, factory: Factory) -> anyhow::Result<()> {
         // 1. The session first, so that heartbeats flow while shards download and the
         //    replica builds.
         let (up, up_rx) = mpsc::channel::<WorkerMessage>(1024);
@@ -495,13 +556,25 @@ impl Agent {
         } else {
             format!("{host}:{}", bound.port())
         };
+        // The device decides what this rank can offer: rank 0 on a GPU with NCCL makes the
+        // NCCL id, which the coordinator relays if it picks NCCL.
+        let device = crate::device::resolve_device(&self.job.config.train.device)?;
+        tracing::info!(device = %crate::device::device_name(device), "training device");
+        let nccl_ready = nccl.available && device.is_cuda();
+        let nccl_unique_id = if nccl_ready && self.job.rank == 0 {
+            crate::collective::nccl::new_unique_id()?
+        } else {
+            Vec::new()
+        };
         let mut client = self.client.clone();
         let rendezvous = guarded(&live, async {
             client
                 .rendezvous(RendezvousRequest {
                     worker: Some(self.identity.clone()),
                     ring_address: advertised.clone(),
-                    nccl_unique_id: Vec::new(),
+                    nccl_unique_id,
+                    device: crate::device::device_name(device),
+                    nccl_available: nccl_ready,
                 })
                 .await
                 .map(tonic::Response::into_inner)
@@ -528,24 +601,26 @@ impl Agent {
             .collect::<anyhow::Result<Vec<SocketAddr>>>()?;
         let mut ring_options = RingOptions::new(rendezvous.ring_token);
         ring_options.timeout = seconds("ring-timeout", args.ring_timeout)?;
+        let plan = match rendezvous.backend.as_str() {
+            "nccl" => {
+                let tch::Device::Cuda(ordinal) = device else {
+                    bail!("the coordinator chose NCCL, but this rank trains on the CPU");
+                };
+                CollectivePlan::Nccl {
+                    ordinal,
+                    unique_id: rendezvous.nccl_unique_id,
+                    timeout: ring_options.timeout,
+                }
+            }
+            "ring" => CollectivePlan::Ring { listener, peers, options: ring_options },
+            other => bail!("the coordinator chose an unknown collective {other:?}"),
+        };
         let (events_tx, mut events) = mpsc::unbounded_channel::<ReplicaEvent>();
         let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
         let thread_job = self.job.clone();
         let replica_thread = std::thread::Builder::new()
             .name("replica".into())
-            .spawn(move || {
-                replica_thread(
-                    thread_job,
-                    listener,
-                    peers,
-                    ring_options,
-                    factory,
-                    val,
-                    test,
-                    work_rx,
-                    events_tx,
-                )
-            })
+            .spawn(move || replica_thread(thread_job, plan, factory, val, test, work_rx, events_tx))
             .context("cannot start the replica thread")?;
 
         // 3. Commands down, replica events up, until the coordinator says stop.
@@ -670,12 +745,33 @@ enum ReplicaEvent {
     Failed(String),
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How to build this rank's collective, as decided at the rendezvous.
+enum CollectivePlan {
+    Ring { listener: RingListener, peers: Vec<SocketAddr>, options: RingOptions },
+    Nccl { ordinal: usize, unique_id: Vec<u8>, timeout: Duration },
+}
+
+fn connect_collective(job: &JobInfo, plan: CollectivePlan) -> anyhow::Result<Box<dyn Collective>> {
+    Ok(match plan {
+        CollectivePlan::Ring { listener, .. } if job.world_size == 1 => {
+            drop(listener);
+            Box::new(NoopCollective)
+        }
+        CollectivePlan::Ring { listener, peers, options } => Box::new(
+            RingCollective::connect(listener, job.rank, job.world_size, &peers, options)
+                .map_err(|e| anyhow!(e).context("cannot form the ring"))?,
+        ),
+        // Also at world size 1: the NCCL path is then exercised end to end on one GPU.
+        CollectivePlan::Nccl { ordinal, unique_id, timeout } => Box::new(
+            NcclCollective::new(ordinal, job.rank, job.world_size, &unique_id, timeout)
+                .map_err(|e| anyhow!(e).context("cannot create the NCCL communicator"))?,
+        ),
+    })
+}
+
 fn replica_thread(
     job: JobInfo,
-    listener: RingListener,
-    peers: Vec<SocketAddr>,
-    ring_options: RingOptions,
+    plan: CollectivePlan,
     factory: Factory,
     val: EncodedSplit,
     test: EncodedSplit,
@@ -685,14 +781,9 @@ fn replica_thread(
     let fail = |e: anyhow::Error| {
         let _ = events.send(ReplicaEvent::Failed(format!("{e:#}")));
     };
-    let collective: Box<dyn Collective> = if job.world_size == 1 {
-        drop(listener);
-        Box::new(NoopCollective)
-    } else {
-        match RingCollective::connect(listener, job.rank, job.world_size, &peers, ring_options) {
-            Ok(ring) => Box::new(ring),
-            Err(e) => return fail(anyhow!(e).context("cannot form the ring")),
-        }
+    let collective = match connect_collective(&job, plan) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
     };
     let backend = collective.backend().to_string();
     let mut replica = match make_replica(factory, &job, collective) {

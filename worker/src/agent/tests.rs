@@ -223,6 +223,9 @@ fn join_args(addr: &str) -> JoinArgs {
         ring_advertise_host: None,
         ring_timeout: 10.0,
         connect_timeout: 10.0,
+        device: None,
+        local_rank: None,
+        backend: "auto".into(),
     }
 }
 

@@ -114,6 +114,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// CPU time this process has used (all its threads, user and system), in milliseconds.
+/// On a machine shared with other work the wall time of a call varies with the load; the
+/// CPU time it costs does much less.
+fn process_cpu_ms() -> f64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut now) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    now.tv_sec as f64 * 1e3 + now.tv_nsec as f64 / 1e6
+}
+
 fn run_child(args: &Args, rank: usize) -> anyhow::Result<()> {
     if rank >= args.world {
         bail!("rank {rank} is not below the world size {}", args.world);
@@ -155,14 +168,16 @@ fn run_child(args: &Args, rank: usize) -> anyhow::Result<()> {
         ring.all_reduce_mean_slice(&mut buffer)?;
     }
     let mut times = Vec::with_capacity(args.iters);
+    let mut cpu_times = Vec::with_capacity(args.iters);
     for _ in 0..args.iters.max(1) {
         buffer.copy_from_slice(&input);
         // Start every timed call together, so that a call does not include a slow peer's
         // refill of its buffer.
         ring.barrier()?;
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), process_cpu_ms());
         ring.all_reduce_mean_slice(&mut buffer)?;
         times.push(ms(start.elapsed()));
+        cpu_times.push(process_cpu_ms() - cpu_start);
     }
 
     // The ring's exact order, computed here from every rank's (deterministic) input.
@@ -179,8 +194,9 @@ fn run_child(args: &Args, rank: usize) -> anyhow::Result<()> {
     let (min, max) = times.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
     writeln!(
         stdout,
-        "result rank={rank} median_ms={:.3} min_ms={min:.3} max_ms={max:.3} checksum={:016x} exact={exact}",
+        "result rank={rank} median_ms={:.3} min_ms={min:.3} max_ms={max:.3} cpu_ms={:.3} checksum={:016x} exact={exact}",
         median(times),
+        median(cpu_times),
         checksum(&buffer)
     )?;
     Ok(())
@@ -307,6 +323,7 @@ fn run_launcher(args: &Args) -> anyhow::Result<()> {
         args.iters
     );
     let mut slowest = 0.0f64;
+    let mut cpu_all_ranks = 0.0f64;
     let mut checksums = Vec::new();
     for (rank, line) in &results {
         if field(line, "stalled").is_some() {
@@ -319,14 +336,17 @@ fn run_launcher(args: &Args) -> anyhow::Result<()> {
         let checksum = field(line, "checksum").unwrap_or("?").to_string();
         let exact = field(line, "exact") == Some("true");
         println!(
-            "  rank {rank}: median {median_ms:.2} ms (min {} ms, max {} ms), checksum {checksum}, exact {exact}",
+            "  rank {rank}: median {median_ms:.2} ms (min {} ms, max {} ms), CPU {} ms, checksum {checksum}, \
+             exact {exact}",
             field(line, "min_ms").unwrap_or("?"),
-            field(line, "max_ms").unwrap_or("?")
+            field(line, "max_ms").unwrap_or("?"),
+            field(line, "cpu_ms").unwrap_or("?")
         );
         if !exact {
             bail!("rank {rank}'s result differs from the ring order computed locally");
         }
         slowest = slowest.max(median_ms);
+        cpu_all_ranks += field(line, "cpu_ms").and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
         checksums.push(checksum);
     }
     if checksums.windows(2).any(|w| w[0] != w[1]) {
@@ -337,13 +357,19 @@ fn run_launcher(args: &Args) -> anyhow::Result<()> {
     let ratio = slowest / copy_ms;
     println!("  memcpy of the same buffer: median {copy_ms:.2} ms");
     println!(
+        "  CPU time per call, all ranks together: {cpu_all_ranks:.1} ms ({:.1} ms of wall time on {} \
+         idle cores at best)",
+        cpu_all_ranks / std::thread::available_parallelism().map_or(1, |n| n.get()).min(args.world) as f64,
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(args.world)
+    );
+    println!(
         "  all-reduce: {slowest:.2} ms per call (slowest rank's median) = {ratio:.1}x the copy; \
          each rank sends {:.1} MB per call ({busbw:.2} GB/s)",
         moved / 1e6
     );
     println!(
         "RESULT world={} elems={} mbytes={:.2} allreduce_ms={slowest:.3} memcpy_ms={copy_ms:.3} \
-         ratio={ratio:.2} busbw_gbs={busbw:.3}",
+         ratio={ratio:.2} busbw_gbs={busbw:.3} cpu_ms_all_ranks={cpu_all_ranks:.3}",
         args.world,
         args.elems,
         bytes as f64 / 1e6

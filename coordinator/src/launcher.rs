@@ -51,6 +51,20 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// What every local worker is started with.
+#[derive(Clone, Copy)]
+pub struct WorkerLaunch<'a> {
+    pub worker_bin: &'a Path,
+    pub coordinator_addr: &'a str,
+    pub secret: &'a JobSecret,
+    /// Compute threads per worker.
+    pub threads: usize,
+    /// Worker i's device (`cuda:i`), or `None` for the job's own.
+    pub devices: &'a [Option<String>],
+    /// `auto`, `nccl` or `ring`, for the worker to prepare NCCL or not.
+    pub backend: &'a str,
+}
+
 struct Handle {
     pid: u32,
     kill: watch::Sender<bool>,
@@ -64,15 +78,11 @@ pub struct LocalWorkers {
 impl LocalWorkers {
     pub fn spawn(
         count: usize,
-        worker_bin: &Path,
-        coordinator_addr: &str,
-        secret: &JobSecret,
-        threads: usize,
-        devices: &[Option<String>],
-        backend: &str,
+        launch: &WorkerLaunch<'_>,
         events: mpsc::UnboundedSender<Event>,
         output: Output,
     ) -> anyhow::Result<Self> {
+        let WorkerLaunch { worker_bin, coordinator_addr, secret, threads, devices, backend } = *launch;
         let mut workers = Self { handles: Vec::with_capacity(count) };
         for index in 0..count {
             let mut cmd = Command::new(worker_bin);

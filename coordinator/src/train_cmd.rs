@@ -20,7 +20,7 @@ use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, MAX_MESSAGE_BYTES};
 use crate::backend::{local_devices, visible_gpu_count, BackendChoice};
 use crate::driver::{render_summary, Driver};
 use crate::job::JobData;
-use crate::launcher::{default_worker_bin, threads_per_worker, LocalWorkers};
+use crate::launcher::{default_worker_bin, threads_per_worker, LocalWorkers, WorkerLaunch};
 use crate::progress::{Output, Progress};
 use crate::run_dir::RunDir;
 use crate::service::{CoordinatorService, Event, Shared, Timing};
@@ -219,14 +219,18 @@ impl Job {
                 let threads =
                     self.args.worker_threads.unwrap_or_else(|| threads_per_worker(self.data.world_size));
                 tracing::info!(workers = self.data.world_size, threads, bin = %bin.display(), "starting local workers");
+                let address = format!("http://{advertise}");
+                let launch = WorkerLaunch {
+                    worker_bin: bin,
+                    coordinator_addr: &address,
+                    secret: &self.secret,
+                    threads,
+                    devices: &self.devices,
+                    backend: self.args.backend.name(),
+                };
                 Some(LocalWorkers::spawn(
                     self.data.world_size,
-                    bin,
-                    &format!("http://{advertise}"),
-                    &self.secret,
-                    threads,
-                    &self.devices,
-                    self.args.backend.name(),
+                    &launch,
                     events_tx.clone(),
                     self.output.clone(),
                 )?)

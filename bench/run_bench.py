@@ -482,7 +482,10 @@ def section_train(a, sides: Sides, runner: Runner, world: int) -> Section:
         r = runner.run(f"{key}-ours-{order}", cmd, a.timeout)
         summary = out / "summary.json"
         if r.ok and summary.is_file():
-            value = json.loads(summary.read_text()).get("tokens_per_second")
+            data = json.loads(summary.read_text())
+            value = data.get("tokens_per_second")
+            if data.get("comm_share") is not None:
+                comm_shares.setdefault(order, []).append(float(data["comm_share"]))
             if value:
                 row.ours.append(float(value))
                 return
@@ -515,7 +518,11 @@ def section_train(a, sides: Sides, runner: Runner, world: int) -> Section:
             unsorted.ref.append(as_written.ref[-1])
         run_ref(lfl, True, rep)
 
+    comm_shares: dict[str, list[float]] = {}
     alternate(a.reps, ours, ref)
+    for order, shares in comm_shares.items():
+        sec.notes.append(f"ours ({order}): share of training time in the gradient all-reduce "
+                         f"(summary.json comm_share), median {statistics.median(shares):.0%}")
     if a.skip_unsorted_ours and not unsorted.missing:
         unsorted.missing = "ours not run (--skip-unsorted-ours)"
     if a.load_note:

@@ -12,17 +12,32 @@ use trainer_core::config::{parse_device, DeviceSpec};
 
 use crate::error::{Result, WorkerError};
 
-static CUDA_LIBRARY: OnceLock<bool> = OnceLock::new();
+/// `Ok(())` once `libtorch_cuda.so` is loaded, else the loader's reason.
+static CUDA_LIBRARY: OnceLock<std::result::Result<(), String>> = OnceLock::new();
 
-/// Loads `libtorch_cuda.so` once per process; true when it was found.
-pub fn load_cuda_library() -> bool {
-    *CUDA_LIBRARY.get_or_init(|| {
+fn cuda_library() -> &'static std::result::Result<(), String> {
+    CUDA_LIBRARY.get_or_init(|| {
         // SAFETY: dlopen with a constant, NUL-terminated name; the handle is deliberately
         // never closed, since libtorch keeps pointers into the library for the whole run.
-        let handle =
-            unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-        !handle.is_null()
+        // dlerror returns a thread-local C string (or null), copied at once.
+        unsafe {
+            let handle = libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL);
+            if !handle.is_null() {
+                return Ok(());
+            }
+            let reason = libc::dlerror();
+            Err(if reason.is_null() {
+                "unknown reason".to_string()
+            } else {
+                std::ffi::CStr::from_ptr(reason).to_string_lossy().into_owned()
+            })
+        }
     })
+}
+
+/// Loads `libtorch_cuda.so` once per process; true when it could be loaded.
+pub fn load_cuda_library() -> bool {
+    cuda_library().is_ok()
 }
 
 /// True when libtorch sees at least one CUDA device.
@@ -41,20 +56,24 @@ pub fn resolve_device(spec: &str) -> Result<Device> {
                 tracing::info!(devices = tch::Cuda::device_count(), "CUDA found; using cuda:0");
                 Ok(Device::Cuda(0))
             } else {
-                tracing::info!(
-                    "no CUDA device found (libtorch_cuda.so {}); using the CPU",
-                    if load_cuda_library() { "loaded but no GPU visible" } else { "not found" }
-                );
+                match cuda_library() {
+                    Ok(()) => tracing::info!("no GPU visible to libtorch; using the CPU"),
+                    Err(reason) => {
+                        tracing::info!("no CUDA (libtorch_cuda.so could not be loaded); using the CPU");
+                        tracing::debug!(%reason, "dlopen libtorch_cuda.so");
+                    }
+                }
                 Ok(Device::Cpu)
             }
         }
         DeviceSpec::Cuda(index) => {
-            if !load_cuda_library() {
+            if let Err(reason) = cuda_library() {
                 return Err(WorkerError::Device {
                     requested: spec.to_string(),
-                    message: "CUDA was requested but libtorch_cuda.so could not be loaded; \
-                              point LD_LIBRARY_PATH at a CUDA build of libtorch 2.11 or use --device cpu"
-                        .to_string(),
+                    message: format!(
+                        "CUDA was requested but libtorch_cuda.so could not be loaded ({reason}); \
+                         point LD_LIBRARY_PATH at a CUDA build of libtorch 2.11 or use --device cpu"
+                    ),
                 });
             }
             if !tch::Cuda::is_available() {

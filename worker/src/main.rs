@@ -18,6 +18,7 @@ use worker::bench::{bench_memory, MemoryBenchOptions};
 use worker::device::resolve_device;
 use worker::predict::Predictor;
 use worker::run::{run_training, RunOptions};
+use worker::tbptt::LstmKernel;
 
 #[derive(Debug, Parser)]
 #[command(name = "worker", version, about = "Data-parallel LSTM training on IMDB: the model replica")]
@@ -66,6 +67,19 @@ struct TrainCmd {
     /// Also evaluate the test split after every epoch (time-to-accuracy benchmarks).
     #[arg(long, env = "WORKER_EVAL_TEST_EACH_EPOCH")]
     eval_test_each_epoch: bool,
+    /// How rows of different lengths run: packed (one packed LSTM call per window; the
+    /// default on CUDA) or segmented (dense calls between row ends; the default on the CPU).
+    /// Same results, different speed.
+    #[arg(long, env = "WORKER_LSTM_KERNEL", value_parser = parse_kernel)]
+    lstm_kernel: Option<LstmKernel>,
+}
+
+fn parse_kernel(s: &str) -> Result<LstmKernel, String> {
+    match s {
+        "packed" => Ok(LstmKernel::Packed),
+        "segmented" => Ok(LstmKernel::Segmented),
+        other => Err(format!("must be packed or segmented, got {other}")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +137,7 @@ fn train(cmd: &TrainCmd, threads: usize) -> anyhow::Result<()> {
         stop_after_epoch: cmd.stop_after_epoch,
         stop_after_steps: cmd.stop_after_steps,
         eval_test_each_epoch: cmd.eval_test_each_epoch,
+        lstm_kernel: cmd.lstm_kernel,
     };
     let summary = run_training(&options)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);

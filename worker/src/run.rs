@@ -24,6 +24,7 @@ use crate::checkpoint::{
 use crate::collective::NoopCollective;
 use crate::device::{device_name, resolve_device};
 use crate::error::{io_err, Result, WorkerError};
+use crate::tbptt::LstmKernel;
 use crate::trainer::{EvalCounts, Trainer};
 
 pub const SUMMARY_FILE: &str = "summary.json";
@@ -49,6 +50,8 @@ pub struct RunOptions {
     pub stop_after_steps: Option<u64>,
     /// Also measure test accuracy after every epoch (for time-to-accuracy benchmarks).
     pub eval_test_each_epoch: bool,
+    /// Override the device's LSTM kernel (same results; for benchmarks).
+    pub lstm_kernel: Option<LstmKernel>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -163,10 +166,14 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     let device = resolve_device(&config.train.device)?;
     let mut trainer = Trainer::new(config, corpus.vocab.len(), device, Box::new(NoopCollective))?;
     trainer.broadcast_parameters()?;
+    if let Some(kernel) = options.lstm_kernel {
+        trainer.set_lstm_kernel(kernel);
+    }
     let steps_per_epoch = epoch_batches(&splits.train, config, 1, 0, 0)?.len();
     trainer.set_total_steps((steps_per_epoch * config.train.epochs) as u64);
     tracing::info!(
         device = %device_name(device),
+        kernel = ?trainer.pass_options().kernel,
         parameters = trainer.model().shape().num_parameters(),
         steps_per_epoch,
         "model ready"

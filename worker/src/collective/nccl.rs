@@ -87,7 +87,11 @@ impl NcclCollective {
 
     fn call(&mut self, op: &'static str, request: Request) -> Result<(), CollectiveError> {
         if let Some(reason) = &self.poisoned {
-            return Err(invalid(self.rank, op, format!("communicator unusable after an earlier failure: {reason}")));
+            return Err(invalid(
+                self.rank,
+                op,
+                format!("communicator unusable after an earlier failure: {reason}"),
+            ));
         }
         let (reply_tx, reply_rx) = mpsc::channel();
         if self.requests.send((request, reply_tx)).is_err() {

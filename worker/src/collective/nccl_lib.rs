@@ -55,7 +55,9 @@ pub fn candidates() -> Vec<PathBuf> {
     if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
         out.extend(std::env::split_paths(&paths).map(|d| d.join("libnccl.so.2")));
     }
-    for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/cuda/lib64", "/usr/local/lib", "/usr/lib"] {
+    for dir in
+        ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/cuda/lib64", "/usr/local/lib", "/usr/lib"]
+    {
         out.push(Path::new(dir).join("libnccl.so.2"));
     }
     out

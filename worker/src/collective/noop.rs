@@ -18,11 +18,7 @@ impl Collective for NoopCollective {
     fn all_reduce_mean(&mut self, _buffer: &mut tch::Tensor) -> Result<(), CollectiveError> {
         Ok(())
     }
-    fn broadcast(
-        &mut self,
-        _buffer: &mut tch::Tensor,
-        _root: usize,
-    ) -> Result<(), CollectiveError> {
+    fn broadcast(&mut self, _buffer: &mut tch::Tensor, _root: usize) -> Result<(), CollectiveError> {
         Ok(())
     }
     fn barrier(&mut self) -> Result<(), CollectiveError> {

@@ -203,10 +203,17 @@ class Split:
 
 
 def job_splits(corpus: EncodedCorpus, args) -> tuple[Split, Split, Split]:
-    """Train subset -> validation hold-out -> test subset, each truncated to --max-len (head)."""
+    """Train subset -> validation hold-out -> test subset, each truncated to --max-len."""
 
     def cut(ids: list[int]) -> list[int]:
-        ids = ids[: args.max_len] if args.max_len > 0 else ids
+        n = args.max_len
+        if 0 < n < len(ids):
+            if args.truncation == "head":
+                ids = ids[:n]
+            elif args.truncation == "tail":
+                ids = ids[-n:]
+            else:  # both: the first ceil(n/2) and the last floor(n/2) tokens, as ours
+                ids = ids[: (n + 1) // 2] + (ids[len(ids) - n // 2:] if n // 2 else [])
         return ids if ids else [UNK_ID]  # a review needs one step
 
     subset = balanced_subset(corpus.train_labels, args.train_subset, args.seed)
@@ -313,7 +320,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--max-len", type=int, default=0, help="keep the first N tokens (0: whole reviews)")
+    p.add_argument("--max-len", type=int, default=0, help="cut reviews to N tokens (0: whole reviews)")
+    p.add_argument("--truncation", default="head", choices=["head", "tail", "both"],
+                   help="which tokens --max-len keeps: the first, the last, or half of each")
     p.add_argument("--train-subset", type=int, default=0, help="label-balanced, seeded (0: all)")
     p.add_argument("--test-subset", type=int, default=0, help="label-balanced, seeded (0: all)")
     p.add_argument("--val-fraction", type=float, default=0.1)

@@ -15,16 +15,17 @@ pub use ring::{RingCollective, RingListener, RingOptions};
 pub enum CollectiveError {
     #[error("rank {rank}: {op} timed out after {timeout_ms} ms waiting for peer {peer}")]
     Timeout { rank: usize, op: &'static str, peer: String, timeout_ms: u64 },
-    #[error("rank {rank}: {op} failed talking to peer {peer}: {source}")]
-    Peer { rank: usize, op: &'static str, peer: String, source: std::io::Error },
+    // `cause`, not `source`: the message carries it, so an error chain prints it once.
+    #[error("rank {rank}: {op} failed talking to peer {peer}: {cause}")]
+    Peer { rank: usize, op: &'static str, peer: String, cause: std::io::Error },
     #[error("rank {rank}: {op}: {message}")]
     Invalid { rank: usize, op: &'static str, message: String },
     #[error("rank {rank}: connect: ring handshake with peer {peer} failed: {message}")]
     Handshake { rank: usize, peer: String, message: String },
     #[error("rank {rank}: {op}: the collective is unusable after an earlier error: {cause}")]
     Poisoned { rank: usize, op: &'static str, cause: String },
-    #[error("cannot listen for ring peers on {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot listen for ring peers on {addr}: {cause}")]
+    Bind { addr: std::net::SocketAddr, cause: std::io::Error },
 }
 
 /// All-reduce, broadcast and barrier across the ranks of one job.

@@ -88,7 +88,7 @@ pub struct RingListener {
 impl RingListener {
     /// Binds `addr` (port 0 picks a free port).
     pub fn bind(addr: SocketAddr) -> Result<Self, CollectiveError> {
-        let bind_error = |source| CollectiveError::Bind { addr, source };
+        let bind_error = |cause| CollectiveError::Bind { addr, cause };
         let listener = TcpListener::bind(addr).map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
         Ok(RingListener { listener, local_addr })
@@ -188,11 +188,11 @@ impl RingCollective {
         };
         for link in [&links.next, &links.prev] {
             link.stream.set_nodelay(true).and_then(|()| link.stream.set_nonblocking(true)).map_err(
-                |source| CollectiveError::Peer {
+                |cause| CollectiveError::Peer {
                     rank,
                     op: "connect",
                     peer: format!("rank {} ({})", link.rank, link.addr),
-                    source,
+                    cause,
                 },
             )?;
         }
@@ -316,7 +316,7 @@ fn tensor_as_mut_slice<'t>(
     }
     let device = tensor.device();
     if device != tch::Device::Cpu {
-        return Err(invalid(format!("the TCP ring works on CPU tensors, the buffer is on {device:?}")));
+        return Err(invalid(format!("the TCP ring reduces CPU memory, the buffer is on {device:?}")));
     }
     if tensor.dim() != 1 {
         return Err(invalid(format!("the buffer must be 1-D, its shape is {:?}", tensor.size())));
@@ -342,6 +342,25 @@ fn tensor_as_mut_slice<'t>(
     Ok(unsafe { std::slice::from_raw_parts_mut(data, numel) })
 }
 
+/// Runs `op` on a CPU tensor: `buffer` itself, or for a GPU buffer (a ring job on GPUs, for
+/// instance more workers than GPUs) a host copy that is written back afterwards.
+fn through_host(
+    buffer: &mut tch::Tensor,
+    rank: usize,
+    op: &'static str,
+    run: impl FnOnce(&mut tch::Tensor) -> Result<(), CollectiveError>,
+) -> Result<(), CollectiveError> {
+    if buffer.device() == tch::Device::Cpu {
+        return run(buffer);
+    }
+    let invalid =
+        |e: tch::TchError| CollectiveError::Invalid { rank, op, message: format!("host staging: {e}") };
+    let mut host = buffer.f_to_device(tch::Device::Cpu).map_err(invalid)?.f_contiguous().map_err(invalid)?;
+    run(&mut host)?;
+    buffer.f_copy_(&host).map_err(invalid)?;
+    Ok(())
+}
+
 impl Collective for RingCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -356,13 +375,21 @@ impl Collective for RingCollective {
     }
 
     fn all_reduce_mean(&mut self, buffer: &mut tch::Tensor) -> Result<(), CollectiveError> {
-        let slice = tensor_as_mut_slice(buffer, self.rank, OpKind::AllReduceMean.name())?;
-        self.all_reduce_mean_slice(slice)
+        let rank = self.rank;
+        let op = OpKind::AllReduceMean.name();
+        through_host(buffer, rank, op, |host| {
+            let slice = tensor_as_mut_slice(host, rank, op)?;
+            self.all_reduce_mean_slice(slice)
+        })
     }
 
     fn broadcast(&mut self, buffer: &mut tch::Tensor, root: usize) -> Result<(), CollectiveError> {
-        let slice = tensor_as_mut_slice(buffer, self.rank, OpKind::Broadcast.name())?;
-        self.broadcast_slice(slice, root)
+        let rank = self.rank;
+        let op = OpKind::Broadcast.name();
+        through_host(buffer, rank, op, |host| {
+            let slice = tensor_as_mut_slice(host, rank, op)?;
+            self.broadcast_slice(slice, root)
+        })
     }
 
     /// An all-reduce of one element per rank: no rank can finish it before every rank has

@@ -227,7 +227,7 @@ pub(crate) fn accept_prev(
         rank: me.rank,
         op,
         peer: format!("rank {prev_rank} (listening for it)"),
-        source: e,
+        cause: e,
     };
     listener.set_nonblocking(true).map_err(io_error)?;
     let mut refused: Vec<String> = Vec::new();
@@ -315,8 +315,7 @@ pub(crate) fn connect_next(
             }
         }
     };
-    let peer_error =
-        |e: io::Error| CollectiveError::Peer { rank: me.rank, op, peer: peer.clone(), source: e };
+    let peer_error = |e: io::Error| CollectiveError::Peer { rank: me.rank, op, peer: peer.clone(), cause: e };
     // The reply comes only once the next rank is in its accept loop, which may take as long
     // as its start-up: wait up to the deadline, not just the per-transfer timeout.
     let rest = deadline.saturating_duration_since(Instant::now()).max(POLL_SLICE);

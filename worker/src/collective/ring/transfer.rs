@@ -157,8 +157,8 @@ pub(crate) struct OpContext {
 }
 
 impl OpContext {
-    fn peer_error(&self, link: &Link, source: io::Error) -> CollectiveError {
-        CollectiveError::Peer { rank: self.rank, op: self.op, peer: link.describe(), source }
+    fn peer_error(&self, link: &Link, cause: io::Error) -> CollectiveError {
+        CollectiveError::Peer { rank: self.rank, op: self.op, peer: link.describe(), cause }
     }
 
     fn invalid(&self, message: String) -> CollectiveError {

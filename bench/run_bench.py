@@ -58,6 +58,10 @@ SMALL = {
     "min_freq": 1, "seed": 0,
 }
 
+# The seed's (the tutorial's) model and batch on whole reviews: the GPU comparison's setting.
+SEED = dict(SMALL, embed_dim=128, hidden=256, layers=2, max_len=0, train_subset=0, val_fraction=0.05,
+            test_subset=256)
+
 
 # ---------------------------------------------------------------------------------------
 # Running commands
@@ -423,7 +427,8 @@ def throughput_rows(sec: Section, label: str, target_as_written: float | None, t
 
 
 def section_train(a, sides: Sides, runner: Runner, world: int) -> Section:
-    s = dict(SMALL, batch_size=a.batch_size)
+    model = a.model or ("seed" if a.device == "cuda" else "small")
+    s = dict(SEED if model == "seed" else SMALL, batch_size=a.batch_size)
     cpus = os.cpu_count() or 1
     threads = a.threads or (cpus if world == 1 else max(1, cpus // world))
     key = "train1" if world == 1 else "train2"
@@ -431,10 +436,12 @@ def section_train(a, sides: Sides, runner: Runner, world: int) -> Section:
              else f"Training throughput, {world} processes: ours (coordinator, TCP ring) vs torchrun + DDP (gloo)")
     sec = Section(key, title)
     sec.settings = (
-        f"Model: Embedding({s['embed_dim']}) → LSTM({s['hidden']}, {s['layers']} layer) → Dropout({s['dropout']}) → "
-        f"Linear(2); batch {s['batch_size']} per process; reviews cut to their first {s['max_len']} tokens; "
-        f"{a.steps} training steps per run from a label-balanced subset of {s['train_subset']} train reviews; "
-        f"Adam {s['lr']:g}; {threads} compute thread(s) per process; device {a.device}. tokens/s = non-pad "
+        f"Model: Embedding({s['embed_dim']}) → LSTM({s['hidden']}, {s['layers']} layer(s)) → Dropout({s['dropout']}) → "
+        f"Linear(2); batch {s['batch_size']} per process; "
+        + (f"reviews cut to their first {s['max_len']} tokens; " if s["max_len"] else "whole reviews; ")
+        + f"{a.steps} training steps per run from "
+        + (f"a label-balanced subset of {s['train_subset']} train reviews; " if s["train_subset"] else "the train split; ")
+        + f"Adam {s['lr']:g}; {threads} compute thread(s) per process; device {a.device}. tokens/s = non-pad "
         f"training tokens (summed over processes) per second of training (evaluation and loading excluded).")
     if world == 1:
         rows = throughput_rows(sec, "1 process", 3.0 if a.device == "cuda" else 2.0, 1.0)
@@ -800,6 +807,9 @@ def main() -> int:
     p.add_argument("--device", default=env("BENCH_DEVICE", "cpu"), choices=["cpu", "cuda"])
     p.add_argument("--steps", type=int, default=int(env("BENCH_STEPS", "200")), help="training steps per throughput run")
     p.add_argument("--batch-size", type=int, default=int(env("BENCH_BATCH_SIZE", "32")), help="per process")
+    p.add_argument("--model", choices=["small", "seed"],
+                   help="throughput sections' model: small (embed 64, LSTM 128x1, max-len 256; the CPU default) "
+                        "or seed (the tutorial's 128, 256x2, whole reviews; the GPU default)")
     p.add_argument("--threads", type=int, default=0,
                    help="compute threads per process (0: the cores, divided by the processes)")
     p.add_argument("--ours-bptt", type=int, default=0, help="ours' truncated-BPTT window in the throughput runs")

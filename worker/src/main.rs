@@ -41,6 +41,8 @@ enum Command {
     BenchMemory(BenchMemoryCmd),
     /// Join a coordinator's job as one rank (what `coordinator --workers N` starts).
     Join(worker::agent::JoinArgs),
+    /// One collective backend at world size 1: exactness check and all-reduce time (JSON).
+    BenchCollective(BenchCollectiveCmd),
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +97,23 @@ struct PredictCmd {
     device: String,
     /// Reviews to classify; without any, one review per line is read from stdin.
     texts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct BenchCollectiveCmd {
+    /// nccl (needs a GPU and libnccl.so.2) or none.
+    #[arg(long, env = "TRAINER_BACKEND", default_value = "nccl")]
+    backend: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "WORKER_DEVICE", default_value = "cuda")]
+    device: String,
+    /// Buffer length in f32 elements (default: the full vocabulary's embedding gradient,
+    /// 100,684 x 128 = 51.5 MB).
+    #[arg(long, env = "BENCH_ELEMENTS", default_value_t = 12_887_552)]
+    elements: usize,
+    /// Timed all-reduce calls.
+    #[arg(long, env = "BENCH_ITERATIONS", default_value_t = 20)]
+    iterations: usize,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +220,21 @@ fn bench(cmd: &BenchMemoryCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn bench_collective(cmd: &BenchCollectiveCmd) -> anyhow::Result<()> {
+    if cmd.backend == "nccl" {
+        worker::collective::nccl_lib::ensure_nccl_loadable()?;
+    }
+    let device = worker::device::resolve_device(&cmd.device)?;
+    let report = worker::collective::check::check_collective(
+        &cmd.backend,
+        device,
+        cmd.elements,
+        cmd.iterations.max(1),
+    )?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
@@ -211,6 +245,7 @@ fn main() -> ExitCode {
         Command::Train(cmd) => train(cmd, cli.threads),
         Command::Predict(cmd) => predict(cmd),
         Command::BenchMemory(cmd) => bench(cmd),
+        Command::BenchCollective(cmd) => bench_collective(cmd),
         Command::Join(args) => worker::agent::run_agent(args, |job, collective| {
             let replica = worker::agent::TrainerReplica::new(job, collective)?;
             Ok(Box::new(replica) as Box<dyn worker::agent::Replica>)

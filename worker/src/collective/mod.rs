@@ -3,6 +3,7 @@
 //! Every backend gives bitwise-identical results on every rank, so that replicas that start
 //! equal stay equal. Buffers are 1-D, contiguous `f32` tensors.
 
+pub mod check;
 pub mod nccl;
 pub mod nccl_lib;
 pub mod noop;

@@ -43,9 +43,15 @@ impl JobData {
     ) -> anyhow::Result<(&EncodedSplit, Vec<usize>)> {
         match split {
             Split::Train => {
-                let t = &self.config.train;
-                let plan =
-                    ShardPlan::new(self.splits.train.len(), self.world_size, t.batch_size, t.seed, epoch)?;
+                // In the order the rank consumes it: its batches are consecutive runs of
+                // train.batch_size samples.
+                let plan = ShardPlan::for_epoch(
+                    &self.splits.train,
+                    self.world_size,
+                    &self.config.train,
+                    self.config.data.max_len,
+                    epoch,
+                )?;
                 let indices = plan.rank(rank).iter().map(|&i| i as usize).collect();
                 Ok((&self.splits.train, indices))
             }

@@ -1,43 +1,8 @@
-//! Forming batches from a rank's shard and collating them into padded id matrices.
+//! Collating a batch of reviews into a padded id matrix (the shard plan forms the batches).
 
-use rand::seq::SliceRandom;
-
-use crate::config::{BatchOrder, Truncation};
+use crate::config::Truncation;
 use crate::encode::EncodedSplit;
-use crate::shard::{rng_for, PURPOSE_BATCHES};
 use crate::vocab::{PAD_ID, UNK_ID};
-
-/// Groups `samples` (indices into `split`) into batches of `batch_size`.
-///
-/// `Unsorted` keeps the given order (already shuffled by the shard plan). `Bucketed` sorts
-/// by length inside pools of `pool_batches` batches, cuts each pool into batches, then
-/// shuffles the order of all batches, so that a batch holds reviews of similar length
-/// (little padding) while the sequence of lengths stays random. A last partial batch is kept.
-pub fn plan_batches(
-    split: &EncodedSplit,
-    samples: &[u32],
-    batch_size: usize,
-    order: BatchOrder,
-    pool_batches: usize,
-    seed: u64,
-    epoch: u64,
-) -> Vec<Vec<u32>> {
-    let batch_size = batch_size.max(1);
-    match order {
-        BatchOrder::Unsorted => samples.chunks(batch_size).map(<[u32]>::to_vec).collect(),
-        BatchOrder::Bucketed => {
-            let pool = batch_size * pool_batches.max(1);
-            let mut batches: Vec<Vec<u32>> = Vec::with_capacity(samples.len().div_ceil(batch_size));
-            for chunk in samples.chunks(pool) {
-                let mut sorted = chunk.to_vec();
-                sorted.sort_by_key(|&i| std::cmp::Reverse(split.length(i as usize)));
-                batches.extend(sorted.chunks(batch_size).map(<[u32]>::to_vec));
-            }
-            batches.shuffle(&mut rng_for(seed, epoch, PURPOSE_BATCHES));
-            batches
-        }
-    }
-}
 
 /// A padded batch, ready to become tensors: `tokens` is `size x max_len`, row-major,
 /// padded with `<pad>` (id 0) after each review's `lengths[i]` tokens.
@@ -134,26 +99,5 @@ mod tests {
         assert_eq!(truncate(&t, 4, Truncation::Tail), [6, 7, 8, 9]);
         assert_eq!(truncate(&t, 5, Truncation::Both), [0, 1, 2, 8, 9]);
         assert_eq!(truncate(&t, 0, Truncation::Both), t);
-    }
-
-    #[test]
-    fn bucketing_groups_similar_lengths_and_keeps_every_sample() {
-        let lengths: Vec<usize> = (0..400).map(|i| (i * 37) % 300 + 1).collect();
-        let s = split_with_lengths(&lengths);
-        let samples: Vec<u32> = (0..400).collect();
-        let unsorted = plan_batches(&s, &samples, 10, BatchOrder::Unsorted, 20, 1, 0);
-        let bucketed = plan_batches(&s, &samples, 10, BatchOrder::Bucketed, 20, 1, 0);
-        let mut all: Vec<u32> = bucketed.iter().flatten().copied().collect();
-        all.sort_unstable();
-        assert_eq!(all, samples);
-        let padding = |batches: &[Vec<u32>]| -> usize {
-            batches
-                .iter()
-                .map(|b| collate(&s, b, 0, Truncation::Head))
-                .map(|b| b.size * b.max_len - b.num_tokens())
-                .sum()
-        };
-        assert!(padding(&bucketed) * 10 < padding(&unsorted), "bucketing should cut padding by >10x");
-        assert_ne!(bucketed, plan_batches(&s, &samples, 10, BatchOrder::Bucketed, 20, 1, 1));
     }
 }

@@ -11,11 +11,20 @@
 //! changes every epoch, so a different few are dropped each time and no sample is repeated.
 //! Every rank therefore runs exactly the same number of steps,
 //! and no collective can wait for a rank that ran out of data.
+//!
+//! With length bucketing ([`ShardPlan::for_epoch`] and `batch_order = "bucketed"`) the same
+//! samples are grouped differently: pools of `bucket_pool` global batches are sorted by
+//! length, cut into global batches, and the order of the global batches is shuffled. Each
+//! global batch is still split across the ranks, so at every step all ranks hold reviews of
+//! nearly the same length and finish their compute together instead of waiting for the
+//! rank that drew the long reviews.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::config::{BatchOrder, TrainConfig};
+use crate::encode::EncodedSplit;
 use crate::error::{DataError, Result};
 
 /// A generator for one purpose: distinct streams for (seed, epoch, purpose).
@@ -28,7 +37,7 @@ pub fn rng_for(seed: u64, epoch: u64, purpose: u64) -> ChaCha8Rng {
 const PURPOSE_SHARD: u64 = 1;
 const PURPOSE_VAL: u64 = 2;
 const PURPOSE_SUBSET: u64 = 3;
-pub(crate) const PURPOSE_BATCHES: u64 = 4;
+const PURPOSE_BATCHES: u64 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardPlan {
@@ -77,6 +86,65 @@ impl ShardPlan {
 
     pub fn rank(&self, rank: usize) -> &[u32] {
         &self.ranks[rank]
+    }
+
+    /// The plan for one epoch as the train config asks: random global batches, or
+    /// length-bucketed ones (by the length after `max_len` truncation, 0 = none).
+    pub fn for_epoch(
+        split: &EncodedSplit,
+        world_size: usize,
+        train: &TrainConfig,
+        max_len: usize,
+        epoch: u64,
+    ) -> Result<Self> {
+        let plan = Self::new(split.len(), world_size, train.batch_size, train.seed, epoch)?;
+        match train.batch_order {
+            BatchOrder::Unsorted => Ok(plan),
+            BatchOrder::Bucketed => {
+                let length = |i: u32| {
+                    let l = split.length(i as usize);
+                    if max_len > 0 {
+                        l.min(max_len)
+                    } else {
+                        l
+                    }
+                };
+                Ok(plan.bucketed(length, train.bucket_pool, train.seed, epoch))
+            }
+        }
+    }
+
+    /// Regroups the same samples into length-bucketed global batches (module docs).
+    fn bucketed(self, length: impl Fn(u32) -> usize, pool_batches: usize, seed: u64, epoch: u64) -> Self {
+        let (world, batch) = (self.world_size, self.batch_size);
+        let per_step = world * batch;
+        // The samples in their global-batch order, as `new` laid them out.
+        let mut order: Vec<u32> = Vec::with_capacity(self.batches_per_rank * per_step);
+        for step in 0..self.batches_per_rank {
+            for rank in 0..world {
+                order.extend_from_slice(&self.ranks[rank][step * batch..(step + 1) * batch]);
+            }
+        }
+        let mut global: Vec<&[u32]> = Vec::with_capacity(self.batches_per_rank);
+        for pool in order.chunks_mut(per_step * pool_batches.max(1)) {
+            pool.sort_by_key(|&i| std::cmp::Reverse(length(i)));
+        }
+        global.extend(order.chunks_exact(per_step));
+        global.shuffle(&mut rng_for(seed, epoch, PURPOSE_BATCHES));
+        let mut ranks: Vec<Vec<u32>> = vec![Vec::with_capacity(self.batches_per_rank * batch); world];
+        // Strided within a (sorted) global batch, so every rank's longest review is as long as
+        // the others' to within one neighbour.
+        for global_batch in global {
+            for (rank, samples) in ranks.iter_mut().enumerate() {
+                samples.extend(global_batch.iter().skip(rank).step_by(world));
+            }
+        }
+        Self { ranks, ..self }
+    }
+
+    /// A rank's batches for the epoch: its samples in plan order, `batch_size` at a time.
+    pub fn rank_batches(&self, rank: usize) -> Vec<Vec<u32>> {
+        self.ranks[rank].chunks(self.batch_size).map(<[u32]>::to_vec).collect()
     }
 }
 
@@ -181,6 +249,60 @@ mod tests {
             expected.sort_unstable();
             assert_eq!(union, expected, "step {step}");
         }
+    }
+
+    fn split_with_lengths(lengths: &[usize]) -> EncodedSplit {
+        let mut s = EncodedSplit::default();
+        for (i, &len) in lengths.iter().enumerate() {
+            s.push(i as u32, (i % 2) as u8, 1, &vec![2; len]);
+        }
+        s
+    }
+
+    #[test]
+    fn bucketing_balances_ranks_cuts_padding_and_keeps_every_sample_once() {
+        let lengths: Vec<usize> = (0..2000).map(|i| (i * 7919) % 997 + 1).collect();
+        let split = split_with_lengths(&lengths);
+        let mut train = TrainConfig { batch_size: 10, bucket_pool: 20, seed: 5, ..TrainConfig::default() };
+        let unsorted = ShardPlan::for_epoch(&split, 2, &train, 0, 1).unwrap();
+        train.batch_order = BatchOrder::Bucketed;
+        let bucketed = ShardPlan::for_epoch(&split, 2, &train, 0, 1).unwrap();
+        let all = |p: &ShardPlan| {
+            let mut v: Vec<u32> = (0..2).flat_map(|r| p.rank(r).to_vec()).collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(all(&unsorted), all(&bucketed), "the same samples, regrouped");
+        assert_eq!(bucketed.rank_batches(0).len(), unsorted.batches_per_rank);
+        // Padding inside batches and the length gap between ranks at each step both shrink.
+        let cost = |p: &ShardPlan| {
+            let (mut padding, mut imbalance) = (0usize, 0usize);
+            let (b0, b1) = (p.rank_batches(0), p.rank_batches(1));
+            for (x, y) in b0.iter().zip(&b1) {
+                let longest = |b: &Vec<u32>| b.iter().map(|&i| lengths[i as usize]).max().unwrap_or(0);
+                for b in [x, y] {
+                    padding += b.iter().map(|&i| longest(b) - lengths[i as usize]).sum::<usize>();
+                }
+                imbalance += longest(x).abs_diff(longest(y));
+            }
+            (padding, imbalance)
+        };
+        let (pad_u, gap_u) = cost(&unsorted);
+        let (pad_b, gap_b) = cost(&bucketed);
+        assert!(pad_b * 10 < pad_u, "padding {pad_b} vs {pad_u}");
+        assert!(gap_b * 10 < gap_u, "rank imbalance {gap_b} vs {gap_u}");
+        // Step i on 2 ranks is step i of one rank with twice the batch, bucketed too.
+        let single =
+            ShardPlan::for_epoch(&split, 1, &TrainConfig { batch_size: 20, ..train.clone() }, 0, 1).unwrap();
+        for (step, whole) in single.rank_batches(0).iter().enumerate() {
+            let mut union =
+                [bucketed.rank_batches(0)[step].clone(), bucketed.rank_batches(1)[step].clone()].concat();
+            let mut whole = whole.clone();
+            union.sort_unstable();
+            whole.sort_unstable();
+            assert_eq!(union, whole, "step {step}");
+        }
+        assert_ne!(bucketed, ShardPlan::for_epoch(&split, 2, &train, 0, 2).unwrap(), "reshuffled per epoch");
     }
 
     #[test]

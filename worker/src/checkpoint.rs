@@ -75,7 +75,7 @@ impl RngState {
     pub fn for_seed(seed: u64) -> Self {
         Self {
             seed,
-            scheme: "data order: ShardPlan/plan_batches(seed, epoch); dropout: manual_seed(step_seed(seed, rank, global_step))".into(),
+            scheme: "data order: ShardPlan::for_epoch(seed, epoch); dropout: manual_seed(step_seed(seed, rank, global_step))".into(),
         }
     }
 }

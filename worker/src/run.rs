@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::json;
-use trainer_core::batch::{collate, plan_batches};
+use trainer_core::batch::collate;
 use trainer_core::config::JobConfig;
 use trainer_core::pipeline::{prepare, PrepareOptions};
 use trainer_core::shard::ShardPlan;
@@ -107,7 +107,7 @@ impl MetricsLog {
 }
 
 /// The batches (sample indices into `split`) of one rank for one epoch: the shard plan's
-/// part for `rank`, grouped by `plan_batches`, cut at `max_steps_per_epoch`.
+/// part for `rank` (random or length-bucketed global batches), cut at `max_steps_per_epoch`.
 pub fn epoch_batches(
     split: &EncodedSplit,
     config: &JobConfig,
@@ -115,19 +115,10 @@ pub fn epoch_batches(
     rank: usize,
     epoch: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    let t = &config.train;
-    let plan = ShardPlan::new(split.len(), world_size, t.batch_size, t.seed, epoch as u64)?;
-    let mut batches = plan_batches(
-        split,
-        plan.rank(rank),
-        t.batch_size,
-        t.batch_order,
-        t.bucket_pool,
-        t.seed,
-        epoch as u64,
-    );
-    if t.max_steps_per_epoch > 0 {
-        batches.truncate(t.max_steps_per_epoch);
+    let plan = ShardPlan::for_epoch(split, world_size, &config.train, config.data.max_len, epoch as u64)?;
+    let mut batches = plan.rank_batches(rank);
+    if config.train.max_steps_per_epoch > 0 {
+        batches.truncate(config.train.max_steps_per_epoch);
     }
     Ok(batches)
 }

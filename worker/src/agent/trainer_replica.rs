@@ -1,13 +1,13 @@
 //! [`Replica`] for the tch [`Trainer`]: what `worker join` runs. The batches of an epoch are
-//! formed exactly as `worker train` forms them (`plan_batches` over the shard in the shard
-//! plan's order, then `collate`), so a rank's steps match the single-process run's.
+//! formed exactly as `worker train` forms them (consecutive runs of the shard, which comes in
+//! `ShardPlan::for_epoch` order, then `collate`), so a rank's steps match the single-process run's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use trainer_core::batch::{collate, plan_batches};
+use trainer_core::batch::collate;
 use trainer_core::EncodedSplit;
 
 use super::{EpochReport, EvalCounts, JobInfo, Replica, StepReport};
@@ -109,9 +109,10 @@ impl Replica for TrainerReplica {
     ) -> anyhow::Result<EpochReport> {
         let c = &self.job.config;
         let t = &c.train;
+        // The shard arrives in plan order (random or length-bucketed global batches, split
+        // across ranks), so its batches are consecutive runs of batch_size samples.
         let order: Vec<u32> = (0..shard.len() as u32).collect();
-        let mut batches =
-            plan_batches(shard, &order, t.batch_size, t.batch_order, t.bucket_pool, t.seed, epoch);
+        let mut batches: Vec<Vec<u32>> = order.chunks(t.batch_size).map(<[u32]>::to_vec).collect();
         batches.truncate(self.job.steps_per_epoch);
         if batches.len() != self.job.steps_per_epoch {
             anyhow::bail!(

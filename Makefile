@@ -8,8 +8,13 @@ CARGO ?= cargo
 IMDB_DATA ?= $(wildcard $(abspath $(CURDIR)/../shared/data/aclImdb_labelled.tar.gz))
 export IMDB_DATA
 RUN_OUT ?= runs/demo
+# One worker per GPU on a GPU machine (the job config's device is auto), else two CPU workers.
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+WORKERS ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
+RUN_CONFIG ?= configs/cpu-demo.toml
+BENCH_ARGS ?=
 
-.PHONY: bootstrap build run test fmt lint bench clean-runs
+.PHONY: bootstrap build run data test fmt lint bench bench-quick clean-runs
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -18,6 +23,10 @@ build: bootstrap
 	$(CARGO) build --release --bins
 
 run: build
+	./target/release/coordinator --workers $(WORKERS) --config $(RUN_CONFIG) --out $(RUN_OUT) \
+	  $(if $(IMDB_DATA),--data $(IMDB_DATA))
+
+data: build
 	./target/release/coordinator data $(if $(IMDB_DATA),--data $(IMDB_DATA))
 
 test: bootstrap
@@ -32,9 +41,14 @@ fmt:
 lint: bootstrap
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Ours against the PyTorch reference (bench/reference), one table in bench/RESULTS.md.
 bench: build
-	$(CARGO) build --release -p trainer-bench
-	./target/release/pipeline_bench $(if $(IMDB_DATA),--data $(IMDB_DATA))
+	scripts/bench_env.sh
+	$(CARGO) build --release -p trainer-bench -p worker --bins
+	python3 bench/run_bench.py $(if $(IMDB_DATA),--data $(IMDB_DATA)) $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS="--reps 1 --steps 50 --sections pipeline,train1,train2,allreduce"
 
 clean-runs:
 	rm -rf runs

@@ -330,14 +330,27 @@ fn a_dead_coordinator_makes_workers_exit_and_ctrl_c_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // SIGINT (Ctrl-C): workers stopped, exit code 130, the checkpoint still loads.
+    // SIGINT (Ctrl-C) once a checkpoint exists: workers stopped, exit code 130, and the
+    // checkpoint is still a complete file.
     let dir = tempfile::tempdir().unwrap();
     let marker = format!("sigint-{}", std::process::id());
-    let (mut child, _ranks, _rx) = start_long_job(dir.path(), &data, &marker);
+    let (mut child, _ranks, rx) = start_long_job(dir.path(), &data, &marker);
+    let checkpoint = dir.path().join("run").join("checkpoint.safetensors");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !checkpoint.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint after 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Interrupt in the middle of a later epoch.
+    std::thread::sleep(Duration::from_millis(700));
     send_signal(child.id(), libc::SIGINT);
     let status = wait_exit(&mut child, Duration::from_secs(20));
-    assert_eq!(status.code(), Some(130));
+    assert_eq!(status.code(), Some(130), "{}", rx.try_iter().collect::<Vec<_>>().join("\n"));
     assert_none_left(&marker);
+    let bytes = std::fs::read(&checkpoint).expect("checkpoint kept");
+    let tensors =
+        safetensors::SafeTensors::deserialize(&bytes).expect("the checkpoint is a whole safetensors file");
+    assert!(tensors.names().iter().any(|n| n.contains("embedding")), "{:?}", tensors.names());
 }
 
 /// Sends `signal` to `pid`.

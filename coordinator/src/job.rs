@@ -15,6 +15,8 @@ pub struct JobData {
     pub world_size: usize,
     pub splits: JobSplits,
     pub vocab_size: usize,
+    /// The vocabulary's fingerprint, which workers write into checkpoints.
+    pub vocab_fingerprint: String,
     /// Steps every rank runs per epoch: the shard plan's batches per rank, capped by
     /// `train.max_steps_per_epoch`.
     pub steps_per_epoch: usize,
@@ -31,7 +33,14 @@ impl JobData {
         if config.train.max_steps_per_epoch > 0 {
             steps_per_epoch = steps_per_epoch.min(config.train.max_steps_per_epoch);
         }
-        Ok(Self { vocab_size: corpus.vocab.len(), config, world_size, splits, steps_per_epoch })
+        Ok(Self {
+            vocab_size: corpus.vocab.len(),
+            vocab_fingerprint: corpus.vocab.fingerprint(),
+            config,
+            world_size,
+            splits,
+            steps_per_epoch,
+        })
     }
 
     /// The split and the indices into it that `rank` gets; `None` for an unknown split.

@@ -303,6 +303,7 @@ impl Coordinator for CoordinatorService {
             worker_token: token,
             job_config_toml: sh.config_toml.clone(),
             vocab_size: sh.data.vocab_size as u32,
+            vocab_fingerprint: sh.data.vocab_fingerprint.clone(),
             heartbeat_interval_ms: millis(sh.timing.heartbeat_interval),
             heartbeat_timeout_ms: millis(sh.timing.heartbeat_timeout),
             rendezvous_timeout_ms: millis(sh.timing.rendezvous_timeout),

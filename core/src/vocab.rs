@@ -73,6 +73,19 @@ impl Vocab {
         &self.words
     }
 
+    /// `<size>:<FNV-1a of the words in id order>`: checkpoints record it, so that a model is
+    /// never resumed or served with another vocabulary.
+    pub fn fingerprint(&self) -> String {
+        let mut hash: u64 = 0xCBF2_9CE4_8422_2325;
+        for word in &self.words {
+            for &b in word.as_bytes().iter().chain(b"\n") {
+                hash ^= u64::from(b);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
+            }
+        }
+        format!("{}:{hash:016x}", self.words.len())
+    }
+
     /// One word per line, in id order. Words never contain whitespace, so lines are unambiguous.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut text = String::with_capacity(self.words.iter().map(|w| w.len() + 1).sum());

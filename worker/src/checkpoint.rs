@@ -102,14 +102,7 @@ pub struct Checkpoint {
 
 /// FNV-1a of the vocabulary's words in id order: two runs share it iff they share the vocab.
 pub fn vocab_fingerprint(vocab: &Vocab) -> String {
-    let mut hash: u64 = 0xCBF2_9CE4_8422_2325;
-    for word in vocab.words() {
-        for &b in word.as_bytes().iter().chain(b"\n") {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01B3);
-        }
-    }
-    format!("{}:{hash:016x}", vocab.len())
+    vocab.fingerprint()
 }
 
 struct RawF32 {

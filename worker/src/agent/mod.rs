@@ -154,6 +154,8 @@ pub struct JobInfo {
     pub config: JobConfig,
     /// Vocabulary size including the specials.
     pub vocab_size: usize,
+    /// The vocabulary's fingerprint, written into checkpoints.
+    pub vocab_fingerprint: String,
     /// Steps every rank runs per epoch (already capped by `train.max_steps_per_epoch`).
     pub steps_per_epoch: usize,
 }
@@ -397,6 +399,7 @@ impl Agent {
             attempt: reply.attempt,
             config,
             vocab_size: reply.vocab_size as usize,
+            vocab_fingerprint: reply.vocab_fingerprint,
             steps_per_epoch: reply.steps_per_epoch as usize,
         };
         tracing::info!(rank = job.rank, world = job.world_size, "registered");

@@ -173,7 +173,7 @@ impl Replica for TrainerReplica {
         // fingerprint is not known here (the vocab stays with the coordinator).
         let trainer = &self.trainer;
         self.to_bytes("checkpoint.safetensors", |p| {
-            save_checkpoint(trainer, p, position, &LoopState::default(), "unknown")
+            save_checkpoint(trainer, p, position, &LoopState::default(), &self.job.vocab_fingerprint)
         })
     }
 }

@@ -102,6 +102,16 @@ pub struct ConfigArgs {
     pub max_steps_per_epoch: Option<usize>,
 }
 
+/// A duration flag given in seconds (`--heartbeat-timeout 10`): more than 0, at most a day.
+/// `flag` is its name without the dashes.
+pub fn seconds_flag(flag: &str, value: f64) -> Result<std::time::Duration, String> {
+    if value > 0.0 && value <= 86_400.0 {
+        Ok(std::time::Duration::from_secs_f64(value))
+    } else {
+        Err(format!("--{flag} must be between 0 and 86400 seconds, got {value}"))
+    }
+}
+
 fn parse_batch_order(s: &str) -> Result<BatchOrder, String> {
     match s {
         "unsorted" => Ok(BatchOrder::Unsorted),
@@ -155,5 +165,16 @@ mod tests {
         assert_eq!((c.train.batch_size, c.data.min_freq), (64, 3));
         let bad = ConfigArgs { min_freq: Some(0), ..Default::default() };
         assert!(bad.resolve().unwrap_err().to_string().contains("data.min_freq"));
+    }
+
+    #[test]
+    fn seconds_flags_are_positive_and_bounded() {
+        assert_eq!(seconds_flag("t", 1.5).unwrap(), std::time::Duration::from_millis(1500));
+        for bad in [0.0, -1.0, 86_401.0, f64::NAN] {
+            assert_eq!(
+                seconds_flag("t", bad).unwrap_err(),
+                format!("--t must be between 0 and 86400 seconds, got {bad}")
+            );
+        }
     }
 }

@@ -337,11 +337,9 @@ fn devices() -> Vec<Device> {
     devices
 }
 
+/// `--flag SECONDS`, checked by the shared rule of `trainer_core::cli::seconds_flag`.
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
-    if !(value > 0.0 && value <= 86_400.0) {
-        bail!("--{flag} must be between 0 and 86400 seconds, got {value}");
-    }
-    Ok(Duration::from_secs_f64(value))
+    trainer_core::cli::seconds_flag(flag, value).map_err(anyhow::Error::msg)
 }
 
 impl Agent {

@@ -12,9 +12,10 @@
 //! its result bit for bit against the ring order computed locally and prints a checksum;
 //! the launcher fails if any rank failed, is inexact, or differs from another.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -256,6 +257,7 @@ fn run_launcher(args: &Args) -> anyhow::Result<()> {
     let token = format!("ring-bench-{}-{nanos}", std::process::id());
     let mut children = Children(Vec::new());
     let mut pipes: Vec<(ChildStdin, BufReader<ChildStdout>)> = Vec::new();
+    let mut stderr_readers: Vec<JoinHandle<String>> = Vec::new();
     for rank in 0..args.world {
         let mut command = Command::new(&exe);
         command
@@ -269,13 +271,21 @@ fn run_launcher(args: &Args) -> anyhow::Result<()> {
             .env(TOKEN_ENV, &token)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            // Piped, not inherited: ranks that fail together would interleave their
+            // messages mid-line on a shared stderr.
+            .stderr(Stdio::piped());
         if let Some(stall) = args.stall_rank {
             command.args(["--stall-rank", &stall.to_string()]);
         }
         let mut child = command.spawn().with_context(|| format!("starting rank {rank}"))?;
         let stdin = child.stdin.take().context("child stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("child stdout")?);
+        let mut stderr = child.stderr.take().context("child stderr")?;
+        stderr_readers.push(std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        }));
         children.0.push(child);
         pipes.push((stdin, stdout));
     }
@@ -304,14 +314,17 @@ fn run_launcher(args: &Args) -> anyhow::Result<()> {
         results.push((rank, line.trim().to_string()));
     }
     let mut failed = Vec::new();
-    for (rank, child) in children.0.iter_mut().enumerate() {
+    for ((rank, child), stderr) in children.0.iter_mut().enumerate().zip(stderr_readers) {
         let status = child.wait()?;
+        let stderr = stderr.join().unwrap_or_default();
         if !status.success() {
-            failed.push(format!("rank {rank} ({status})"));
+            failed.push(format!("rank {rank} ({status}): {}", stderr.trim()));
+        } else if !stderr.trim().is_empty() {
+            eprintln!("rank {rank}: {}", stderr.trim());
         }
     }
     if !failed.is_empty() {
-        bail!("{} failed: see their errors above", failed.join(", "));
+        bail!("{}", failed.join("\n"));
     }
 
     println!(

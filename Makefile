@@ -6,7 +6,11 @@ CARGO ?= cargo
 # The shared corpus when it sits beside the project (development machines, CI); otherwise
 # empty, and the binaries download and check the official tarball themselves.
 IMDB_DATA ?= $(wildcard $(abspath $(CURDIR)/../shared/data/aclImdb_labelled.tar.gz))
+ifeq ($(strip $(IMDB_DATA)),)
+unexport IMDB_DATA
+else
 export IMDB_DATA
+endif
 RUN_OUT ?= runs/demo
 # One worker per GPU on a GPU machine (the job config's device is auto), else two CPU workers.
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')

@@ -46,8 +46,8 @@ fn init_tracing(output: progress::Output) {
 
 fn main() -> ExitCode {
     let output = progress::Output::default();
+    let cli: Cli = trainer_core::cli::parse_treating_empty_env_as_unset();
     init_tracing(output.clone());
-    let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Data(cmd)) => data_cmd::run(&cmd),
         None => train_cmd::run(cli.train, output),

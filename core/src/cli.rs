@@ -112,6 +112,29 @@ pub fn seconds_flag(flag: &str, value: f64) -> Result<std::time::Duration, Strin
     }
 }
 
+/// Parses the command line as `P::parse()` does, except that a flag's env var set to the
+/// empty string counts as unset, as shells and Make treat it: `IMDB_DATA= coordinator` (or
+/// a Makefile exporting an empty `IMDB_DATA`) means "no --data", not "--data with no value".
+pub fn parse_treating_empty_env_as_unset<P: clap::Parser>() -> P {
+    let command = P::command();
+    let mut names = Vec::new();
+    collect_env_names(&command, &mut names);
+    for name in names {
+        if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
+            // Called first thing in main, before any other thread exists.
+            std::env::remove_var(&name);
+        }
+    }
+    P::parse()
+}
+
+fn collect_env_names(command: &clap::Command, names: &mut Vec<std::ffi::OsString>) {
+    names.extend(command.get_arguments().filter_map(|a| a.get_env()).map(|n| n.to_os_string()));
+    for sub in command.get_subcommands() {
+        collect_env_names(sub, names);
+    }
+}
+
 fn parse_batch_order(s: &str) -> Result<BatchOrder, String> {
     match s {
         "unsorted" => Ok(BatchOrder::Unsorted),
@@ -165,6 +188,28 @@ mod tests {
         assert_eq!((c.train.batch_size, c.data.min_freq), (64, 3));
         let bad = ConfigArgs { min_freq: Some(0), ..Default::default() };
         assert!(bad.resolve().unwrap_err().to_string().contains("data.min_freq"));
+    }
+
+    #[test]
+    fn env_names_are_collected_from_subcommands_too() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            data: DataArgs,
+            #[command(subcommand)]
+            command: Option<Sub>,
+        }
+        #[derive(clap::Subcommand)]
+        enum Sub {
+            Run {
+                #[arg(long, env = "TEST_ONLY_NESTED_ENV")]
+                nested: Option<String>,
+            },
+        }
+        let mut names = Vec::new();
+        collect_env_names(&<Cli as clap::CommandFactory>::command(), &mut names);
+        assert!(names.iter().any(|n| n == "IMDB_DATA"), "{names:?}");
+        assert!(names.iter().any(|n| n == "TEST_ONLY_NESTED_ENV"), "{names:?}");
     }
 
     #[test]

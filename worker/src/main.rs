@@ -236,8 +236,8 @@ fn bench_collective(cmd: &BenchCollectiveCmd) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    let cli: Cli = trainer_core::cli::parse_treating_empty_env_as_unset();
     init_tracing();
-    let cli = Cli::parse();
     if cli.threads > 0 {
         tch::set_num_threads(cli.threads.min(1024) as i32);
     }

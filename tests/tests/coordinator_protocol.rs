@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tonic::service::interceptor::InterceptedService;
@@ -23,94 +21,15 @@ use trainer_proto::v1::{
     WorkerIdentity, WorkerMessage,
 };
 use trainer_proto::{ClientAuth, JobSecret, PROTOCOL_VERSION};
+use trainer_tests::ExternalCoordinator;
 
 const SECRET: &str = "protocol-test-secret-c0ffee";
 
-/// 50 train and 20 test reviews per label, in the official layout.
-fn write_corpus(dir: &Path) -> PathBuf {
-    let words = ["good", "bad", "film", "plot", "great", "awful", "actor", "scene"];
-    for (split, per_label) in [("train", 50), ("test", 20)] {
-        for (label, rating) in [("pos", 9), ("neg", 2)] {
-            let folder = dir.join("aclImdb").join(split).join(label);
-            std::fs::create_dir_all(&folder).unwrap();
-            for i in 0..per_label {
-                let text: Vec<&str> = (0..2 + i % 5).map(|k| words[(i + k * 3) % words.len()]).collect();
-                std::fs::write(folder.join(format!("{i}_{rating}.txt")), text.join(" ")).unwrap();
-            }
-        }
-    }
-    dir.join("aclImdb")
-}
-
-struct Coordinator {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    addr: Option<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Coordinator {
-    fn start(workers: usize, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let data = write_corpus(dir.path());
-        let mut child = Command::new(common::bin("coordinator"))
-            .args(["--workers", &workers.to_string(), "--external-workers"])
-            .args(["--batch-size", "4", "--epochs", "1", "--no-cache"])
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(dir.path().join("run"))
-            .args(extra)
-            .env("TRAINER_JOB_SECRET", SECRET)
-            .env("RUST_LOG", "debug")
-            .env_remove("TRAINER_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let reader = BufReader::new(child.stderr.take().unwrap());
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                if let Some(at) = line.find("advertise=") {
-                    let addr: String = line[at + 10..].split_whitespace().next().unwrap_or("").into();
-                    let _ = addr_tx.send(addr);
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(60)).ok();
-        Self { child, stderr, addr, _dir: dir }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr.as_deref().expect("the coordinator printed no address"))
-    }
-
-    fn wait(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                return (status, start.elapsed());
-            }
-            assert!(start.elapsed() < limit, "coordinator still running after {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The coordinator with --external-workers on 50 train and 20 test synthetic reviews per
+/// label, batch 4, one epoch.
+fn start_coordinator(workers: usize, extra: &[&str]) -> ExternalCoordinator {
+    let args = [&["--batch-size", "4", "--epochs", "1"][..], extra].concat();
+    ExternalCoordinator::start(&common::bin("coordinator"), workers, SECRET, (50, 20), &args)
 }
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
@@ -139,8 +58,8 @@ fn identity(r: &RegisterResponse) -> WorkerIdentity {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
-    let mut coord = Coordinator::start(2, &["--register-timeout", "120", "--rendezvous-timeout", "20"]);
-    let url = coord.url();
+    let mut coord = start_coordinator(2, &["--register-timeout", "120", "--rendezvous-timeout", "20"]);
+    let url = format!("http://{}", coord.addr());
 
     // Health: SERVING with the secret; nothing without it or with a wrong one.
     let mut health = HealthClient::with_interceptor(
@@ -297,7 +216,7 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
     let e = c.session(tokio_stream::iter(vec![hello])).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
-    let _ = coord.child.kill();
+    coord.kill();
     coord.wait(Duration::from_secs(10));
     assert!(!coord.stderr().contains(SECRET), "the secret leaked into the coordinator's log");
 }
@@ -312,7 +231,7 @@ fn toml_config(text: &str) -> trainer_core::JobConfig {
 
 #[test]
 fn external_workers_that_never_come_time_out_with_a_clear_message() {
-    let mut coord = Coordinator::start(3, &["--register-timeout", "2"]);
+    let mut coord = start_coordinator(3, &["--register-timeout", "2"]);
     let (status, took) = coord.wait(Duration::from_secs(30));
     let stderr = coord.stderr();
     assert!(!status.success());
@@ -361,7 +280,7 @@ fn script(dir: &Path, body: &str) -> PathBuf {
 
 fn local_coordinator(worker_bin: &Path, extra: &[&str]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
-    let data = write_corpus(dir.path());
+    let data = trainer_tests::write_synthetic_corpus(dir.path(), 50, 20);
     Command::new(common::bin("coordinator"))
         .args(["--workers", "2", "--batch-size", "4", "--epochs", "1", "--no-cache"])
         .arg("--data")
@@ -421,7 +340,7 @@ fn ctrl_c_stops_the_local_workers_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let pids = dir.path().join("pids");
     let bin = script(dir.path(), &format!("echo $$ >> {}; exec sleep 300", pids.display()));
-    let data = write_corpus(dir.path());
+    let data = trainer_tests::write_synthetic_corpus(dir.path(), 50, 20);
     let child = Command::new(common::bin("coordinator"))
         .args([
             "--workers",

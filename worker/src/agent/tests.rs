@@ -3,13 +3,13 @@
 //! download, rendezvous, the session, epochs, evaluation, uploads and failures, without
 //! libtorch models. Skipped (with a line saying so) when the coordinator binary is not built.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tch::Tensor;
+
+use trainer_tests::ExternalCoordinator;
 
 use super::*;
 
@@ -26,91 +26,16 @@ fn coordinator_bin() -> Option<PathBuf> {
     }
 }
 
-/// A tiny corpus in the official layout: 60 train and 20 test reviews per label.
-fn write_corpus(dir: &Path) -> PathBuf {
-    let words = ["good", "bad", "film", "plot", "great", "awful", "actor", "scene", "fine", "dull"];
-    for (split, per_label) in [("train", 60), ("test", 20)] {
-        for (label, rating) in [("pos", 8), ("neg", 3)] {
-            let folder = dir.join("aclImdb").join(split).join(label);
-            std::fs::create_dir_all(&folder).unwrap();
-            for i in 0..per_label {
-                let text: Vec<&str> = (0..3 + i % 7).map(|k| words[(i * 7 + k * 3) % words.len()]).collect();
-                std::fs::write(folder.join(format!("{i}_{rating}.txt")), text.join(" ")).unwrap();
-            }
-        }
-    }
-    dir.join("aclImdb")
-}
-
-struct Coordinator {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    addr: String,
-    out: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Coordinator {
-    fn start(workers: usize, extra: &[&str]) -> Option<Self> {
-        let bin = coordinator_bin()?;
-        let dir = tempfile::tempdir().unwrap();
-        let data = write_corpus(dir.path());
-        let out = dir.path().join("run");
-        let mut child = Command::new(bin)
-            .args(["--workers", &workers.to_string(), "--external-workers", "--register-timeout", "20"])
-            .args(["--batch-size", "4", "--epochs", "2", "--val-fraction", "0.2", "--no-cache"])
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&out)
-            .args(extra)
-            .env("TRAINER_JOB_SECRET", SECRET)
-            .env("RUST_LOG", "debug")
-            .env_remove("TRAINER_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let reader = BufReader::new(child.stderr.take().unwrap());
-        let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
-            for line in reader.lines().map_while(Result::ok) {
-                if let Some(at) = line.find("advertise=") {
-                    let addr: String = line[at + 10..].split_whitespace().next().unwrap_or("").into();
-                    let _ = addr_tx.send(addr);
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = addr_rx.recv_timeout(Duration::from_secs(60)).expect("coordinator address");
-        Some(Self { child, stderr, addr, out, _dir: dir })
-    }
-
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader thread drain the pipe.
-                std::thread::sleep(Duration::from_millis(100));
-                return status;
-            }
-            assert!(start.elapsed() < limit, "coordinator still running after {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The coordinator with --external-workers on 60 train and 20 test synthetic reviews per
+/// label, batch 4, two epochs, 20% validation; None (skipped) when it is not built.
+fn start_coordinator(workers: usize, extra: &[&str]) -> Option<ExternalCoordinator> {
+    let bin = coordinator_bin()?;
+    let args = [
+        &["--register-timeout", "20", "--batch-size", "4", "--epochs", "2", "--val-fraction", "0.2"][..],
+        extra,
+    ]
+    .concat();
+    Some(ExternalCoordinator::start(&bin, workers, SECRET, (60, 20), &args))
 }
 
 /// What a toy replica saw, for the assertions.
@@ -268,10 +193,10 @@ fn run_agents(
 
 #[test]
 fn agents_train_a_job_with_the_real_coordinator() {
-    let Some(mut coord) = Coordinator::start(2, &[]) else { return };
-    let handles = run_agents(&coord.addr, 2, None, Duration::ZERO);
+    let Some(mut coord) = start_coordinator(2, &[]) else { return };
+    let handles = run_agents(coord.addr(), 2, None, Duration::ZERO);
     let results: Vec<AgentResult> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let status = coord.wait(Duration::from_secs(60));
+    let (status, _) = coord.wait(Duration::from_secs(60));
     let stderr = coord.stderr();
     for (r, _) in &results {
         assert!(r.is_ok(), "agent failed: {r:?}\n{stderr}");
@@ -329,10 +254,10 @@ fn agents_train_a_job_with_the_real_coordinator() {
 
 #[test]
 fn a_failing_replica_stops_the_job_and_names_its_rank() {
-    let Some(mut coord) = Coordinator::start(2, &[]) else { return };
-    let handles = run_agents(&coord.addr, 2, Some((1, 0, 3)), Duration::ZERO);
+    let Some(mut coord) = start_coordinator(2, &[]) else { return };
+    let handles = run_agents(coord.addr(), 2, Some((1, 0, 3)), Duration::ZERO);
     let results: Vec<AgentResult> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let status = coord.wait(Duration::from_secs(60));
+    let (status, _) = coord.wait(Duration::from_secs(60));
     let stderr = coord.stderr();
     assert!(!status.success());
     assert!(stderr.contains("rank 1") && stderr.contains("toy failure at step 3"), "{stderr}");
@@ -344,11 +269,11 @@ fn a_failing_replica_stops_the_job_and_names_its_rank() {
 
 #[test]
 fn agents_exit_within_the_heartbeat_timeout_when_the_coordinator_dies() {
-    let Some(mut coord) = Coordinator::start(2, &["--heartbeat-timeout", "2", "--heartbeat-interval", "0.5"])
+    let Some(mut coord) = start_coordinator(2, &["--heartbeat-timeout", "2", "--heartbeat-interval", "0.5"])
     else {
         return;
     };
-    let handles = run_agents(&coord.addr, 2, None, Duration::from_millis(300));
+    let handles = run_agents(coord.addr(), 2, None, Duration::from_millis(300));
     // Let the job reach the training phase, then kill the coordinator outright.
     let start = Instant::now();
     while !coord.stderr().contains("epoch started") && !coord.stderr().contains("all replicas ready") {
@@ -356,7 +281,7 @@ fn agents_exit_within_the_heartbeat_timeout_when_the_coordinator_dies() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
-    coord.child.kill().unwrap();
+    coord.kill();
     let killed = Instant::now();
     for h in handles {
         let (result, _) = h.join().unwrap();
@@ -381,10 +306,10 @@ fn trainer_replicas_stay_identical_and_runs_repeat() {
     .unwrap();
     let mut finals = Vec::new();
     for _ in 0..2 {
-        let Some(mut coord) = Coordinator::start(2, &["--config", config.to_str().unwrap()]) else { return };
+        let Some(mut coord) = start_coordinator(2, &["--config", config.to_str().unwrap()]) else { return };
         let handles: Vec<_> = (0..2)
             .map(|_| {
-                let args = join_args(&coord.addr);
+                let args = join_args(coord.addr());
                 std::thread::spawn(move || {
                     run_agent(&args, |job: &JobInfo, c: Box<dyn Collective>| {
                         // Both replicas live in this one process and libtorch's generator is
@@ -405,7 +330,7 @@ fn trainer_replicas_stay_identical_and_runs_repeat() {
             let r = h.join().unwrap();
             assert!(r.is_ok(), "{r:?}\n{}", coord.stderr());
         }
-        assert!(coord.wait(Duration::from_secs(120)).success(), "{}", coord.stderr());
+        assert!(coord.wait(Duration::from_secs(120)).0.success(), "{}", coord.stderr());
         let summary: serde_json::Value =
             serde_json::from_slice(&std::fs::read(coord.out.join("summary.json")).unwrap()).unwrap();
         let sums = summary["replica_checksums"].as_array().unwrap().clone();

@@ -289,6 +289,27 @@ fn validate(
     Ok(())
 }
 
+/// Test support: binds `world` listeners on 127.0.0.1 and connects them all into one ring,
+/// one thread per rank; the ranks in rank order.
+#[cfg(test)]
+pub(crate) fn connect_local_ring(world: usize, options: RingOptions) -> Vec<RingCollective> {
+    let localhost = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listeners: Vec<RingListener> =
+        (0..world).map(|_| RingListener::bind(localhost).expect("bind")).collect();
+    let peers: Vec<SocketAddr> = listeners.iter().map(RingListener::local_addr).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let (peers, options) = (&peers, options.clone());
+                scope.spawn(move || RingCollective::connect(listener, rank, world, peers, options))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread").expect("connect")).collect()
+    })
+}
+
 /// The exact result [`RingCollective::all_reduce_mean_slice`] gives for `inputs` (one
 /// buffer per rank, in rank order, all of one length), computed in this process with the
 /// ring's summation order. For tests and checks.

@@ -17,21 +17,8 @@ fn options(timeout: Duration, chunk_bytes: usize) -> RingOptions {
     RingOptions { timeout, connect_timeout: Duration::from_secs(10), chunk_bytes, ..RingOptions::new(TOKEN) }
 }
 
-/// Binds `world` listeners and connects them all, one thread per rank.
 fn ring(world: usize, options: RingOptions) -> Vec<RingCollective> {
-    let listeners: Vec<RingListener> = (0..world).map(|_| RingListener::bind(localhost()).unwrap()).collect();
-    let peers: Vec<SocketAddr> = listeners.iter().map(RingListener::local_addr).collect();
-    thread::scope(|scope| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, listener)| {
-                let (peers, options) = (&peers, options.clone());
-                scope.spawn(move || RingCollective::connect(listener, rank, world, peers, options))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
-    })
+    connect_local_ring(world, options)
 }
 
 /// Runs `f(rank, ring)` on every rank at once and returns the results in rank order.

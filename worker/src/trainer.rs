@@ -301,8 +301,8 @@ impl Trainer {
     /// With several ranks only the embedding rows that some rank's batch used travel: every
     /// other row is zero on every rank, so its mean is zero too. The ranks first agree on
     /// that set of rows (an all-reduce of a vocabulary-sized 0/1 mask, identical bits
-    /// everywhere), then reduce one compact buffer. With a 25k vocabulary and batches of 64
-    /// reviews that is about a fifth of the rows, and the embedding is nearly all of the model.
+    /// everywhere), then reduce one compact buffer. For cpu-demo on two ranks that is 16% of
+    /// the rows, and the embedding is nearly all of the model (bench/embedding_rows.py).
     fn reduce_and_clip_gradients(&mut self, token_ids: &Tensor) -> Result<f64> {
         let clip = self.config.train.clip_norm;
         if self.collective.world_size() > 1 {

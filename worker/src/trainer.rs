@@ -341,7 +341,8 @@ impl Trainer {
         let embed_dim = embedding.1.size()[1];
         let used_rows = embedding_grad.f_index_select(0, rows)?;
         let head = used_rows.numel() as i64;
-        let rest_len: i64 = rest.iter().map(|(_, p)| p.numel() as i64).sum();
+        // Everything but the embedding: the dense buffer's length less the embedding's.
+        let rest_len = self.flat_grad.numel() as i64 - embedding.1.numel() as i64;
         let mut compact = Tensor::f_empty([head + rest_len], (Kind::Float, self.device()))?;
         compact.f_narrow(0, 0, head)?.f_copy_(&used_rows.f_reshape([-1i64])?)?;
         copy_gradients_into(rest, &mut compact, head)?;

@@ -17,10 +17,6 @@ fn options(timeout: Duration, chunk_bytes: usize) -> RingOptions {
     RingOptions { timeout, connect_timeout: Duration::from_secs(10), chunk_bytes, ..RingOptions::new(TOKEN) }
 }
 
-fn ring(world: usize, options: RingOptions) -> Vec<RingCollective> {
-    connect_local_ring(world, options)
-}
-
 /// Runs `f(rank, ring)` on every rank at once and returns the results in rank order.
 fn on_every_rank<R: Send>(
     rings: &mut [RingCollective],
@@ -88,7 +84,7 @@ fn check_all_reduce(world: usize, len: usize, outputs: &[Vec<f32>], inputs: &[Ve
 #[test]
 fn all_reduce_equals_the_naive_mean_for_world_sizes_1_to_8() {
     for world in 1..=8 {
-        let mut rings = ring(world, options(Duration::from_secs(10), 4096));
+        let mut rings = connect_local_ring(world, options(Duration::from_secs(10), 4096));
         for (salt, len) in [0usize, 1, 7, 1000, 4099].into_iter().enumerate() {
             let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len, salt as u64)).collect();
             let outputs = all_reduce(&mut rings, &inputs);
@@ -102,7 +98,7 @@ fn all_reduce_equals_the_naive_mean_for_world_sizes_1_to_8() {
 #[test]
 fn all_reduce_with_chunks_that_split_elements() {
     for world in [2, 3, 5] {
-        let mut rings = ring(world, options(Duration::from_secs(10), 10));
+        let mut rings = connect_local_ring(world, options(Duration::from_secs(10), 10));
         for len in [3usize, 1000] {
             let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len, 7)).collect();
             let outputs = all_reduce(&mut rings, &inputs);
@@ -117,8 +113,9 @@ fn all_reduce_gives_the_same_bits_on_two_independent_runs() {
     let len = 100_003;
     let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len, 42)).collect();
     // Different chunk sizes change the timing and interleaving of every transfer.
-    let first = all_reduce(&mut ring(world, options(Duration::from_secs(10), 4096)), &inputs);
-    let second = all_reduce(&mut ring(world, options(Duration::from_secs(10), 1 << 20)), &inputs);
+    let first = all_reduce(&mut connect_local_ring(world, options(Duration::from_secs(10), 4096)), &inputs);
+    let second =
+        all_reduce(&mut connect_local_ring(world, options(Duration::from_secs(10), 1 << 20)), &inputs);
     for rank in 0..world {
         assert_eq!(bits(&first[rank]), bits(&second[rank]), "rank {rank}");
     }
@@ -128,7 +125,7 @@ fn all_reduce_gives_the_same_bits_on_two_independent_runs() {
 #[test]
 fn broadcast_copies_the_root_buffer_to_every_rank() {
     for world in [1, 2, 3, 5] {
-        let mut rings = ring(world, options(Duration::from_secs(10), 1000));
+        let mut rings = connect_local_ring(world, options(Duration::from_secs(10), 1000));
         for root in 0..world {
             for len in [0usize, 3, 4099] {
                 let outputs = on_every_rank(&mut rings, |rank, ring| {
@@ -147,7 +144,7 @@ fn broadcast_copies_the_root_buffer_to_every_rank() {
 
 #[test]
 fn barrier_returns_only_after_every_rank_arrived() {
-    let mut rings = ring(3, options(Duration::from_secs(10), 4096));
+    let mut rings = connect_local_ring(3, options(Duration::from_secs(10), 4096));
     let late = Duration::from_millis(300);
     let waited = on_every_rank(&mut rings, |rank, ring| {
         if rank == 2 {
@@ -185,7 +182,7 @@ fn world_size_one_needs_no_peer_and_changes_nothing() {
 #[test]
 fn a_stalled_peer_makes_the_op_time_out_naming_it() {
     let timeout = Duration::from_millis(500);
-    let mut rings = ring(3, options(timeout, 4096));
+    let mut rings = connect_local_ring(3, options(timeout, 4096));
     let stalled = rings.pop().unwrap();
     let results = on_every_rank(&mut rings, |rank, ring| {
         let mut buffer = input(rank, 1000, 0);
@@ -218,7 +215,7 @@ fn a_stalled_peer_makes_the_op_time_out_naming_it() {
 #[test]
 fn a_stalled_receiver_makes_a_large_send_time_out() {
     let timeout = Duration::from_millis(500);
-    let mut rings = ring(2, options(timeout, 1 << 20));
+    let mut rings = connect_local_ring(2, options(timeout, 1 << 20));
     let stalled = rings.pop().unwrap();
     let mut buffer = vec![1.0f32; 8 << 20];
     let start = Instant::now();
@@ -233,7 +230,7 @@ fn a_stalled_receiver_makes_a_large_send_time_out() {
 
 #[test]
 fn a_peer_that_disconnects_gives_a_peer_error() {
-    let mut rings = ring(2, options(Duration::from_secs(10), 4096));
+    let mut rings = connect_local_ring(2, options(Duration::from_secs(10), 4096));
     drop(rings.pop());
     let start = Instant::now();
     let error = rings[0].all_reduce_mean_slice(&mut [1.0; 1000]).unwrap_err();
@@ -245,7 +242,7 @@ fn a_peer_that_disconnects_gives_a_peer_error() {
 
 #[test]
 fn ranks_that_disagree_on_the_op_fail_with_a_clear_error() {
-    let mut rings = ring(2, options(Duration::from_secs(10), 4096));
+    let mut rings = connect_local_ring(2, options(Duration::from_secs(10), 4096));
     let results = on_every_rank(&mut rings, |rank, ring| {
         let mut buffer = vec![1.0f32; 10 + rank * 2];
         ring.all_reduce_mean_slice(&mut buffer).map_err(|e| e.to_string())
@@ -348,7 +345,7 @@ fn waiting_for_a_peer_that_never_comes_times_out_and_lists_refusals() {
 #[test]
 fn tensors_are_reduced_in_place_and_bad_tensors_are_refused() {
     tch::set_num_threads(1);
-    let mut rings = ring(2, options(Duration::from_secs(10), 4096));
+    let mut rings = connect_local_ring(2, options(Duration::from_secs(10), 4096));
     let inputs: Vec<Vec<f32>> = (0..2).map(|r| input(r, 4099, 9)).collect();
     let outputs = on_every_rank(&mut rings, |rank, ring| {
         let mut tensor = tch::Tensor::from_slice(&inputs[rank]);

@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "reference"))
-from common import PAD_ID, load_corpus, default_cache_dir, UNK_ID  # noqa: E402
+from common import PAD_ID, Split, default_cache_dir, load_corpus, plan_batches, truncate  # noqa: E402
 
 CONFIGS = ["seed", "cpu-demo", "gpu-fast"]
 
@@ -34,28 +34,12 @@ def parameters(vocab: int, model: dict) -> tuple[int, int]:
     return vocab * e, lstm + head_in * 2 + 2
 
 
-def cut(ids: list[int], n: int, mode: str) -> list[int]:
-    if 0 < n < len(ids):
-        if mode == "head":
-            ids = ids[:n]
-        elif mode == "tail":
-            ids = ids[-n:]
-        else:
-            ids = ids[: (n + 1) // 2] + (ids[len(ids) - n // 2:] if n // 2 else [])
-    return ids or [UNK_ID]
-
-
 def global_batches(reviews: list[list[int]], size: int, bucketed: bool, pool: int, rng: random.Random):
+    """Full global batches of `size` reviews, cut as the reference (and ours) cut them."""
     order = list(range(len(reviews)))
     rng.shuffle(order)
-    if bucketed:
-        span = size * pool
-        out = []
-        for start in range(0, len(order), span):
-            chunk = sorted(order[start:start + span], key=lambda i: -len(reviews[i]))
-            out.extend(chunk[i:i + size] for i in range(0, len(chunk) - size + 1, size))
-        return out
-    return [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+    batches = plan_batches(Split(reviews, [0] * len(reviews)), order, size, bucketed, pool, rng)
+    return [b for b in batches if len(b) == size]
 
 
 def main() -> None:
@@ -73,7 +57,7 @@ def main() -> None:
         corpus = load_corpus(args.data, data["min_freq"], data.get("max_vocab", 0), str(default_cache_dir()),
                              log=lambda m: print(m, file=sys.stderr))
         vocab = len(corpus.vocab)
-        reviews = [cut(ids, data.get("max_len", 0), data.get("truncation", "head")) for ids in corpus.train_ids]
+        reviews = [truncate(ids, data.get("max_len", 0), data.get("truncation", "head")) for ids in corpus.train_ids]
         embedding, rest = parameters(vocab, model)
         for world in [int(w) for w in args.worlds.split(",")]:
             size = world * train["batch_size"]

@@ -202,19 +202,24 @@ class Split:
         return len(self.ids)
 
 
+def truncate(ids: list[int], n: int, mode: str) -> list[int]:
+    """A review cut to at most `n` tokens (0: whole) as ours are: its head, its tail, or
+    both (the first ceil(n/2) and the last floor(n/2) tokens); never empty."""
+    if 0 < n < len(ids):
+        if mode == "head":
+            ids = ids[:n]
+        elif mode == "tail":
+            ids = ids[-n:]
+        else:
+            ids = ids[: (n + 1) // 2] + (ids[len(ids) - n // 2:] if n // 2 else [])
+    return ids if ids else [UNK_ID]  # a review needs one step
+
+
 def job_splits(corpus: EncodedCorpus, args) -> tuple[Split, Split, Split]:
     """Train subset -> validation hold-out -> test subset, each truncated to --max-len."""
 
     def cut(ids: list[int]) -> list[int]:
-        n = args.max_len
-        if 0 < n < len(ids):
-            if args.truncation == "head":
-                ids = ids[:n]
-            elif args.truncation == "tail":
-                ids = ids[-n:]
-            else:  # both: the first ceil(n/2) and the last floor(n/2) tokens, as ours
-                ids = ids[: (n + 1) // 2] + (ids[len(ids) - n // 2:] if n // 2 else [])
-        return ids if ids else [UNK_ID]  # a review needs one step
+        return truncate(ids, args.max_len, args.truncation)
 
     subset = balanced_subset(corpus.train_labels, args.train_subset, args.seed)
     train_pos, val_pos = train_val_split(len(subset), args.val_fraction, args.seed)

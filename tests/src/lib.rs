@@ -8,6 +8,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Where `cargo build --bins` puts the workspace binary `name`: the profile folder
+/// (`target/<profile>/`) that holds this test executable's `deps/` folder.
+pub fn built_binary_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    profile_dir.join(name)
+}
+
 /// Writes `train_per_label` train and `test_per_label` test reviews per label under
 /// `dir/aclImdb` (official layout, ratings 8 and 3) and returns that folder. The reviews are
 /// 3 to 9 words of a 10-word vocabulary, deterministic.

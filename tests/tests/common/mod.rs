@@ -12,9 +12,7 @@ use std::sync::Arc;
 /// A binary of the workspace, built by `cargo build --bins` (which `make test` runs first)
 /// into the same profile folder as this test executable.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-    let path = profile_dir.join(name);
+    let path = trainer_tests::built_binary_path(name);
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (`cargo build --bins`; `make test` does)",

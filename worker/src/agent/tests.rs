@@ -16,8 +16,7 @@ use super::*;
 const SECRET: &str = "test-secret-5f1e9a";
 
 fn coordinator_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let path = exe.parent()?.parent()?.join("coordinator");
+    let path = trainer_tests::built_binary_path("coordinator");
     if path.is_file() {
         Some(path)
     } else {

@@ -269,6 +269,22 @@ fn external_workers_need_a_shared_secret() {
     assert!(stderr.contains("TRAINER_JOB_SECRET"), "{stderr}");
 }
 
+#[test]
+fn an_empty_env_var_counts_as_unset() {
+    // As a Makefile or `IMDB_DATA= coordinator ...` leaves it: not "--data with no value".
+    let out = Command::new(common::bin("coordinator"))
+        .args(["--workers", "2", "--external-workers"])
+        .env("IMDB_DATA", "")
+        .env("COORDINATOR_WORKER_THREADS", "")
+        .env_remove("TRAINER_JOB_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("a value is required"), "{stderr}");
+    assert!(stderr.contains("TRAINER_JOB_SECRET"), "{stderr}");
+}
+
 /// A stand-in worker binary: a shell script (the real `worker join` is tested elsewhere).
 fn script(dir: &Path, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;

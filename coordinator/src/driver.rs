@@ -1,7 +1,13 @@
 //! The job driver: waits for the workers, drives the epochs through their session streams,
-//! checks the replicas, aggregates metrics and writes the run folder. Every failure (a
-//! worker that exits, disconnects, misses heartbeats or reports an error; a checksum
-//! mismatch; Ctrl-C) ends `run` with an error that names the rank.
+//! checks the replicas, aggregates metrics, commits checkpoints and writes the run folder.
+//!
+//! A lost worker (it exits, disconnects, misses heartbeats or reports a failure) ends the
+//! current *attempt* with an error marked [`Lost`]; [`Driver::run`] then restarts the whole
+//! group from the last committed checkpoint, up to `--max-restarts` times: the other workers
+//! are stopped, ranks are given anew, every rank restores the checkpoint, and training goes
+//! on at the step the checkpoint was taken. A restart is a transition of the driver's state
+//! (attempt, resume point, coordinator progress from the checkpoint), not a second code path.
+//! Everything else (a checksum mismatch, Ctrl-C, SIGTERM, a protocol error) ends the job.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -9,14 +15,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use tokio::sync::mpsc;
+use trainer_core::exit::Lost;
 use trainer_proto::v1::{
-    coordinator_message, worker_message::Body, ArtifactKind, Checkpoint, CoordinatorMessage, EpochDone,
-    Evaluate, ExportModel, Heartbeat, Split, StartEpoch, Stop,
+    coordinator_message, worker_message::Body, ArtifactDone, ArtifactKind, Checkpoint, CheckpointNow,
+    CoordinatorMessage, EpochDone, Evaluate, ExportModel, Heartbeat, Split, StartEpoch, Stop,
 };
 
-use crate::progress::Progress;
+use crate::checkpoints::{self, JobCheckpoint, JobIdentity, JobProgress};
+use crate::launcher::{LocalWorkers, WorkerLaunch};
+use crate::progress::{Output, Progress};
 use crate::run_dir::{checksum_hex, EpochRecord, RunDir, Summary};
-use crate::service::{Event, Shared};
+use crate::service::{Event, ResumeFrom, Shared};
 
 /// The coordinator was interrupted (Ctrl-C or SIGTERM); main exits with 130.
 #[derive(Debug)]
@@ -29,6 +38,45 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+/// SIGTERM (Kubernetes before an eviction): the coordinator checkpointed at the next step
+/// boundary when it could, stopped the workers, and exits 75 so that a supervisor starts it
+/// again with `--resume=auto`.
+#[derive(Debug)]
+pub struct Terminated {
+    pub checkpoint: Option<String>,
+}
+
+impl std::fmt::Display for Terminated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.checkpoint {
+            Some(at) => write!(f, "terminated by SIGTERM; checkpointed at {at}; resume with --resume"),
+            None => write!(f, "terminated by SIGTERM before a new checkpoint; the last one is kept"),
+        }
+    }
+}
+
+impl std::error::Error for Terminated {}
+
+/// Local worker processes and how to start them again.
+pub struct LocalPool {
+    pub launch: WorkerLaunch,
+    pub workers: LocalWorkers,
+    pub events: mpsc::UnboundedSender<Event>,
+    pub output: Output,
+}
+
+/// How the driver restarts and checkpoints.
+pub struct FaultTolerance {
+    pub max_restarts: u32,
+    /// How long a restarted group has to register (external workers are replaced by their
+    /// supervisor in that time).
+    pub rejoin_timeout: Duration,
+    pub term_grace: Duration,
+    pub identity: JobIdentity,
+    /// The checkpoint this run resumes from (`--resume`).
+    pub resume: Option<JobCheckpoint>,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Eval {
@@ -61,15 +109,26 @@ pub struct Driver {
     pub run_dir: RunDir,
     pub register_timeout: Duration,
     pub external_workers: bool,
-    /// Local worker processes by pid (empty with --external-workers).
-    pub local_pids: Vec<u32>,
+    /// Local worker processes (None with --external-workers).
+    pub local: Option<LocalPool>,
+    fault: FaultTolerance,
+    /// The last committed checkpoint (this run's, or the one it resumed from).
+    checkpoint: Option<JobCheckpoint>,
+    /// The coordinator's progress: epoch records, early stopping, totals.
+    pub state: JobProgress,
+    attempt: u32,
     rank_of_pid: HashMap<u32, usize>,
     registered: usize,
     last_seen: Vec<Option<Instant>>,
     pending: VecDeque<(usize, Body)>,
     /// Set once the job is over: exits and disconnects are expected from then on.
     finished: bool,
-    pub records: Vec<EpochRecord>,
+    /// True while the ranks run an epoch (a SIGTERM then asks for a checkpoint).
+    training: bool,
+    /// The furthest optimizer step rank 0 reported in this attempt.
+    reached_step: u64,
+    /// SIGTERM was received: stop at the next checkpoint, or at this deadline.
+    terminate_by: Option<Instant>,
     pub backend: String,
 }
 
@@ -95,6 +154,11 @@ fn command(body: coordinator_message::Body) -> CoordinatorMessage {
     CoordinatorMessage { body: Some(body) }
 }
 
+/// A lost worker: the attempt ends, and the group may restart.
+fn lost(message: String) -> anyhow::Error {
+    anyhow!(Lost(message))
+}
+
 impl Driver {
     pub fn new(
         shared: Arc<Shared>,
@@ -102,23 +166,32 @@ impl Driver {
         progress: Progress,
         run_dir: RunDir,
         register_timeout: Duration,
-        local_pids: Vec<u32>,
+        local: Option<LocalPool>,
+        fault: FaultTolerance,
     ) -> Self {
         let world = shared.data.world_size;
+        let checkpoint = fault.resume.clone();
+        let state = checkpoint.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
         Self {
             shared,
             events,
             progress,
             run_dir,
             register_timeout,
-            external_workers: local_pids.is_empty(),
-            local_pids,
+            external_workers: local.is_none(),
+            local,
+            fault,
+            checkpoint,
+            state,
+            attempt: 0,
             rank_of_pid: HashMap::new(),
             registered: 0,
             last_seen: vec![None; world],
             pending: VecDeque::new(),
             finished: false,
-            records: Vec::new(),
+            training: false,
+            reached_step: 0,
+            terminate_by: None,
             backend: String::new(),
         }
     }
@@ -134,35 +207,55 @@ impl Driver {
         }
     }
 
+    fn is_current_pid(&self, pid: u32) -> bool {
+        self.local.as_ref().is_some_and(|l| l.workers.pids().contains(&pid))
+    }
+
     /// Handles one event; returns a message the current phase must look at.
     async fn handle(&mut self, event: Event) -> anyhow::Result<Option<(usize, Body)>> {
         match event {
-            Event::Registered { rank, hostname, pid, peer } => {
-                if self.local_pids.contains(&pid) {
+            Event::Registered { attempt, .. }
+            | Event::SessionOpened { attempt, .. }
+            | Event::Message { attempt, .. }
+            | Event::SessionClosed { attempt, .. }
+                if attempt != self.attempt =>
+            {
+                Ok(None)
+            }
+            Event::Registered { rank, hostname, pid, peer, .. } => {
+                if self.is_current_pid(pid) {
                     self.rank_of_pid.insert(pid, rank);
                 }
                 self.registered += 1;
                 let peer = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
-                tracing::info!(rank, %hostname, pid, %peer, "worker registered");
+                tracing::info!(rank, %hostname, pid, %peer, attempt = self.attempt, "worker registered");
                 Ok(None)
             }
-            Event::SessionOpened { rank } => {
+            Event::SessionOpened { rank, .. } => {
                 self.last_seen[rank] = Some(Instant::now());
                 Ok(None)
             }
-            Event::Message { rank, body } => {
+            Event::Message { rank, body, .. } => {
                 self.last_seen[rank] = Some(Instant::now());
                 match body {
                     Body::Heartbeat(_) | Body::Hello(_) => Ok(None),
                     Body::Step(m) => {
+                        if rank == 0 {
+                            let step = m.epoch * self.shared.data.steps_per_epoch as u64 + m.step + 1;
+                            self.reached_step = self.reached_step.max(step);
+                        }
                         self.progress.step(rank, &m);
                         Ok(None)
                     }
                     Body::Error(e) if !self.finished => Err(self.gather_failures(rank, e.message).await),
+                    Body::ArtifactDone(done) if done.kind == ArtifactKind::Checkpoint as i32 => {
+                        self.commit_checkpoint(&done)?;
+                        Ok(done.epoch_end.then_some((rank, Body::ArtifactDone(done))))
+                    }
                     other => Ok(Some((rank, other))),
                 }
             }
-            Event::SessionClosed { rank, reason } => {
+            Event::SessionClosed { rank, reason, .. } => {
                 self.last_seen[rank] = None;
                 if self.finished {
                     return Ok(None);
@@ -170,13 +263,54 @@ impl Driver {
                 Err(self.explain_disconnect(rank, reason).await)
             }
             Event::ChildExited { pid, status } => {
-                if self.finished {
+                if self.finished || !self.is_current_pid(pid) {
                     return Ok(None);
                 }
-                bail!("{} {status}", self.worker_name(pid))
+                Err(lost(format!("{} {status}", self.worker_name(pid))))
             }
+            Event::Interrupted { signal: "SIGTERM" } if self.terminate_by.is_none() => {
+                let grace = self.fault.term_grace;
+                self.terminate_by = Some(Instant::now() + grace);
+                if !self.training {
+                    return Err(Terminated { checkpoint: None }.into());
+                }
+                self.progress.line(&format!(
+                    "SIGTERM: checkpointing at the next step, then stopping (within {:.0} s)",
+                    grace.as_secs_f64()
+                ));
+                self.shared.try_send(0, command(coordinator_message::Body::CheckpointNow(CheckpointNow {})));
+                Ok(None)
+            }
+            Event::Interrupted { signal: "SIGTERM" } => Err(Terminated { checkpoint: None }.into()),
             Event::Interrupted { signal } => Err(Interrupted(signal).into()),
         }
+    }
+
+    /// Makes the checkpoint rank 0 just uploaded the current one: `checkpoint.json` names it,
+    /// with the coordinator's state as of now.
+    fn commit_checkpoint(&mut self, done: &ArtifactDone) -> anyhow::Result<()> {
+        let file = checkpoints::file_name(done.global_step, done.epoch_end);
+        let previous_file = self.checkpoint.as_ref().map(|c| c.file.clone()).filter(|f| *f != file);
+        let progress = self.state.clone();
+        let pointer = JobCheckpoint {
+            format: checkpoints::FORMAT.into(),
+            file,
+            previous_file,
+            epoch: done.epoch,
+            step_in_epoch: done.step_in_epoch,
+            epoch_end: done.epoch_end,
+            global_step: done.global_step,
+            job: self.fault.identity.clone(),
+            progress,
+        };
+        checkpoints::commit(self.run_dir.path(), &pointer)?;
+        tracing::info!(at = %pointer.describe(), file = %pointer.file, "checkpoint committed");
+        let at = pointer.describe();
+        self.checkpoint = Some(pointer);
+        if self.terminate_by.is_some() {
+            return Err(Terminated { checkpoint: Some(at) }.into());
+        }
+        Ok(())
     }
 
     /// One rank's failure often makes its ring neighbours fail too, in any order: collect
@@ -185,9 +319,12 @@ impl Driver {
     async fn gather_failures(&mut self, rank: usize, message: String) -> anyhow::Error {
         let mut failures = vec![(rank, message)];
         let deadline = tokio::time::Instant::now() + Duration::from_millis(700);
+        let attempt = self.attempt;
         while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
             match event {
-                Event::Message { rank, body: Body::Error(e) } => failures.push((rank, e.message)),
+                Event::Message { rank, body: Body::Error(e), attempt: a } if a == attempt => {
+                    failures.push((rank, e.message))
+                }
                 Event::ChildExited { pid, status } => {
                     if let Some(&r) = self.rank_of_pid.get(&pid) {
                         failures.push((r, format!("its process {status}")));
@@ -200,7 +337,7 @@ impl Driver {
         failures.dedup_by_key(|f| f.0);
         let text: Vec<String> =
             failures.iter().map(|(r, m)| format!("worker rank {r} failed: {m}")).collect();
-        anyhow!("{}", text.join("; "))
+        lost(text.join("; "))
     }
 
     /// A session that ends usually means its process died: wait briefly for the exit status
@@ -212,12 +349,12 @@ impl Driver {
             while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
                 if let Event::ChildExited { pid: p, status } = event {
                     if p == pid {
-                        return anyhow!("worker rank {rank} (pid {pid}) {status}");
+                        return lost(format!("worker rank {rank} (pid {pid}) {status}"));
                     }
                 }
             }
         }
-        anyhow!("worker rank {rank} disconnected: {reason}")
+        lost(format!("worker rank {rank} disconnected: {reason}"))
     }
 
     /// Sends heartbeats down and checks that every open session sent something recently.
@@ -231,12 +368,12 @@ impl Driver {
                 );
                 let silent = seen.elapsed();
                 if silent > timeout {
-                    bail!(
+                    return Err(lost(format!(
                         "worker rank {rank} sent nothing for {:.1} s (heartbeat timeout {:.1} s): \
                          it is hung or unreachable",
                         silent.as_secs_f64(),
                         timeout.as_secs_f64()
-                    );
+                    )));
                 }
             }
         }
@@ -258,6 +395,7 @@ impl Driver {
         let sleep = tokio::time::sleep_until(deadline.unwrap_or(far).into());
         tokio::pin!(sleep);
         loop {
+            let terminate = tokio::time::sleep_until(self.terminate_by.unwrap_or(far).into());
             tokio::select! {
                 event = self.events.recv() => {
                     let event = event.ok_or_else(|| anyhow!("internal error: the event channel closed"))?;
@@ -267,6 +405,7 @@ impl Driver {
                 }
                 _ = tick.tick() => self.heartbeat_tick()?,
                 _ = &mut sleep => bail!("{}", on_deadline(self)),
+                _ = terminate => return Err(Terminated { checkpoint: None }.into()),
             }
         }
     }
@@ -297,27 +436,37 @@ impl Driver {
     async fn broadcast(&mut self, body: coordinator_message::Body) -> anyhow::Result<()> {
         for rank in 0..self.world() {
             if !self.shared.send(rank, command(body.clone())).await {
-                bail!("worker rank {rank} has no open session");
+                return Err(lost(format!("worker rank {rank} has no open session")));
             }
         }
         Ok(())
     }
 
-    /// Tells every worker to stop (the job failed: `reason`).
-    pub fn abort(&mut self, reason: &str) {
-        self.finished = true;
+    /// Tells every worker to stop: the job failed (`reason`), or the group restarts.
+    fn stop_workers(&self, reason: &str, restart: bool) {
         for rank in 0..self.world() {
             self.shared.try_send(
                 rank,
-                command(coordinator_message::Body::Stop(Stop { success: false, reason: reason.to_string() })),
+                command(coordinator_message::Body::Stop(Stop {
+                    success: false,
+                    reason: reason.to_string(),
+                    restart,
+                })),
             );
         }
     }
 
+    /// Tells every worker to stop (the job failed: `reason`).
+    pub fn abort(&mut self, reason: &str) {
+        self.finished = true;
+        self.stop_workers(reason, false);
+    }
+
     async fn wait_for_workers(&mut self) -> anyhow::Result<()> {
         let world = self.world();
-        let deadline = Instant::now() + self.register_timeout;
-        let timeout = self.register_timeout;
+        let timeout = if self.attempt == 0 { self.register_timeout } else { self.fault.rejoin_timeout };
+        let flag = if self.attempt == 0 { "--register-timeout" } else { "--rejoin-timeout" };
+        let deadline = Instant::now() + timeout;
         self.progress.status("waiting for workers");
         while self.registered < world || self.last_seen.iter().any(Option::is_none) {
             let m = self
@@ -334,7 +483,7 @@ impl Driver {
                     let opened = d.last_seen.iter().filter(|s| s.is_some()).count();
                     format!(
                         "only {} of {world} workers registered and {opened} opened their session \
-                         within {:.0} s (--register-timeout){hint}",
+                         within {:.0} s ({flag}){hint}",
                         d.registered,
                         timeout.as_secs_f64()
                     )
@@ -351,12 +500,18 @@ impl Driver {
             .await?;
         self.backend = ready[0].backend.clone();
         let checksums: Vec<u64> = ready.iter().map(|r| r.parameter_checksum).collect();
-        check_checksums(&checksums, "after the initial broadcast")?;
+        let when = if self.checkpoint.is_some() {
+            "after restoring the checkpoint and the broadcast"
+        } else {
+            "after the initial broadcast"
+        };
+        check_checksums(&checksums, when)?;
         tracing::info!(
             world,
             backend = %self.backend,
             parameters = ready[0].parameter_count,
             checksum = %checksum_hex(checksums[0]),
+            attempt = self.attempt,
             "all replicas ready"
         );
         Ok(())
@@ -385,7 +540,7 @@ impl Driver {
         epoch: u64,
     ) -> anyhow::Result<u64> {
         if !self.shared.send(0, command(body)).await {
-            bail!("worker rank 0 has no open session");
+            return Err(lost("worker rank 0 has no open session".into()));
         }
         let done = self
             .collect(&[0], kind.as_str_name(), |b| match b {
@@ -396,56 +551,119 @@ impl Driver {
         Ok(done[0])
     }
 
+    /// Runs the job to its end, restarting the group from the last checkpoint when a worker
+    /// is lost, up to `--max-restarts` times.
     pub async fn run(&mut self) -> anyhow::Result<Outcome> {
+        loop {
+            let error = match self.run_attempt().await {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) => e,
+            };
+            let retryable = error.chain().any(|c| c.is::<Lost>()) && self.terminate_by.is_none();
+            if !retryable {
+                return Err(error);
+            }
+            if self.state.restarts >= self.fault.max_restarts {
+                return Err(error.context(format!(
+                    "the job failed after {} restart(s) (--max-restarts {})",
+                    self.state.restarts, self.fault.max_restarts
+                )));
+            }
+            self.restart(&error).await?;
+        }
+    }
+
+    /// Stops the group and starts the next attempt from the last checkpoint.
+    async fn restart(&mut self, cause: &anyhow::Error) -> anyhow::Result<()> {
+        let cause = format!("{cause:#}");
+        let resumed = self.checkpoint.clone();
+        let resumed_step = resumed.as_ref().map_or(0, |c| c.global_step);
+        let steps_lost = self.reached_step.saturating_sub(resumed_step);
+        // 1. Stop this attempt's workers: external ones register again by themselves.
+        self.stop_workers(&format!("restarting the group: {cause}"), self.external_workers);
+        if let Some(pool) = self.local.as_mut() {
+            pool.workers.shutdown(Duration::from_secs(2)).await;
+        }
+        // 2. The next attempt: fresh ranks, the coordinator's state as of the checkpoint.
+        let restarts = self.state.restarts + 1;
+        let total_lost = self.state.steps_lost + steps_lost;
+        self.state = resumed.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
+        self.state.restarts = restarts;
+        self.state.steps_lost = total_lost;
+        self.attempt += 1;
+        self.shared.begin_attempt(
+            self.attempt,
+            resumed.as_ref().map(|c| ResumeFrom {
+                file: checkpoints::current_file(self.run_dir.path(), c),
+                global_step: c.global_step,
+            }),
+        );
+        self.rank_of_pid.clear();
+        self.registered = 0;
+        self.last_seen = vec![None; self.world()];
+        self.pending.clear();
+        self.training = false;
+        self.reached_step = resumed_step;
+        let from = resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
+        self.run_dir.append_metrics(&serde_json::json!({
+            "type": "restart",
+            "attempt": self.attempt,
+            "cause": cause,
+            "resumed_from_global_step": resumed_step,
+            "resumed_from": from,
+            "steps_lost": steps_lost,
+        }))?;
+        self.progress.line(&format!(
+            "restart {restarts}/{}: {cause}; resuming from {from}, {steps_lost} steps lost",
+            self.fault.max_restarts
+        ));
+        // 3. Local workers: new processes.
+        if let Some(pool) = self.local.as_mut() {
+            pool.workers =
+                LocalWorkers::spawn(self.shared.data.world_size, &pool.launch, pool.events.clone(), pool.output.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn run_attempt(&mut self) -> anyhow::Result<Outcome> {
         self.wait_for_workers().await?;
         let data = Arc::clone(&self.shared.data);
         let train = &data.config.train;
         let world = self.world();
         let all: Vec<usize> = (0..world).collect();
         let has_val = !data.splits.val.is_empty();
-        let mut best: Option<(f64, usize)> = None;
-        let mut epochs_without_gain = 0;
-        let mut stopped_early = false;
-        let (mut train_seconds, mut tokens, mut step_seconds, mut comm_seconds) =
-            (0.0f64, 0u64, 0.0f64, 0.0f64);
-        let mut checksums: Vec<u64> = Vec::new();
-        let mut last_epoch = 0u64;
+        let (start_epoch, start_step) = self.checkpoint.as_ref().map_or((0, 0), JobCheckpoint::resume_point);
+        self.reached_step = self.checkpoint.as_ref().map_or(0, |c| c.global_step);
 
-        for epoch in 0..train.epochs as u64 {
-            last_epoch = epoch;
-            // 1. Train: every rank runs the epoch on its shard.
+        for epoch in start_epoch..train.epochs as u64 {
+            if self.state.stopped_early {
+                break;
+            }
+            let first_step = if epoch == start_epoch { start_step } else { 0 };
+            // 1. Train: every rank runs the epoch on its shard (from the resumed step).
             self.progress.start_epoch(epoch);
             let started = Instant::now();
-            self.broadcast(coordinator_message::Body::StartEpoch(StartEpoch { epoch })).await?;
+            self.broadcast(coordinator_message::Body::StartEpoch(StartEpoch { epoch, first_step })).await?;
+            self.training = true;
             let done: Vec<EpochDone> = self
                 .collect(&all, "the end of the epoch", |b| match b {
                     Body::EpochDone(d) if d.epoch == epoch => Some(*d),
                     _ => None,
                 })
                 .await?;
+            self.training = false;
             let seconds = started.elapsed().as_secs_f64();
             // 2. The replicas must still be identical.
-            checksums = done.iter().map(|d| d.parameter_checksum).collect();
+            let checksums: Vec<u64> = done.iter().map(|d| d.parameter_checksum).collect();
             check_checksums(&checksums, &format!("after epoch {}", epoch + 1))?;
             let loss_sum: f64 = done.iter().map(|d| d.loss_sum).sum();
             let samples: u64 = done.iter().map(|d| d.samples).sum();
             let epoch_tokens: u64 = done.iter().map(|d| d.tokens).sum();
             let (s, c) = done.iter().fold((0.0, 0.0), |(s, c), d| (s + d.seconds, c + d.comm_seconds));
-            train_seconds += seconds;
-            tokens += epoch_tokens;
-            step_seconds += s;
-            comm_seconds += c;
             // 3. Validation, summed over ranks.
             self.progress.status(&format!("epoch {}: validating", epoch + 1));
             let val = if has_val { Some(self.evaluate(Split::Validation, epoch).await?) } else { None };
-            // 4. Rank 0 checkpoints.
-            self.progress.status(&format!("epoch {}: checkpoint", epoch + 1));
-            self.artifact(
-                ArtifactKind::Checkpoint,
-                coordinator_message::Body::Checkpoint(Checkpoint { epoch }),
-                epoch,
-            )
-            .await?;
+            // 4. The coordinator's state after the epoch, which the checkpoint carries.
             let record = EpochRecord {
                 epoch: epoch as usize + 1,
                 steps: done[0].steps,
@@ -459,6 +677,25 @@ impl Driver {
                 val_accuracy: val.map(|v| v.accuracy()),
                 parameter_checksum: checksum_hex(checksums[0]),
             };
+            let st = &mut self.state;
+            st.train_seconds += seconds;
+            st.tokens += epoch_tokens;
+            st.step_seconds += s;
+            st.comm_seconds += c;
+            st.checksums = checksums;
+            // Early stopping on validation accuracy.
+            if let Some(v) = val {
+                let acc = v.accuracy();
+                if st.best.is_none_or(|(b, _)| acc > b) {
+                    st.best = Some((acc, epoch as usize + 1));
+                    st.epochs_without_gain = 0;
+                } else {
+                    st.epochs_without_gain += 1;
+                    st.stopped_early = train.early_stopping_patience > 0
+                        && st.epochs_without_gain >= train.early_stopping_patience;
+                }
+            }
+            st.records.push(record.clone());
             self.run_dir.append_metrics(&record)?;
             self.progress.line(&format!(
                 "epoch {}/{}: train loss {:.4}, {:.0} tokens/s, comm {:.0}%{}",
@@ -473,29 +710,24 @@ impl Driver {
                     v.accuracy()
                 ))
             ));
-            self.records.push(record);
-            // 5. Early stopping on validation accuracy.
-            if let Some(v) = val {
-                let acc = v.accuracy();
-                if best.is_none_or(|(b, _)| acc > b) {
-                    best = Some((acc, epoch as usize + 1));
-                    epochs_without_gain = 0;
-                } else {
-                    epochs_without_gain += 1;
-                    if train.early_stopping_patience > 0
-                        && epochs_without_gain >= train.early_stopping_patience
-                    {
-                        stopped_early = true;
-                        self.progress.line(&format!(
-                            "early stopping: no validation gain for {epochs_without_gain} epochs"
-                        ));
-                        break;
-                    }
-                }
+            if self.state.stopped_early {
+                self.progress.line(&format!(
+                    "early stopping: no validation gain for {} epochs",
+                    self.state.epochs_without_gain
+                ));
             }
+            // 5. Rank 0 checkpoints; the driver commits it with the state above.
+            self.progress.status(&format!("epoch {}: checkpoint", epoch + 1));
+            self.artifact(
+                ArtifactKind::Checkpoint,
+                coordinator_message::Body::Checkpoint(Checkpoint { epoch }),
+                epoch,
+            )
+            .await?;
         }
 
         // Test evaluation and the final model.
+        let last_epoch = self.state.records.len().saturating_sub(1) as u64;
         self.progress.status("testing");
         let test = self.evaluate(Split::Test, last_epoch).await?;
         self.progress.status("exporting the model");
@@ -512,27 +744,32 @@ impl Driver {
                 command(coordinator_message::Body::Stop(Stop {
                     success: true,
                     reason: "training finished".to_string(),
+                    restart: false,
                 })),
             );
         }
         self.progress.finish();
+        let st = &self.state;
         let summary = Summary {
             test_accuracy: test.accuracy(),
             test_loss: test.mean_loss(),
-            best_val_accuracy: best.map(|b| b.0),
-            best_epoch: best.map(|b| b.1),
-            epochs: self.records.len(),
-            stopped_early,
-            train_seconds,
-            tokens_per_second: tokens as f64 / train_seconds.max(1e-9),
-            comm_share: if step_seconds > 0.0 { comm_seconds / step_seconds } else { 0.0 },
+            best_val_accuracy: st.best.map(|b| b.0),
+            best_epoch: st.best.map(|b| b.1),
+            epochs: st.records.len(),
+            stopped_early: st.stopped_early,
+            train_seconds: st.train_seconds,
+            tokens_per_second: st.tokens as f64 / st.train_seconds.max(1e-9),
+            comm_share: if st.step_seconds > 0.0 { st.comm_seconds / st.step_seconds } else { 0.0 },
             world_size: world,
             backend: self.backend.clone(),
-            replica_checksums: checksums.iter().map(|&c| checksum_hex(c)).collect(),
+            replica_checksums: st.checksums.iter().map(|&c| checksum_hex(c)).collect(),
             train_samples: data.splits.train.len(),
             val_samples: data.splits.val.len(),
             test_samples: data.splits.test.len(),
             vocab_size: data.vocab_size,
+            restarts: st.restarts,
+            steps_lost: st.steps_lost,
+            final_parameter_checksum: st.checksums.first().map(|&c| checksum_hex(c)).unwrap_or_default(),
         };
         self.run_dir.write_summary(&summary)?;
         Ok(Outcome { summary })

@@ -3,7 +3,7 @@
 //! path (gracefully first, then SIGKILL; `kill_on_drop` covers the rest).
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -51,18 +51,18 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// What every local worker is started with.
-#[derive(Clone, Copy)]
-pub struct WorkerLaunch<'a> {
-    pub worker_bin: &'a Path,
-    pub coordinator_addr: &'a str,
-    pub secret: &'a JobSecret,
+/// What every local worker is started with (again at each restart of the group).
+#[derive(Clone)]
+pub struct WorkerLaunch {
+    pub worker_bin: PathBuf,
+    pub coordinator_addr: String,
+    pub secret: JobSecret,
     /// Compute threads per worker.
     pub threads: usize,
     /// Worker i's device (`cuda:i`), or `None` for the job's own.
-    pub devices: &'a [Option<String>],
+    pub devices: Vec<Option<String>>,
     /// `auto`, `nccl` or `ring`, for the worker to prepare NCCL or not.
-    pub backend: &'a str,
+    pub backend: &'static str,
 }
 
 struct Handle {
@@ -78,11 +78,11 @@ pub struct LocalWorkers {
 impl LocalWorkers {
     pub fn spawn(
         count: usize,
-        launch: &WorkerLaunch<'_>,
+        launch: &WorkerLaunch,
         events: mpsc::UnboundedSender<Event>,
         output: Output,
     ) -> anyhow::Result<Self> {
-        let WorkerLaunch { worker_bin, coordinator_addr, secret, threads, devices, backend } = *launch;
+        let WorkerLaunch { worker_bin, coordinator_addr, secret, threads, devices, backend } = launch;
         let mut workers = Self { handles: Vec::with_capacity(count) };
         for index in 0..count {
             let mut cmd = Command::new(worker_bin);

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod backend;
+mod checkpoints;
 mod data_cmd;
 mod driver;
 mod job;
@@ -56,10 +57,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<driver::Interrupted>().is_some() {
-                ExitCode::from(130)
+            if e.is::<driver::Interrupted>() {
+                ExitCode::from(trainer_core::exit::INTERRUPTED)
+            } else if e.is::<driver::Terminated>() {
+                ExitCode::from(trainer_core::exit::LOST)
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(trainer_core::exit::code_for(e.chain()))
             }
         }
     }

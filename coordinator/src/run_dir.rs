@@ -7,11 +7,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use trainer_core::{JobConfig, Vocab};
 
 pub const MODEL_FILE: &str = "model.safetensors";
-pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const VOCAB_FILE: &str = "vocab.txt";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -48,7 +47,7 @@ impl ArtifactWriter {
 }
 
 /// One line of metrics.jsonl, written at each epoch's end.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
     pub steps: u64,
@@ -84,6 +83,12 @@ pub struct Summary {
     pub val_samples: usize,
     pub test_samples: usize,
     pub vocab_size: usize,
+    /// Times the group was restarted from a checkpoint.
+    pub restarts: u32,
+    /// Optimizer steps run again because of restarts (done after the checkpoint resumed from).
+    pub steps_lost: u64,
+    /// Checksum of the final parameters (hex; every rank's equals it).
+    pub final_parameter_checksum: String,
 }
 
 pub fn checksum_hex(checksum: u64) -> String {
@@ -95,14 +100,16 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates the folder and writes the vocabulary and the config right away.
-    pub fn create(dir: &Path, vocab: &Vocab, config: &JobConfig) -> anyhow::Result<Self> {
+    /// Creates the folder and writes the vocabulary and the config right away. A fresh run
+    /// starts a new metrics file; a resumed one appends to its own.
+    pub fn create(dir: &Path, vocab: &Vocab, config: &JobConfig, resumed: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the run folder {}", dir.display()))?;
         vocab.save(&dir.join(VOCAB_FILE))?;
         trainer_core::write_atomically(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
-        // A fresh metrics file per run.
-        trainer_core::write_atomically(&dir.join(METRICS_FILE), b"")?;
+        if !resumed {
+            trainer_core::write_atomically(&dir.join(METRICS_FILE), b"")?;
+        }
         Ok(Self { dir: dir.to_path_buf() })
     }
 
@@ -136,15 +143,15 @@ mod tests {
     #[test]
     fn artifacts_appear_only_when_committed() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(CHECKPOINT_FILE), b"old").unwrap();
-        let mut w = ArtifactWriter::create(dir.path(), CHECKPOINT_FILE).unwrap();
+        std::fs::write(dir.path().join("checkpoint-000000001-end.safetensors"), b"old").unwrap();
+        let mut w = ArtifactWriter::create(dir.path(), "checkpoint-000000001-end.safetensors").unwrap();
         w.write(b"new bytes").unwrap();
         drop(w); // an interrupted upload
-        assert_eq!(std::fs::read(dir.path().join(CHECKPOINT_FILE)).unwrap(), b"old");
-        let mut w = ArtifactWriter::create(dir.path(), CHECKPOINT_FILE).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(), b"old");
+        let mut w = ArtifactWriter::create(dir.path(), "checkpoint-000000001-end.safetensors").unwrap();
         w.write(b"new bytes").unwrap();
         w.commit().unwrap();
-        assert_eq!(std::fs::read(dir.path().join(CHECKPOINT_FILE)).unwrap(), b"new bytes");
+        assert_eq!(std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(), b"new bytes");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
     }
 }

@@ -15,7 +15,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use trainer_proto::v1::coordinator_server::Coordinator;
 use trainer_proto::v1::{
-    worker_message, ArtifactChunk, ArtifactKind, CoordinatorMessage, RegisterRequest, RegisterResponse,
+    worker_message, ArtifactChunk, ArtifactKind, CheckpointRequest, CoordinatorMessage, RegisterRequest, RegisterResponse,
     RendezvousRequest, RendezvousResponse, ShardChunk, ShardRequest, Split, UploadArtifactResponse,
     WorkerIdentity, WorkerMessage,
 };
@@ -25,21 +25,27 @@ use crate::job::{for_each_chunk, JobData};
 
 /// What the service tells the driver.
 #[derive(Debug)]
+/// Events of the gRPC side carry the attempt they belong to: the driver ignores those of an
+/// attempt it has already given up (a session of a killed worker that closes late).
 pub enum Event {
     Registered {
+        attempt: u32,
         rank: usize,
         hostname: String,
         pid: u32,
         peer: Option<SocketAddr>,
     },
     SessionOpened {
+        attempt: u32,
         rank: usize,
     },
     Message {
+        attempt: u32,
         rank: usize,
         body: worker_message::Body,
     },
     SessionClosed {
+        attempt: u32,
         rank: usize,
         reason: String,
     },
@@ -67,6 +73,7 @@ struct Slot {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RendezvousResult {
+    pub attempt: u32,
     pub ring_addresses: Vec<String>,
     pub nccl_unique_id: Vec<u8>,
     pub ring_token: Vec<u8>,
@@ -74,8 +81,18 @@ pub struct RendezvousResult {
     pub backend: Result<&'static str, String>,
 }
 
+/// The checkpoint an attempt resumes from.
+#[derive(Debug, Clone)]
+pub struct ResumeFrom {
+    pub file: PathBuf,
+    pub global_step: u64,
+}
+
 #[derive(Default)]
 struct State {
+    /// Restart attempt: 0 for the first group of workers, +1 for each restart.
+    attempt: u32,
+    resume: Option<ResumeFrom>,
     slots: Vec<Slot>,
     ring_addresses: Vec<Option<String>>,
     /// Per rank: (trains on CUDA, can load NCCL), from its rendezvous report.
@@ -87,7 +104,6 @@ struct State {
 /// State shared by the gRPC handlers and the driver.
 pub struct Shared {
     pub data: Arc<JobData>,
-    pub attempt: u32,
     pub timing: Timing,
     pub out_dir: PathBuf,
     pub backend: BackendChoice,
@@ -115,7 +131,6 @@ impl Shared {
         let config_toml = data.config.to_toml();
         Arc::new(Self {
             data,
-            attempt: 0,
             timing,
             out_dir,
             backend,
@@ -129,6 +144,23 @@ impl Shared {
             events,
             rendezvous_done: watch::channel(None).0,
         })
+    }
+
+    /// Starts attempt `attempt`: every rank is free again, the rendezvous is open, and old
+    /// sessions are closed (their workers' streams end). `resume` is what the new workers
+    /// restore before training.
+    pub fn begin_attempt(&self, attempt: u32, resume: Option<ResumeFrom>) {
+        let world = self.data.world_size;
+        let mut st = self.state();
+        *st = State {
+            attempt,
+            resume,
+            ring_addresses: vec![None; world],
+            collective_reports: vec![(false, false); world],
+            sessions: (0..world).map(|_| None).collect(),
+            ..State::default()
+        };
+        self.rendezvous_done.send_replace(None);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -173,13 +205,13 @@ impl Shared {
     fn check_identity(&self, who: Option<&WorkerIdentity>) -> Result<usize, Status> {
         let who = who.ok_or_else(|| Status::invalid_argument("the worker identity is missing"))?;
         let rank = who.rank as usize;
-        if who.attempt != self.attempt {
+        let st = self.state();
+        if who.attempt != st.attempt {
             return Err(Status::failed_precondition(format!(
-                "attempt {} is over; the job is at attempt {}",
-                who.attempt, self.attempt
+                "attempt {} is over; the job is at attempt {} (the group restarted: register again)",
+                who.attempt, st.attempt
             )));
         }
-        let st = self.state();
         let slot = st.slots.get(rank).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "rank {rank} is not registered ({} of {} ranks are)",
@@ -280,7 +312,7 @@ impl Coordinator for CoordinatorService {
         check_register(&req)?;
         let sh = &self.shared;
         let world = sh.data.world_size;
-        let (rank, token) = {
+        let (rank, token, attempt, resume) = {
             let mut st = sh.state();
             if st.slots.len() >= world {
                 return Err(Status::resource_exhausted(format!(
@@ -289,9 +321,9 @@ impl Coordinator for CoordinatorService {
             }
             let token = new_token();
             st.slots.push(Slot { token: token.clone() });
-            (st.slots.len() - 1, token)
+            (st.slots.len() - 1, token, st.attempt, st.resume.as_ref().map(|r| r.global_step))
         };
-        sh.emit(Event::Registered { rank, hostname: req.hostname.clone(), pid: req.pid, peer });
+        sh.emit(Event::Registered { attempt, rank, hostname: req.hostname.clone(), pid: req.pid, peer });
         let (val, test) = (
             crate::job::eval_shard(sh.data.splits.val.len(), world, rank).len(),
             crate::job::eval_shard(sh.data.splits.test.len(), world, rank).len(),
@@ -299,7 +331,9 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(RegisterResponse {
             rank: rank as u32,
             world_size: world as u32,
-            attempt: sh.attempt,
+            attempt,
+            resume: resume.is_some(),
+            resume_global_step: resume.unwrap_or(0),
             worker_token: token,
             job_config_toml: sh.config_toml.clone(),
             vocab_size: sh.data.vocab_size as u32,
@@ -373,7 +407,7 @@ impl Coordinator for CoordinatorService {
                 )));
             }
         }
-        {
+        let attempt = {
             let mut st = sh.state();
             if st.ring_addresses[rank].is_some() {
                 return Err(Status::already_exists(format!(
@@ -390,6 +424,7 @@ impl Coordinator for CoordinatorService {
                     backend::decide(sh.backend, &st.collective_reports, !st.nccl_unique_id.is_empty());
                 tracing::info!(backend = ?backend, "collective chosen");
                 let result = RendezvousResult {
+                    attempt: st.attempt,
                     ring_addresses: st.ring_addresses.iter().flatten().cloned().collect(),
                     nccl_unique_id: st.nccl_unique_id.clone(),
                     ring_token: rand::random::<[u8; 32]>().to_vec(),
@@ -397,10 +432,15 @@ impl Coordinator for CoordinatorService {
                 };
                 sh.rendezvous_done.send_replace(Some(Arc::new(result)));
             }
-        }
+            st.attempt
+        };
         tracing::debug!(rank, address = %req.ring_address, "rendezvous report");
         let mut done = sh.rendezvous_done.subscribe();
-        let waited = tokio::time::timeout(sh.timing.rendezvous_timeout, done.wait_for(Option::is_some)).await;
+        let waited = tokio::time::timeout(
+            sh.timing.rendezvous_timeout,
+            done.wait_for(|r| r.as_ref().is_some_and(|r| r.attempt == attempt)),
+        )
+        .await;
         match waited {
             Ok(Ok(result)) => {
                 let result = result
@@ -441,14 +481,15 @@ impl Coordinator for CoordinatorService {
         }
         let rank = sh.check_identity(first.worker.as_ref())?;
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
-        {
+        let attempt = {
             let mut st = sh.state();
             if st.sessions[rank].is_some() {
                 return Err(Status::already_exists(format!("rank {rank} already has a session")));
             }
             st.sessions[rank] = Some(tx);
-        }
-        sh.emit(Event::SessionOpened { rank });
+            st.attempt
+        };
+        sh.emit(Event::SessionOpened { attempt, rank });
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.message().await {
@@ -460,7 +501,7 @@ impl Coordinator for CoordinatorService {
                             );
                         }
                         match msg.body {
-                            Some(body) => sh.emit(Event::Message { rank, body }),
+                            Some(body) => sh.emit(Event::Message { attempt, rank, body }),
                             None => break "protocol error: a session message without a body".into(),
                         }
                     }
@@ -468,9 +509,34 @@ impl Coordinator for CoordinatorService {
                     Err(status) => break format!("the session stream broke: {}", status.message()),
                 }
             };
-            sh.emit(Event::SessionClosed { rank, reason });
+            sh.emit(Event::SessionClosed { attempt, rank, reason });
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type FetchCheckpointStream = BoxStream<ArtifactChunk>;
+
+    async fn fetch_checkpoint(
+        &self,
+        request: Request<CheckpointRequest>,
+    ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
+        let req = request.into_inner();
+        self.shared.check_identity(req.worker.as_ref())?;
+        let resume = self.shared.state().resume.clone();
+        let Some(resume) = resume else {
+            return Err(Status::not_found("this attempt starts fresh: there is no checkpoint to resume from"));
+        };
+        let file = resume.file.clone();
+        let bytes = tokio::task::spawn_blocking(move || std::fs::read(&file))
+            .await
+            .map_err(|e| Status::internal(format!("reading the checkpoint failed: {e}")))?
+            .map_err(|e| Status::internal(format!("cannot read {}: {e}", resume.file.display())))?;
+        let total = bytes.len() as u64;
+        let chunks: Vec<Result<ArtifactChunk, Status>> = bytes
+            .chunks(trainer_proto::ARTIFACT_CHUNK_BYTES)
+            .map(|data| Ok(ArtifactChunk { total_bytes: total, data: data.to_vec(), ..ArtifactChunk::default() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     async fn upload_artifact(
@@ -487,10 +553,11 @@ impl Coordinator for CoordinatorService {
             return Err(Status::permission_denied(format!("only rank 0 uploads artifacts, not rank {rank}")));
         }
         let file_name = match ArtifactKind::try_from(first.kind) {
-            Ok(ArtifactKind::Model) => crate::run_dir::MODEL_FILE,
-            Ok(ArtifactKind::Checkpoint) => crate::run_dir::CHECKPOINT_FILE,
+            Ok(ArtifactKind::Model) => crate::run_dir::MODEL_FILE.to_string(),
+            Ok(ArtifactKind::Checkpoint) => crate::checkpoints::file_name(first.global_step, first.epoch_end),
             _ => return Err(Status::invalid_argument(format!("unknown artifact kind {}", first.kind))),
         };
+        let file_name = file_name.as_str();
         if first.total_bytes > MAX_ARTIFACT_BYTES {
             return Err(Status::invalid_argument(format!(
                 "artifact of {} bytes is over the {MAX_ARTIFACT_BYTES}-byte limit",

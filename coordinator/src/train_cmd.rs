@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
+use trainer_core::exit::Usage;
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -18,12 +19,13 @@ use trainer_proto::v1::coordinator_server::CoordinatorServer;
 use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, MAX_MESSAGE_BYTES};
 
 use crate::backend::{local_devices, visible_gpu_count, BackendChoice};
-use crate::driver::{render_summary, Driver};
+use crate::checkpoints::{self, JobCheckpoint, JobIdentity};
+use crate::driver::{render_summary, Driver, FaultTolerance, LocalPool};
 use crate::job::JobData;
 use crate::launcher::{default_worker_bin, threads_per_worker, LocalWorkers, WorkerLaunch};
 use crate::progress::{Output, Progress};
 use crate::run_dir::RunDir;
-use crate::service::{CoordinatorService, Event, Shared, Timing};
+use crate::service::{CoordinatorService, Event, ResumeFrom, Shared, Timing};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -66,15 +68,75 @@ pub struct TrainArgs {
     /// every worker has a GPU, the ring otherwise).
     #[arg(long, env = "TRAINER_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    /// Restart the whole group from the last checkpoint this many times when a worker is
+    /// lost (dies, hangs, or a collective fails); 0 stops the job at the first loss.
+    #[arg(long, env = "COORDINATOR_MAX_RESTARTS", default_value_t = 3)]
+    pub max_restarts: u32,
+    /// Seconds a restarted group has to register again (external workers are replaced by
+    /// their supervisor in that time) [default: --register-timeout].
+    #[arg(long, env = "COORDINATOR_REJOIN_TIMEOUT")]
+    pub rejoin_timeout: Option<f64>,
+    /// Seconds to checkpoint and stop after SIGTERM before exiting anyway (exit code 75).
+    #[arg(long, env = "COORDINATOR_TERM_GRACE_SECONDS", default_value_t = 25.0)]
+    pub term_grace_seconds: f64,
+    /// Continue the job whose checkpoint is in --out: `--resume` (or `yes`) requires one,
+    /// `auto` resumes when there is one and starts fresh otherwise, `no` refuses a folder
+    /// that holds one. Without the flag, a folder with a checkpoint is refused.
+    #[arg(long, env = "COORDINATOR_RESUME", value_enum, num_args = 0..=1, default_missing_value = "yes")]
+    pub resume: Option<ResumeMode>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResumeMode {
+    Yes,
+    Auto,
+    No,
+}
+
+/// The checkpoint to resume from, after checking the flag and that it is this job's.
+fn resume_from(
+    out: &std::path::Path,
+    mode: Option<ResumeMode>,
+    identity: &JobIdentity,
+) -> anyhow::Result<Option<JobCheckpoint>> {
+    let existing = checkpoints::read(out)?;
+    let Some(checkpoint) = existing else {
+        if mode == Some(ResumeMode::Yes) {
+            return Err(anyhow!(Usage(format!(
+                "--resume: {} holds no checkpoint of a job ({} is missing); use --resume=auto to \
+                 start fresh when there is none",
+                out.display(),
+                checkpoints::POINTER_FILE
+            ))));
+        }
+        return Ok(None);
+    };
+    if matches!(mode, None | Some(ResumeMode::No)) {
+        return Err(anyhow!(Usage(format!(
+            "{} already holds a checkpoint of a job ({}); pass --resume to continue it, or choose \
+             another --out",
+            out.display(),
+            checkpoint.describe()
+        ))));
+    }
+    let differences = identity.differences(&checkpoint.job);
+    if !differences.is_empty() {
+        return Err(anyhow!(Usage(format!(
+            "{} holds a checkpoint of another job (this run vs the checkpoint): {}",
+            out.display(),
+            differences.join("; ")
+        ))));
+    }
+    Ok(Some(checkpoint))
+}
+
 /// `--flag SECONDS`, checked by the shared rule of `trainer_core::cli::seconds_flag`.
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
-    trainer_core::cli::seconds_flag(flag, value).map_err(anyhow::Error::msg)
+    trainer_core::cli::seconds_flag(flag, value).map_err(|e| anyhow!(Usage(e)))
 }
 
 /// The job secret: TRAINER_JOB_SECRET when set (required with --external-workers), else a
@@ -108,6 +170,11 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         bail!("--heartbeat-timeout must be longer than --heartbeat-interval");
     }
     let register_timeout = seconds("register-timeout", args.register_timeout)?;
+    let rejoin_timeout = match args.rejoin_timeout {
+        Some(t) => seconds("rejoin-timeout", t)?,
+        None => register_timeout,
+    };
+    let term_grace = seconds("term-grace-seconds", args.term_grace_seconds)?;
     let config = args.config.resolve()?;
     let secret = job_secret(args.external_workers)?;
     let worker_bin = match (&args.worker_bin, args.external_workers) {
@@ -145,15 +212,26 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         steps_per_epoch = data.steps_per_epoch,
         "job planned"
     );
-    let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config)?;
+    let identity = JobIdentity {
+        config: data.config.clone(),
+        corpus: corpus.checksum.clone(),
+        vocab_fingerprint: data.vocab_fingerprint.clone(),
+        world_size: workers,
+    };
+    let resume = resume_from(&args.out, args.resume, &identity)?;
+    if let Some(c) = &resume {
+        tracing::info!(at = %c.describe(), restarts = c.progress.restarts, "resuming the job from its checkpoint");
+    }
+    let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config, resume.is_some())?;
     drop(corpus);
+    let fault = FaultTolerance { max_restarts: args.max_restarts, rejoin_timeout, term_grace, identity, resume };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let job = Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output };
+    let job = Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
     // Dropping the runtime drops the launcher's tasks, whose children are killed on drop.
     runtime.block_on(job.run())
 }
@@ -169,6 +247,7 @@ struct Job {
     devices: Vec<Option<String>>,
     run_dir: RunDir,
     output: Output,
+    fault: FaultTolerance,
 }
 
 impl Job {
@@ -183,6 +262,10 @@ impl Job {
             None => local.to_string(),
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let resume_file = self.fault.resume.as_ref().map(|c| ResumeFrom {
+            file: checkpoints::current_file(self.run_dir.path(), c),
+            global_step: c.global_step,
+        });
         let shared = Shared::new(
             Arc::clone(&self.data),
             self.timing,
@@ -190,6 +273,7 @@ impl Job {
             self.args.backend,
             events_tx.clone(),
         );
+        shared.begin_attempt(0, resume_file);
 
         // The gRPC server: health + coordinator, all behind the job secret.
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -212,26 +296,22 @@ impl Job {
         // Ctrl-C and SIGTERM become events, so that the driver stops the workers in order.
         let signals = tokio::spawn(forward_signals(events_tx.clone()));
 
-        let mut local_workers = match &self.worker_bin {
+        let local = match &self.worker_bin {
             Some(bin) => {
                 let threads =
                     self.args.worker_threads.unwrap_or_else(|| threads_per_worker(self.data.world_size));
                 tracing::info!(workers = self.data.world_size, threads, bin = %bin.display(), "starting local workers");
-                let address = format!("http://{advertise}");
                 let launch = WorkerLaunch {
-                    worker_bin: bin,
-                    coordinator_addr: &address,
-                    secret: &self.secret,
+                    worker_bin: bin.clone(),
+                    coordinator_addr: format!("http://{advertise}"),
+                    secret: self.secret.clone(),
                     threads,
-                    devices: &self.devices,
+                    devices: self.devices.clone(),
                     backend: self.args.backend.name(),
                 };
-                Some(LocalWorkers::spawn(
-                    self.data.world_size,
-                    &launch,
-                    events_tx.clone(),
-                    self.output.clone(),
-                )?)
+                let workers =
+                    LocalWorkers::spawn(self.data.world_size, &launch, events_tx.clone(), self.output.clone())?;
+                Some(LocalPool { launch, workers, events: events_tx.clone(), output: self.output.clone() })
             }
             None => {
                 tracing::info!(
@@ -257,7 +337,8 @@ impl Job {
             progress,
             self.run_dir,
             self.register_timeout,
-            local_workers.as_ref().map(LocalWorkers::pids).unwrap_or_default(),
+            local,
+            self.fault,
         );
         let result = driver.run().await;
         if let Err(e) = &result {
@@ -268,8 +349,8 @@ impl Job {
         // Teardown, on every path: workers first (they got a stop message), then the server.
         // Workers got a stop message; after a failure they need not finish anything.
         let grace = if result.is_ok() { Duration::from_secs(10) } else { Duration::from_secs(2) };
-        if let Some(workers) = local_workers.as_mut() {
-            workers.shutdown(grace).await;
+        if let Some(pool) = driver.local.as_mut() {
+            pool.workers.shutdown(grace).await;
         }
         shared.close_sessions();
         let _ = stop_server.send(());
@@ -281,11 +362,13 @@ impl Job {
         signals.abort();
 
         let outcome = result?;
-        print!("{}", render_summary(&outcome.summary, &driver.records, &run_dir_path));
+        print!("{}", render_summary(&outcome.summary, &driver.state.records, &run_dir_path));
         Ok(())
     }
 }
 
+/// Every Ctrl-C and SIGTERM, as events (the driver decides: a first SIGTERM checkpoints, a
+/// second one or Ctrl-C stops at once).
 async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -297,9 +380,13 @@ async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
             return;
         }
     };
-    let signal = tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    };
-    let _ = events.send(Event::Interrupted { signal });
+    loop {
+        let signal = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        if events.send(Event::Interrupted { signal }).is_err() {
+            return;
+        }
+    }
 }

@@ -100,6 +100,13 @@ pub struct ConfigArgs {
     /// Stop each epoch after this many steps (0: whole epochs).
     #[arg(long, env = "TRAINER_MAX_STEPS_PER_EPOCH")]
     pub max_steps_per_epoch: Option<usize>,
+    /// Distributed jobs: also checkpoint every this many optimizer steps (0: not by count).
+    #[arg(long, env = "TRAINER_CHECKPOINT_EVERY_STEPS")]
+    pub checkpoint_every_steps: Option<u64>,
+    /// Distributed jobs: also checkpoint after this many seconds of training since the last
+    /// checkpoint (0: not by time) [config default: 600].
+    #[arg(long, env = "TRAINER_CHECKPOINT_EVERY_SECONDS")]
+    pub checkpoint_every_seconds: Option<f64>,
 }
 
 /// A duration flag given in seconds (`--heartbeat-timeout 10`): more than 0, at most a day.
@@ -172,6 +179,8 @@ impl ConfigArgs {
         set!(device => train.device);
         set!(amp => train.amp);
         set!(max_steps_per_epoch => train.max_steps_per_epoch);
+        set!(checkpoint_every_steps => checkpoint.every_steps);
+        set!(checkpoint_every_seconds => checkpoint.every_seconds);
         c.validate()?;
         Ok(c)
     }

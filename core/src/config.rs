@@ -170,6 +170,24 @@ impl Default for TrainConfig {
     }
 }
 
+/// How often a distributed job checkpoints, besides every epoch end. Not part of what makes
+/// two runs "the same job": it never changes a result, so a resumed job may change it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Also checkpoint every this many optimizer steps (0: not by step count).
+    pub every_steps: u64,
+    /// Also checkpoint when this many seconds of training passed since the last one
+    /// (0: not by time).
+    pub every_seconds: f64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every_steps: 0, every_seconds: 600.0 }
+    }
+}
+
 /// The whole job's settings. The defaults are the tutorial's recipe (`configs/seed.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -177,6 +195,7 @@ pub struct JobConfig {
     pub data: DataConfig,
     pub model: ModelConfig,
     pub train: TrainConfig,
+    pub checkpoint: CheckpointConfig,
 }
 
 fn check(
@@ -238,6 +257,36 @@ impl JobConfig {
         toml::to_string_pretty(self).unwrap_or_default()
     }
 
+    /// Where two configs make different jobs, as `section.field: ours vs theirs`; empty
+    /// for the same job. `[checkpoint]` is left out: how often a job checkpoints never
+    /// changes its results, so a resumed job may change it.
+    pub fn job_differences(&self, theirs: &JobConfig) -> Vec<String> {
+        let flat = |c: &JobConfig| -> Vec<(String, String)> {
+            let Ok(toml::Value::Table(root)) = toml::Value::try_from(c) else { return Vec::new() };
+            let mut out = Vec::new();
+            for (section, value) in root.into_iter().filter(|(k, _)| k != "checkpoint") {
+                if let toml::Value::Table(fields) = value {
+                    out.extend(fields.into_iter().map(|(k, v)| (format!("{section}.{k}"), v.to_string())));
+                }
+            }
+            out.sort();
+            out
+        };
+        let (ours, other) = (flat(self), flat(theirs));
+        let mut keys: Vec<&String> = ours.iter().chain(&other).map(|(k, _)| k).collect();
+        keys.sort();
+        keys.dedup();
+        let get = |list: &[(String, String)], k: &str| {
+            list.iter().find(|(key, _)| key == k).map_or("(unset)".to_string(), |(_, v)| v.clone())
+        };
+        keys.into_iter()
+            .filter_map(|k| {
+                let (a, b) = (get(&ours, k), get(&other, k));
+                (a != b).then(|| format!("{k}: {a} vs {b}"))
+            })
+            .collect()
+    }
+
     /// Checks every value once; the error names the field and the allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.data;
@@ -265,6 +314,13 @@ impl JobConfig {
         check(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)?;
         check(t.eval_batch_size >= 1, "train.eval_batch_size", "at least 1", t.eval_batch_size)?;
         check(t.threads <= 1024, "train.threads", "0..=1024 (0: libtorch's default)", t.threads)?;
+        let k = &self.checkpoint;
+        check(
+            k.every_seconds.is_finite() && (0.0..=86_400.0 * 7.0).contains(&k.every_seconds),
+            "checkpoint.every_seconds",
+            "0..=604800 (0: not by time)",
+            k.every_seconds,
+        )?;
         parse_device(&t.device)?;
         Ok(())
     }
@@ -285,6 +341,7 @@ mod tests {
         assert_eq!(c.train.epochs, 5);
         assert_eq!(c.train.bptt, 0);
         assert_eq!(c.train.batch_order, BatchOrder::Unsorted);
+        assert_eq!(c.checkpoint, CheckpointConfig { every_steps: 0, every_seconds: 600.0 });
     }
 
     #[test]
@@ -311,5 +368,16 @@ mod tests {
         c.model.head = Head::ConcatPool;
         let back: JobConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn job_differences_name_fields_and_ignore_the_checkpoint_cadence() {
+        let a = JobConfig::default();
+        let mut b = a.clone();
+        b.checkpoint.every_steps = 7;
+        assert!(a.job_differences(&b).is_empty());
+        b.train.lr = 0.5;
+        b.data.max_len = 10;
+        assert_eq!(a.job_differences(&b), vec!["data.max_len: 0 vs 10", "train.lr: 0.001 vs 0.5"]);
     }
 }

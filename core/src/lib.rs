@@ -9,6 +9,7 @@ pub mod config;
 pub mod corpus;
 pub mod encode;
 pub mod error;
+pub mod exit;
 pub mod pipeline;
 pub mod shard;
 pub mod splits;

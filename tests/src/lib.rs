@@ -16,6 +16,17 @@ pub fn built_binary_path(name: &str) -> PathBuf {
     profile_dir.join(name)
 }
 
+/// The current checkpoint file of a coordinator's run folder, as its `checkpoint.json`
+/// names it; None when no checkpoint was committed.
+pub fn current_checkpoint(run_dir: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(run_dir.join("checkpoint.json")).ok()?;
+    // The record is JSON with a top-level "file": a plain scan keeps this crate dependency-free.
+    let key = "\"file\": \"";
+    let start = text.find(key)? + key.len();
+    let end = start + text[start..].find('"')?;
+    Some(run_dir.join(&text[start..end]))
+}
+
 /// Writes `train_per_label` train and `test_per_label` test reviews per label under
 /// `dir/aclImdb` (official layout, ratings 8 and 3) and returns that folder. The reviews are
 /// 3 to 9 words of a 10-word vocabulary, deterministic.

@@ -148,18 +148,24 @@ fn write_safetensors(
 
 /// Reads every tensor (as f32 on the CPU) and the metadata of a safetensors file.
 fn read_safetensors(path: &Path, what: &str) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bad = |message: String| WorkerError::Checkpoint { path: path.to_path_buf(), message };
-    let bytes = std::fs::read(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            bad(format!("no {what} here (file not found)"))
+    let bytes = std::fs::read(path).map_err(|e| WorkerError::Checkpoint {
+        path: path.to_path_buf(),
+        message: if e.kind() == std::io::ErrorKind::NotFound {
+            format!("no {what} here (file not found)")
         } else {
-            bad(format!("cannot read: {e}"))
-        }
+            format!("cannot read: {e}")
+        },
     })?;
+    parse_safetensors(&bytes, path)
+}
+
+/// The tensors and metadata of safetensors `bytes`; `source` names them in errors.
+fn parse_safetensors(bytes: &[u8], source: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+    let bad = |message: String| WorkerError::Checkpoint { path: source.to_path_buf(), message };
     let (_, header) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let file = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
         if view.dtype() != Dtype::F32 {
@@ -206,6 +212,21 @@ pub fn save_checkpoint(
 /// Reads a checkpoint file (tensors stay on the CPU until restored).
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
     let (tensors, metadata) = read_safetensors(path, "checkpoint")?;
+    checkpoint_from_parts(tensors, metadata, path)
+}
+
+/// A checkpoint received as bytes (a distributed job's, fetched from the coordinator);
+/// `source` names it in errors.
+pub fn checkpoint_from_bytes(bytes: &[u8], source: &Path) -> Result<Checkpoint> {
+    let (tensors, metadata) = parse_safetensors(bytes, source)?;
+    checkpoint_from_parts(tensors, metadata, source)
+}
+
+fn checkpoint_from_parts(
+    tensors: HashMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+    path: &Path,
+) -> Result<Checkpoint> {
     let bad = |message: String| WorkerError::Checkpoint { path: path.to_path_buf(), message };
     let state = metadata.get(CHECKPOINT_KEY).ok_or_else(|| {
         bad(format!("not a training checkpoint (no {CHECKPOINT_KEY} metadata; a model file?)"))

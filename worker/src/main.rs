@@ -253,9 +253,23 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<worker::agent::RestartRequested>() => rejoin(),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(trainer_core::exit::code_for(e.chain()))
         }
     }
+}
+
+/// The coordinator restarts the group: start over as a fresh process with the same
+/// arguments and environment (a replica stuck in a collective cannot be reused in-process).
+fn rejoin() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let error = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe).args(&args[1..]).exec(),
+        Err(e) => e,
+    };
+    eprintln!("error: the coordinator restarts the group, but this worker cannot start again: {error}");
+    ExitCode::from(trainer_core::exit::LOST)
 }

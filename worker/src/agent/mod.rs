@@ -52,7 +52,7 @@ use trainer_proto::v1::coordinator_client::CoordinatorClient;
 use trainer_proto::v1::{
     coordinator_message, worker_message, ArtifactChunk, ArtifactDone, ArtifactKind, CoordinatorMessage,
     Device, EpochDone, EvalResult, Heartbeat, Hello, Ready, RegisterRequest, RendezvousRequest, ShardRequest,
-    Split, StepMetrics, WorkerError, WorkerIdentity, WorkerMessage,
+    Split, StepMetrics, WorkerError, WorkerIdentity, WorkerMessage, CheckpointRequest,
 };
 use trainer_proto::{ClientAuth, JobSecret, ARTIFACT_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 
@@ -158,6 +158,27 @@ pub struct JobInfo {
     pub vocab_fingerprint: String,
     /// Steps every rank runs per epoch (already capped by `train.max_steps_per_epoch`).
     pub steps_per_epoch: usize,
+    /// The checkpoint this attempt resumes from (every rank restores it before the
+    /// broadcast), as fetched from the coordinator.
+    pub resume: Option<Arc<Vec<u8>>>,
+}
+
+/// Where a checkpoint was taken: after `step_in_epoch` steps of epoch `epoch` (0-based), or
+/// at the end of epoch `epoch` (`epoch_end`, then `step_in_epoch` is 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointAt {
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+    pub global_step: u64,
+    pub epoch_end: bool,
+}
+
+/// What a replica's epoch reports to, after every step.
+pub trait StepSink {
+    /// One step's report; true when the replica must checkpoint now (rank 0 only).
+    fn step(&mut self, report: StepReport) -> bool;
+    /// A checkpoint taken mid-epoch because [`StepSink::step`] asked for it.
+    fn checkpoint(&mut self, at: CheckpointAt, bytes: Vec<u8>);
 }
 
 /// One training step on this rank, reported while the epoch runs.
@@ -173,6 +194,8 @@ pub struct StepReport {
     pub step_seconds: f64,
     /// Time spent inside collectives during the step.
     pub comm_seconds: f64,
+    /// Optimizer steps taken in all after this one.
+    pub global_step: u64,
 }
 
 /// One epoch on this rank.
@@ -189,13 +212,15 @@ pub struct EpochReport {
 /// A model replica as the agent drives it. All methods run on the replica thread.
 pub trait Replica {
     /// Trains epoch `epoch` (0-based) on `shard`, this rank's samples for the epoch in the
-    /// order the shard plan gives; runs exactly `JobInfo::steps_per_epoch` steps (every rank
-    /// the same number) and calls `report` after each.
+    /// order the shard plan gives, from step `first_step` (a resumed epoch) to
+    /// `JobInfo::steps_per_epoch` (every rank the same steps); reports each step to `sink`,
+    /// and checkpoints (with [`Replica::checkpoint`]) when the sink asks.
     fn train_epoch(
         &mut self,
         epoch: u64,
+        first_step: u64,
         shard: &EncodedSplit,
-        report: &mut dyn FnMut(StepReport),
+        sink: &mut dyn StepSink,
     ) -> anyhow::Result<EpochReport>;
     /// Evaluates every review of `split` (this rank's part; it may be empty).
     fn evaluate(&mut self, split: &EncodedSplit) -> anyhow::Result<EvalCounts>;
@@ -205,8 +230,10 @@ pub trait Replica {
     fn parameter_count(&self) -> u64;
     /// The model as `model.safetensors` bytes (rank 0 only).
     fn export_model(&mut self) -> anyhow::Result<Vec<u8>>;
-    /// A full checkpoint (`checkpoint.safetensors` bytes) taken after epoch `epoch` (rank 0).
-    fn checkpoint(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>>;
+    /// A full checkpoint (`checkpoint.safetensors` bytes) at `at` (rank 0).
+    fn checkpoint(&mut self, at: CheckpointAt) -> anyhow::Result<Vec<u8>>;
+    /// Optimizer steps taken in all.
+    fn global_step(&self) -> u64;
 }
 
 type Client = CoordinatorClient<InterceptedService<Channel, ClientAuth>>;
@@ -261,16 +288,16 @@ impl Liveness {
             tick.tick().await;
             if self.closed.load(Ordering::Acquire) {
                 let reason = self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                return anyhow!("lost the coordinator: {reason}");
+                return anyhow!(trainer_core::exit::Lost(format!("lost the coordinator: {reason}")));
             }
             let silent = self.started.elapsed().as_millis() as u64
                 - self.last_seen_ms.load(Ordering::Relaxed).min(self.started.elapsed().as_millis() as u64);
             if silent > self.timeout.as_millis() as u64 {
-                return anyhow!(
+                return anyhow!(trainer_core::exit::Lost(format!(
                     "lost the coordinator: nothing heard for {:.1} s (heartbeat timeout {:.1} s)",
                     silent as f64 / 1000.0,
                     self.timeout.as_secs_f64()
-                );
+                )));
             }
         }
     }
@@ -289,6 +316,8 @@ async fn guarded<T>(
 
 struct Agent {
     client: Client,
+    /// The optimizer step of the checkpoint this attempt resumes from.
+    resume_global_step: Option<u64>,
     job: JobInfo,
     identity: WorkerIdentity,
     heartbeat_interval: Duration,
@@ -360,12 +389,10 @@ impl Agent {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 Err(e) => {
-                    return Err(anyhow!(e)).with_context(|| {
-                        format!(
-                            "cannot reach the coordinator at {uri} within {:.0} s",
-                            connect_timeout.as_secs_f64()
-                        )
-                    })
+                    return Err(anyhow!(trainer_core::exit::Lost(format!(
+                        "cannot reach the coordinator at {uri} within {:.0} s: {e}",
+                        connect_timeout.as_secs_f64()
+                    ))))
                 }
             }
         };
@@ -381,7 +408,15 @@ impl Agent {
                 devices: devices(),
             })
             .await
-            .map_err(|s| status_error("the coordinator refused the registration", s))?
+            .map_err(|s| {
+                let unauthenticated = s.code() == tonic::Code::Unauthenticated;
+                let e = status_error("the coordinator refused the registration", s);
+                if unauthenticated {
+                    anyhow!(trainer_core::exit::AuthFailed(format!("{e:#}")))
+                } else {
+                    e
+                }
+            })?
             .into_inner();
         let mut config: JobConfig = toml::from_str(&reply.job_config_toml)
             .context("the coordinator sent a job config this worker cannot read")?;
@@ -399,10 +434,12 @@ impl Agent {
             vocab_size: reply.vocab_size as usize,
             vocab_fingerprint: reply.vocab_fingerprint,
             steps_per_epoch: reply.steps_per_epoch as usize,
+            resume: None,
         };
-        tracing::info!(rank = job.rank, world = job.world_size, "registered");
+        tracing::info!(rank = job.rank, world = job.world_size, attempt = reply.attempt, "registered");
         Ok(Self {
             client,
+            resume_global_step: reply.resume.then_some(reply.resume_global_step),
             identity: WorkerIdentity {
                 rank: reply.rank,
                 attempt: reply.attempt,
@@ -447,7 +484,35 @@ impl Agent {
         Ok(out)
     }
 
-    async fn upload(&self, kind: ArtifactKind, epoch: u64, bytes: Vec<u8>) -> anyhow::Result<u64> {
+    /// The checkpoint this attempt resumes from, streamed from the coordinator.
+    async fn fetch_checkpoint(&self) -> anyhow::Result<Vec<u8>> {
+        let mut stream = self
+            .client
+            .clone()
+            .fetch_checkpoint(CheckpointRequest { worker: Some(self.identity.clone()) })
+            .await
+            .map_err(|s| status_error("cannot fetch the checkpoint to resume from", s))?
+            .into_inner();
+        let mut bytes = Vec::new();
+        let mut total = None;
+        while let Some(chunk) =
+            stream.message().await.map_err(|s| status_error("the checkpoint stream broke", s))?
+        {
+            let t = *total.get_or_insert(chunk.total_bytes);
+            if bytes.len() as u64 + chunk.data.len() as u64 > t {
+                bail!("the checkpoint stream sent more than the {t} bytes it announced");
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        match total {
+            Some(t) if t == bytes.len() as u64 => Ok(bytes),
+            Some(t) => bail!("the checkpoint stream ended after {} of {t} bytes", bytes.len()),
+            None => bail!("the checkpoint stream was empty"),
+        }
+    }
+
+    async fn upload(&self, kind: ArtifactKind, at: CheckpointAt, bytes: Vec<u8>) -> anyhow::Result<u64> {
+        let epoch = at.epoch;
         let total = bytes.len() as u64;
         let identity = self.identity.clone();
         let mut chunks: Vec<ArtifactChunk> = bytes
@@ -461,6 +526,9 @@ impl Agent {
         chunks[0].kind = kind as i32;
         chunks[0].epoch = epoch;
         chunks[0].total_bytes = total;
+        chunks[0].step_in_epoch = at.step_in_epoch;
+        chunks[0].global_step = at.global_step;
+        chunks[0].epoch_end = at.epoch_end;
         let reply = self
             .client
             .clone()
@@ -541,7 +609,13 @@ impl Agent {
             }
         });
 
-        // 2. Evaluation shards, the rendezvous, then the replica on its own thread.
+        // 2. The checkpoint to resume from, evaluation shards, the rendezvous, then the
+        //    replica on its own thread.
+        if let Some(step) = self.resume_global_step {
+            let bytes = guarded(&live, self.fetch_checkpoint()).await?;
+            tracing::info!(global_step = step, bytes = bytes.len(), "resuming from the job's checkpoint");
+            self.job.resume = Some(Arc::new(bytes));
+        }
         let val = guarded(&live, self.fetch_shard(Split::Validation, 0)).await?;
         let test = guarded(&live, self.fetch_shard(Split::Test, 0)).await?;
         let listener = RingListener::bind(args.ring_listen)
@@ -619,10 +693,16 @@ impl Agent {
         let (events_tx, mut events) = mpsc::unbounded_channel::<ReplicaEvent>();
         let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
         let thread_job = self.job.clone();
+        let checkpoint_now = Arc::new(AtomicBool::new(false));
+        let thread_checkpoint_now = Arc::clone(&checkpoint_now);
         let replica_thread = std::thread::Builder::new()
             .name("replica".into())
-            .spawn(move || replica_thread(thread_job, plan, factory, val, test, work_rx, events_tx))
+            .spawn(move || {
+                let context = ReplicaContext { job: thread_job, val, test, checkpoint_now: thread_checkpoint_now };
+                replica_thread(context, plan, factory, work_rx, events_tx)
+            })
             .context("cannot start the replica thread")?;
+        self.job.resume = None;
 
         // 3. Commands down, replica events up, until the coordinator says stop.
         let result = loop {
@@ -632,7 +712,7 @@ impl Agent {
                     let Some(command) = command else {
                         break Err(anyhow!("lost the coordinator: the session ended"));
                     };
-                    match self.command(command, &live, &work_tx).await {
+                    match self.command(command, &live, &work_tx, &checkpoint_now).await {
                         Ok(None) => {}
                         Ok(Some(done)) => break done,
                         Err(e) => break Err(e),
@@ -654,12 +734,26 @@ impl Agent {
                 // Idle after a successful stop, so this returns at once.
                 let _ = replica_thread.join();
             }
+            Err(e) if e.is::<RestartRequested>() => {}
             Err(e) => {
                 // Best effort: tell the coordinator why, and give the message a moment to leave.
                 let msg =
                     self.message(worker_message::Body::Error(WorkerError { message: format!("{e:#}") }));
                 if up.try_send(msg).is_ok() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // The coordinator may answer with a restart of the group: join it again
+                    // rather than exit (a supervisor need not restart this process).
+                    let restart = tokio::time::timeout(Duration::from_secs(3), async {
+                        while let Some(command) = commands.recv().await {
+                            if let coordinator_message::Body::Stop(stop) = command {
+                                return stop.restart;
+                            }
+                        }
+                        false
+                    })
+                    .await;
+                    if restart == Ok(true) {
+                        return Err(anyhow!(RestartRequested));
+                    }
                 }
             }
         }
@@ -672,6 +766,7 @@ impl Agent {
         command: coordinator_message::Body,
         live: &Liveness,
         work: &std::sync::mpsc::Sender<Work>,
+        checkpoint_now: &AtomicBool,
     ) -> anyhow::Result<Option<anyhow::Result<()>>> {
         let send = |w: Work| work.send(w).map_err(|_| anyhow!("the replica thread ended unexpectedly"));
         match command {
@@ -679,7 +774,7 @@ impl Agent {
             coordinator_message::Body::StartEpoch(s) => {
                 let shard = guarded(live, self.fetch_shard(Split::Train, s.epoch)).await?;
                 tracing::debug!(epoch = s.epoch, reviews = shard.len(), "train shard fetched");
-                send(Work::Train { epoch: s.epoch, shard })?;
+                send(Work::Train { epoch: s.epoch, first_step: s.first_step, shard })?;
             }
             coordinator_message::Body::Evaluate(e) => {
                 let split = Split::try_from(e.split)
@@ -688,18 +783,28 @@ impl Agent {
                     .ok_or_else(|| anyhow!("the coordinator asked to evaluate split {}", e.split))?;
                 send(Work::Evaluate { split, epoch: e.epoch })?;
             }
-            coordinator_message::Body::Checkpoint(c) => {
-                send(Work::Artifact { kind: ArtifactKind::Checkpoint, epoch: c.epoch })?
-            }
-            coordinator_message::Body::ExportModel(m) => {
-                send(Work::Artifact { kind: ArtifactKind::Model, epoch: m.epoch })?
-            }
+            coordinator_message::Body::Checkpoint(c) => send(Work::Artifact {
+                kind: ArtifactKind::Checkpoint,
+                at: CheckpointAt { epoch: c.epoch, epoch_end: true, ..CheckpointAt::default() },
+            })?,
+            coordinator_message::Body::ExportModel(m) => send(Work::Artifact {
+                kind: ArtifactKind::Model,
+                at: CheckpointAt { epoch: m.epoch, epoch_end: true, ..CheckpointAt::default() },
+            })?,
+            // Read by the replica thread at its next step boundary.
+            coordinator_message::Body::CheckpointNow(_) => checkpoint_now.store(true, Ordering::Release),
             coordinator_message::Body::Stop(stop) => {
                 return Ok(Some(if stop.success {
                     tracing::info!(reason = %stop.reason, "the coordinator finished the job");
                     Ok(())
+                } else if stop.restart {
+                    tracing::info!(reason = %stop.reason, "the coordinator restarts the group");
+                    Err(anyhow!(RestartRequested))
                 } else {
-                    Err(anyhow!("the coordinator stopped the job: {}", stop.reason))
+                    Err(anyhow!(trainer_core::exit::Lost(format!(
+                        "the coordinator stopped the job: {}",
+                        stop.reason
+                    ))))
                 }));
             }
         }
@@ -718,11 +823,21 @@ impl Agent {
             ReplicaEvent::Step(s) => worker_message::Body::Step(s),
             ReplicaEvent::EpochDone(d) => worker_message::Body::EpochDone(d),
             ReplicaEvent::Eval(e) => worker_message::Body::Eval(e),
-            ReplicaEvent::Artifact { kind, epoch, bytes } => {
-                let bytes = guarded(live, self.upload(kind, epoch, bytes)).await?;
-                worker_message::Body::ArtifactDone(ArtifactDone { kind: kind as i32, epoch, bytes })
+            ReplicaEvent::Artifact { kind, at, bytes } => {
+                let bytes = guarded(live, self.upload(kind, at, bytes)).await?;
+                worker_message::Body::ArtifactDone(ArtifactDone {
+                    kind: kind as i32,
+                    epoch: at.epoch,
+                    bytes,
+                    step_in_epoch: at.step_in_epoch,
+                    global_step: at.global_step,
+                    epoch_end: at.epoch_end,
+                })
             }
-            ReplicaEvent::Failed(message) => bail!("{message}"),
+            ReplicaEvent::Failed { message, peer_lost: true } => {
+                return Err(anyhow!(trainer_core::exit::Lost(message)))
+            }
+            ReplicaEvent::Failed { message, peer_lost: false } => bail!("{message}"),
         };
         let message = self.message(body);
         guarded(live, async { up.send(message).await.map_err(|_| anyhow!("the session stream is closed")) })
@@ -730,11 +845,17 @@ impl Agent {
     }
 }
 
+/// The coordinator asked this worker to register again: the group restarts from the last
+/// checkpoint. `worker join` then starts over as a fresh process.
+#[derive(Debug, thiserror::Error)]
+#[error("the coordinator restarts the group; joining again")]
+pub struct RestartRequested;
+
 /// Work for the replica thread, one item at a time, in the coordinator's order.
 enum Work {
-    Train { epoch: u64, shard: EncodedSplit },
+    Train { epoch: u64, first_step: u64, shard: EncodedSplit },
     Evaluate { split: Split, epoch: u64 },
-    Artifact { kind: ArtifactKind, epoch: u64 },
+    Artifact { kind: ArtifactKind, at: CheckpointAt },
 }
 
 enum ReplicaEvent {
@@ -742,8 +863,80 @@ enum ReplicaEvent {
     Step(StepMetrics),
     EpochDone(EpochDone),
     Eval(EvalResult),
-    Artifact { kind: ArtifactKind, epoch: u64, bytes: Vec<u8> },
-    Failed(String),
+    Artifact { kind: ArtifactKind, at: CheckpointAt, bytes: Vec<u8> },
+    /// The replica failed; `peer_lost` when a collective lost or timed out on a peer.
+    Failed { message: String, peer_lost: bool },
+}
+
+/// What the replica thread works with besides the collective.
+struct ReplicaContext {
+    job: JobInfo,
+    val: EncodedSplit,
+    test: EncodedSplit,
+    /// Set by a CheckpointNow command; rank 0 checkpoints at its next step boundary.
+    checkpoint_now: Arc<AtomicBool>,
+}
+
+/// Rank 0's checkpoint cadence within an epoch, and the relay of step reports.
+struct EpochSink<'a> {
+    epoch: u64,
+    rank: usize,
+    steps_per_epoch: u64,
+    every_steps: u64,
+    every: Option<Duration>,
+    last_checkpoint: &'a mut Instant,
+    checkpoint_now: &'a AtomicBool,
+    events: &'a mpsc::UnboundedSender<ReplicaEvent>,
+}
+
+impl StepSink for EpochSink<'_> {
+    fn step(&mut self, s: StepReport) -> bool {
+        let _ = self.events.send(ReplicaEvent::Step(StepMetrics {
+            epoch: self.epoch,
+            step: s.step,
+            loss_sum: s.loss_sum,
+            samples: s.samples,
+            tokens: s.tokens,
+            step_seconds: s.step_seconds,
+            comm_seconds: s.comm_seconds,
+        }));
+        if self.rank != 0 {
+            return false;
+        }
+        // A request (SIGTERM) is served at once; the cadence leaves the epoch's last step to
+        // the epoch-end checkpoint that follows it.
+        if self.checkpoint_now.swap(false, Ordering::AcqRel) {
+            return true;
+        }
+        let last_of_epoch = s.step + 1 >= self.steps_per_epoch;
+        let by_steps = self.every_steps > 0 && s.global_step % self.every_steps == 0;
+        let by_time = self.every.is_some_and(|every| self.last_checkpoint.elapsed() >= every);
+        !last_of_epoch && (by_steps || by_time)
+    }
+
+    fn checkpoint(&mut self, at: CheckpointAt, bytes: Vec<u8>) {
+        *self.last_checkpoint = Instant::now();
+        let _ = self.events.send(ReplicaEvent::Artifact { kind: ArtifactKind::Checkpoint, at, bytes });
+    }
+}
+
+/// Whether a failure came from losing a peer (a collective that broke or timed out).
+fn is_peer_lost(e: &anyhow::Error) -> bool {
+    use crate::collective::CollectiveError;
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<CollectiveError>().or_else(|| match c.downcast_ref::<crate::WorkerError>() {
+                Some(crate::WorkerError::Collective(inner)) => Some(inner),
+                _ => None,
+            }),
+            Some(
+                CollectiveError::Timeout { .. }
+                    | CollectiveError::Peer { .. }
+                    | CollectiveError::Handshake { .. }
+                    | CollectiveError::Poisoned { .. }
+            )
+        )
+    })
 }
 
 /// How to build this rank's collective, as decided at the rendezvous.
@@ -771,16 +964,16 @@ fn connect_collective(job: &JobInfo, plan: CollectivePlan) -> anyhow::Result<Box
 }
 
 fn replica_thread(
-    job: JobInfo,
+    context: ReplicaContext,
     plan: CollectivePlan,
     factory: Factory,
-    val: EncodedSplit,
-    test: EncodedSplit,
     work: std::sync::mpsc::Receiver<Work>,
     events: mpsc::UnboundedSender<ReplicaEvent>,
 ) {
+    let ReplicaContext { job, val, test, checkpoint_now } = context;
     let fail = |e: anyhow::Error| {
-        let _ = events.send(ReplicaEvent::Failed(format!("{e:#}")));
+        let peer_lost = is_peer_lost(&e);
+        let _ = events.send(ReplicaEvent::Failed { message: format!("{e:#}"), peer_lost });
     };
     let collective = match connect_collective(&job, plan) {
         Ok(c) => c,
@@ -801,22 +994,24 @@ fn replica_thread(
         }
         Err(e) => return fail(e),
     }
+    let cadence = &job.config.checkpoint;
+    let mut last_checkpoint = Instant::now();
     while let Ok(item) = work.recv() {
         let outcome = match item {
-            Work::Train { epoch, shard } => {
-                let mut report = |s: StepReport| {
-                    let _ = events.send(ReplicaEvent::Step(StepMetrics {
-                        epoch,
-                        step: s.step,
-                        loss_sum: s.loss_sum,
-                        samples: s.samples,
-                        tokens: s.tokens,
-                        step_seconds: s.step_seconds,
-                        comm_seconds: s.comm_seconds,
-                    }));
+            Work::Train { epoch, first_step, shard } => {
+                let mut sink = EpochSink {
+                    epoch,
+                    rank: job.rank,
+                    steps_per_epoch: job.steps_per_epoch as u64,
+                    every_steps: cadence.every_steps,
+                    every: (cadence.every_seconds > 0.0)
+                        .then(|| Duration::from_secs_f64(cadence.every_seconds)),
+                    last_checkpoint: &mut last_checkpoint,
+                    checkpoint_now: &checkpoint_now,
+                    events: &events,
                 };
                 replica
-                    .train_epoch(epoch, &shard, &mut report)
+                    .train_epoch(epoch, first_step, &shard, &mut sink)
                     .and_then(|r| {
                         let checksum = replica.parameter_checksum()?;
                         Ok(ReplicaEvent::EpochDone(EpochDone {
@@ -847,14 +1042,16 @@ fn replica_thread(
                     })
                     .with_context(|| format!("evaluation on {} failed", split.as_str_name()))
             }
-            Work::Artifact { kind, epoch } => {
+            Work::Artifact { kind, mut at } => {
+                at.global_step = replica.global_step();
                 let bytes = if kind == ArtifactKind::Model {
                     replica.export_model()
                 } else {
-                    replica.checkpoint(epoch)
+                    last_checkpoint = Instant::now();
+                    replica.checkpoint(at)
                 };
                 bytes
-                    .map(|bytes| ReplicaEvent::Artifact { kind, epoch, bytes })
+                    .map(|bytes| ReplicaEvent::Artifact { kind, at, bytes })
                     .with_context(|| format!("cannot produce the {}", kind.as_str_name()))
             }
         };

@@ -68,8 +68,9 @@ impl Replica for Toy {
     fn train_epoch(
         &mut self,
         epoch: u64,
+        first_step: u64,
         shard: &EncodedSplit,
-        report: &mut dyn FnMut(StepReport),
+        sink: &mut dyn StepSink,
     ) -> anyhow::Result<EpochReport> {
         self.seen
             .lock()
@@ -77,7 +78,7 @@ impl Replica for Toy {
             .train_ids
             .push((epoch, shard.ids.iter().copied().zip(shard.labels.iter().copied()).collect()));
         let mut total = EpochReport::default();
-        for step in 0..self.steps {
+        for step in first_step as usize..self.steps {
             if self.fail_at == Some((epoch, step as u64)) {
                 bail!("toy failure at step {step}");
             }
@@ -103,8 +104,9 @@ impl Replica for Toy {
                 tokens,
                 step_seconds: 0.01,
                 comm_seconds: 0.001,
+                global_step: epoch * self.steps as u64 + step as u64 + 1,
             };
-            report(r);
+            sink.step(r);
             total.steps += 1;
             total.loss_sum += r.loss_sum;
             total.samples += r.samples;
@@ -134,8 +136,12 @@ impl Replica for Toy {
         Ok(self.params.iter().flat_map(|p| p.to_le_bytes()).collect())
     }
 
-    fn checkpoint(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>> {
-        Ok(format!("checkpoint of rank {} after epoch {epoch}", self.rank).into_bytes())
+    fn checkpoint(&mut self, at: CheckpointAt) -> anyhow::Result<Vec<u8>> {
+        Ok(format!("checkpoint of rank {} after epoch {}", self.rank, at.epoch).into_bytes())
+    }
+
+    fn global_step(&self) -> u64 {
+        0
     }
 }
 
@@ -242,10 +248,8 @@ fn agents_train_a_job_with_the_real_coordinator() {
     assert_eq!(model.len(), 8 * 4);
     let params: Vec<f32> = model.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     assert_eq!(format!("{:016x}", checksum(&params)), checksums[0].as_str().unwrap());
-    assert_eq!(
-        std::fs::read_to_string(coord.out.join("checkpoint.safetensors")).unwrap(),
-        "checkpoint of rank 0 after epoch 1"
-    );
+    let checkpoint = trainer_tests::current_checkpoint(&coord.out).expect("a committed checkpoint");
+    assert_eq!(std::fs::read_to_string(checkpoint).unwrap(), "checkpoint of rank 0 after epoch 1");
     for f in ["vocab.txt", "config.toml"] {
         assert!(coord.out.join(f).is_file(), "{f} missing");
     }
@@ -253,7 +257,7 @@ fn agents_train_a_job_with_the_real_coordinator() {
 
 #[test]
 fn a_failing_replica_stops_the_job_and_names_its_rank() {
-    let Some(mut coord) = start_coordinator(2, &[]) else { return };
+    let Some(mut coord) = start_coordinator(2, &["--max-restarts", "0"]) else { return };
     let handles = run_agents(coord.addr(), 2, Some((1, 0, 3)), Duration::ZERO);
     let results: Vec<AgentResult> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     let (status, _) = coord.wait(Duration::from_secs(60));
@@ -339,7 +343,8 @@ fn trainer_replicas_stay_identical_and_runs_repeat() {
         assert!((0.0..=1.0).contains(&acc));
         assert_eq!(summary["backend"], "ring");
         assert!(std::fs::metadata(coord.out.join("model.safetensors")).unwrap().len() > 100);
-        assert!(std::fs::metadata(coord.out.join("checkpoint.safetensors")).unwrap().len() > 100);
+        let checkpoint = trainer_tests::current_checkpoint(&coord.out).expect("a committed checkpoint");
+        assert!(std::fs::metadata(checkpoint).unwrap().len() > 100);
         finals.push(sums[0].clone());
     }
     assert_eq!(finals[0], finals[1], "two runs with the same seed differ");

@@ -10,8 +10,8 @@ use anyhow::Context;
 use trainer_core::batch::collate;
 use trainer_core::EncodedSplit;
 
-use super::{EpochReport, EvalCounts, JobInfo, Replica, StepReport};
-use crate::checkpoint::{export_model, save_checkpoint, LoopState, Position};
+use super::{CheckpointAt, EpochReport, EvalCounts, JobInfo, Replica, StepReport, StepSink};
+use crate::checkpoint::{checkpoint_from_bytes, export_model, save_checkpoint, LoopState, Position};
 use crate::collective::{Collective, CollectiveError};
 use crate::device::resolve_device;
 use crate::trainer::Trainer;
@@ -60,10 +60,19 @@ pub struct TrainerReplica {
 }
 
 impl TrainerReplica {
-    /// Builds the model on the configured device and copies rank 0's parameters to every
-    /// rank (the factory contract of [`super::run_agent`]).
+    /// Builds the model on the configured device, restores the job's checkpoint when the
+    /// attempt resumes from one, and copies rank 0's parameters to every rank (the factory
+    /// contract of [`super::run_agent`]).
     pub fn new(job: &JobInfo, collective: Box<dyn Collective>) -> anyhow::Result<Self> {
         let mut replica = Self::build(job, collective)?;
+        if let Some(bytes) = &job.resume {
+            // Every rank restores the same file (weights, Adam's moments, the step), so the
+            // broadcast below changes nothing; the checksums compared before the first step
+            // prove it.
+            let source = std::path::Path::new("<the job's checkpoint>");
+            let checkpoint = checkpoint_from_bytes(bytes, source)?;
+            checkpoint.restore_into(&mut replica.trainer, &job.vocab_fingerprint, source)?;
+        }
         replica.broadcast_from_rank0()?;
         Ok(replica)
     }
@@ -104,15 +113,16 @@ impl Replica for TrainerReplica {
     fn train_epoch(
         &mut self,
         epoch: u64,
+        first_step: u64,
         shard: &EncodedSplit,
-        report: &mut dyn FnMut(StepReport),
+        sink: &mut dyn StepSink,
     ) -> anyhow::Result<EpochReport> {
-        let c = &self.job.config;
-        let t = &c.train;
+        let (max_len, truncation, batch_size) =
+            (self.job.config.data.max_len, self.job.config.data.truncation, self.job.config.train.batch_size);
         // The shard arrives in plan order (random or length-bucketed global batches, split
         // across ranks), so its batches are consecutive runs of batch_size samples.
         let order: Vec<u32> = (0..shard.len() as u32).collect();
-        let mut batches: Vec<Vec<u32>> = order.chunks(t.batch_size).map(<[u32]>::to_vec).collect();
+        let mut batches: Vec<Vec<u32>> = order.chunks(batch_size).map(<[u32]>::to_vec).collect();
         batches.truncate(self.job.steps_per_epoch);
         if batches.len() != self.job.steps_per_epoch {
             anyhow::bail!(
@@ -124,10 +134,12 @@ impl Replica for TrainerReplica {
         }
         let mut total = EpochReport::default();
         let epoch_start = Instant::now();
-        for (step, samples) in batches.iter().enumerate() {
+        // A resumed epoch skips the steps its checkpoint already holds: the same batches as
+        // an uninterrupted run, from the same step on.
+        for (step, samples) in batches.iter().enumerate().skip(first_step as usize) {
             let start = Instant::now();
             let comm_before = self.comm_nanos.load(Ordering::Relaxed);
-            let batch = collate(shard, samples, c.data.max_len, c.data.truncation);
+            let batch = collate(shard, samples, max_len, truncation);
             let stats = self.trainer.train_step(&batch)?;
             let r = StepReport {
                 step: step as u64,
@@ -136,8 +148,18 @@ impl Replica for TrainerReplica {
                 tokens: stats.tokens as u64,
                 step_seconds: start.elapsed().as_secs_f64(),
                 comm_seconds: (self.comm_nanos.load(Ordering::Relaxed) - comm_before) as f64 * 1e-9,
+                global_step: self.trainer.global_step(),
             };
-            report(r);
+            if sink.step(r) {
+                let at = CheckpointAt {
+                    epoch,
+                    step_in_epoch: step as u64 + 1,
+                    global_step: r.global_step,
+                    epoch_end: false,
+                };
+                let bytes = self.checkpoint(at)?;
+                sink.checkpoint(at, bytes);
+            }
             total.steps += 1;
             total.loss_sum += r.loss_sum;
             total.samples += r.samples;
@@ -166,9 +188,20 @@ impl Replica for TrainerReplica {
         self.to_bytes("model.safetensors", |p| export_model(model, config, p))
     }
 
-    fn checkpoint(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>> {
-        let position =
-            Position { epoch: epoch as usize + 1, step_in_epoch: 0, global_step: self.trainer.global_step() };
+    fn global_step(&self) -> u64 {
+        self.trainer.global_step()
+    }
+
+    fn checkpoint(&mut self, at: CheckpointAt) -> anyhow::Result<Vec<u8>> {
+        let position = if at.epoch_end {
+            Position { epoch: at.epoch as usize + 1, step_in_epoch: 0, global_step: self.trainer.global_step() }
+        } else {
+            Position {
+                epoch: at.epoch as usize,
+                step_in_epoch: at.step_in_epoch as usize,
+                global_step: self.trainer.global_step(),
+            }
+        };
         // The coordinator keeps the loop state (best accuracy, early stopping); the vocab
         // fingerprint is not known here (the vocab stays with the coordinator).
         let trainer = &self.trainer;

@@ -123,7 +123,8 @@ pub struct Driver {
     pending: VecDeque<(usize, Body)>,
     /// Set once the job is over: exits and disconnects are expected from then on.
     finished: bool,
-    /// True while the ranks run an epoch (a SIGTERM then asks for a checkpoint).
+    /// True between the replicas being ready and the last epoch's checkpoint: a SIGTERM then
+    /// asks for a checkpoint (a mid-epoch one, or the epoch-end one that is coming).
     training: bool,
     /// The furthest optimizer step rank 0 reported in this attempt.
     reached_step: u64,
@@ -635,6 +636,7 @@ impl Driver {
         let (start_epoch, start_step) = self.checkpoint.as_ref().map_or((0, 0), JobCheckpoint::resume_point);
         self.reached_step = self.checkpoint.as_ref().map_or(0, |c| c.global_step);
 
+        self.training = true;
         for epoch in start_epoch..train.epochs as u64 {
             if self.state.stopped_early {
                 break;
@@ -644,14 +646,12 @@ impl Driver {
             self.progress.start_epoch(epoch);
             let started = Instant::now();
             self.broadcast(coordinator_message::Body::StartEpoch(StartEpoch { epoch, first_step })).await?;
-            self.training = true;
             let done: Vec<EpochDone> = self
                 .collect(&all, "the end of the epoch", |b| match b {
                     Body::EpochDone(d) if d.epoch == epoch => Some(*d),
                     _ => None,
                 })
                 .await?;
-            self.training = false;
             let seconds = started.elapsed().as_secs_f64();
             // 2. The replicas must still be identical.
             let checksums: Vec<u64> = done.iter().map(|d| d.parameter_checksum).collect();
@@ -726,6 +726,7 @@ impl Driver {
             .await?;
         }
 
+        self.training = false;
         // Test evaluation and the final model.
         let last_epoch = self.state.records.len().saturating_sub(1) as u64;
         self.progress.status("testing");

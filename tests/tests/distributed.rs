@@ -41,69 +41,6 @@ log_every = 1
 eval_batch_size = 100
 "#;
 
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("job.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn scrubbed(mut cmd: Command, marker: &str) -> Command {
-    for var in ["TRAINER_CONFIG", "TRAINER_JOB_SECRET", "COORDINATOR_ADDR", "WORKER_THREADS"] {
-        cmd.env_remove(var);
-    }
-    cmd.env("RUST_LOG", "info").env("DDP_TEST_MARKER", marker);
-    cmd
-}
-
-fn coordinator(workers: usize, config: &Path, out: &Path, data: &Path, marker: &str) -> Command {
-    let mut cmd = scrubbed(Command::new(bin("coordinator")), marker);
-    cmd.arg("--workers")
-        .arg(workers.to_string())
-        .arg("--config")
-        .arg(config)
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(out)
-        .arg("--worker-bin")
-        .arg(bin("worker"));
-    cmd
-}
-
-/// Pids of live processes whose environment carries `marker`.
-fn marked_processes(marker: &str) -> Vec<u32> {
-    let needle = format!("DDP_TEST_MARKER={marker}");
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
-        let is_zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-            .unwrap_or(true);
-        if !is_zombie && env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn assert_none_left(marker: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = marked_processes(marker);
-        if left.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "processes left behind: {left:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn summary(out: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(out.join("summary.json")).expect("summary.json");
-    serde_json::from_str(&text).expect("summary is JSON")
-}
-
 /// Parameters by name from a run folder's model.safetensors.
 fn parameters(out: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(out.join("model.safetensors")).expect("model.safetensors");
@@ -119,12 +56,6 @@ fn parameters(out: &Path) -> Vec<(String, Vec<f32>)> {
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
-fn run_ok(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().expect("spawn");
-    assert!(out.status.success(), "failed ({}):\n{}", out.status, stderr(&out));
     out
 }
 
@@ -232,6 +163,7 @@ fn start_long_job(
     dir: &Path,
     data: &Path,
     marker: &str,
+    extra: &[&str],
 ) -> (Child, Vec<(usize, u32)>, std::sync::mpsc::Receiver<String>) {
     let config = write_config(
         dir,
@@ -239,6 +171,7 @@ fn start_long_job(
     );
     let mut child = coordinator(2, &config, &dir.join("run"), data, marker)
         .args(["--heartbeat-timeout", "3"])
+        .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -274,32 +207,19 @@ fn start_long_job(
     (child, ranks, rx)
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("coordinator still running after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_killed_worker_stops_the_job_naming_its_rank() {
     let Some(data) = imdb_data() else { return };
     let dir = tempfile::tempdir().unwrap();
     let marker = format!("kill-{}", std::process::id());
-    let (mut child, ranks, rx) = start_long_job(dir.path(), &data, &marker);
+    // No restarts allowed: the first loss ends the job, with the retryable exit code.
+    let (mut child, ranks, rx) = start_long_job(dir.path(), &data, &marker, &["--max-restarts", "0"]);
     let (victim_rank, victim_pid) = ranks[1];
     let killed_at = Instant::now();
     send_signal(victim_pid, libc::SIGKILL);
     let status = wait_exit(&mut child, Duration::from_secs(20));
     let took = killed_at.elapsed();
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(75), "a lost worker is exit code 75");
     let log: Vec<String> = rx.try_iter().collect();
     let error = log.iter().rev().find(|l| l.contains("error")).cloned().unwrap_or_default();
     assert!(
@@ -307,6 +227,7 @@ fn a_killed_worker_stops_the_job_naming_its_rank() {
         "error does not name rank {victim_rank}: {error}\n{}",
         log.join("\n")
     );
+    assert!(error.contains("after 0 restart(s)"), "{error}");
     assert!(took < Duration::from_secs(10), "detected after {took:?}");
     assert_none_left(&marker);
 }
@@ -317,7 +238,7 @@ fn a_dead_coordinator_makes_workers_exit_and_ctrl_c_stops_cleanly() {
     // SIGKILL: the coordinator cannot clean up; the workers must notice on their own.
     let dir = tempfile::tempdir().unwrap();
     let marker = format!("orphan-{}", std::process::id());
-    let (mut child, _ranks, _rx) = start_long_job(dir.path(), &data, &marker);
+    let (mut child, _ranks, _rx) = start_long_job(dir.path(), &data, &marker, &[]);
     child.kill().expect("kill coordinator");
     let _ = child.wait();
     let deadline = Instant::now() + Duration::from_secs(3 + 5);
@@ -334,10 +255,10 @@ fn a_dead_coordinator_makes_workers_exit_and_ctrl_c_stops_cleanly() {
     // checkpoint is still a complete file.
     let dir = tempfile::tempdir().unwrap();
     let marker = format!("sigint-{}", std::process::id());
-    let (mut child, _ranks, rx) = start_long_job(dir.path(), &data, &marker);
-    let checkpoint = dir.path().join("run").join("checkpoint.safetensors");
+    let (mut child, _ranks, rx) = start_long_job(dir.path(), &data, &marker, &[]);
+    let run = dir.path().join("run");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !checkpoint.exists() {
+    while trainer_tests::current_checkpoint(&run).is_none() {
         assert!(Instant::now() < deadline, "no checkpoint after 60 s");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -347,15 +268,9 @@ fn a_dead_coordinator_makes_workers_exit_and_ctrl_c_stops_cleanly() {
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(130), "{}", rx.try_iter().collect::<Vec<_>>().join("\n"));
     assert_none_left(&marker);
+    let checkpoint = trainer_tests::current_checkpoint(&run).expect("checkpoint.json kept");
     let bytes = std::fs::read(&checkpoint).expect("checkpoint kept");
     let tensors =
         safetensors::SafeTensors::deserialize(&bytes).expect("the checkpoint is a whole safetensors file");
     assert!(tensors.names().iter().any(|n| n.contains("embedding")), "{:?}", tensors.names());
-}
-
-/// Sends `signal` to `pid`.
-fn send_signal(pid: u32, signal: i32) {
-    // SAFETY: kill(2) with a pid this test started; no memory is shared.
-    let rc = unsafe { libc::kill(pid as i32, signal) };
-    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
 }

@@ -5,7 +5,8 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -169,4 +170,94 @@ pub fn md5_hex(bytes: &[u8]) -> String {
 pub fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}\nstderr: {}", stdout(out), stderr(out)))
+}
+
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn scrubbed(mut cmd: Command, marker: &str) -> Command {
+    for var in ["TRAINER_CONFIG", "TRAINER_JOB_SECRET", "COORDINATOR_ADDR", "WORKER_THREADS"] {
+        cmd.env_remove(var);
+    }
+    cmd.env("RUST_LOG", "info").env("DDP_TEST_MARKER", marker);
+    cmd
+}
+
+pub fn coordinator(workers: usize, config: &Path, out: &Path, data: &Path, marker: &str) -> Command {
+    let mut cmd = scrubbed(Command::new(bin("coordinator")), marker);
+    cmd.arg("--workers")
+        .arg(workers.to_string())
+        .arg("--config")
+        .arg(config)
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .arg("--worker-bin")
+        .arg(bin("worker"));
+    cmd
+}
+
+/// Pids of live processes whose environment carries `marker`.
+pub fn marked_processes(marker: &str) -> Vec<u32> {
+    let needle = format!("DDP_TEST_MARKER={marker}");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        let is_zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(true);
+        if !is_zombie && env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn assert_none_left(marker: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = marked_processes(marker);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "processes left behind: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn summary(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).expect("summary is JSON")
+}
+
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("spawn");
+    assert!(out.status.success(), "failed ({}):\n{}", out.status, stderr(&out));
+    out
+}
+
+pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("coordinator still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a pid this test started; no memory is shared.
+    let rc = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
 }

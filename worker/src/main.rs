@@ -222,7 +222,8 @@ fn bench(cmd: &BenchMemoryCmd) -> anyhow::Result<()> {
 
 fn bench_collective(cmd: &BenchCollectiveCmd) -> anyhow::Result<()> {
     if cmd.backend == "nccl" {
-        worker::collective::nccl_lib::ensure_nccl_loadable()?;
+        let nccl = worker::collective::nccl_lib::ensure_nccl_loadable()?;
+        tracing::info!(library = %nccl.path.display(), version = %nccl.version, "NCCL in use");
     }
     let device = worker::device::resolve_device(&cmd.device)?;
     let report = worker::collective::check::check_collective(

@@ -577,6 +577,7 @@ impl Agent {
                     nccl_unique_id,
                     device: crate::device::device_name(device),
                     nccl_available: nccl_ready,
+                    nccl_version: if nccl_ready { nccl.version.clone() } else { String::new() },
                 })
                 .await
                 .map(tonic::Response::into_inner)

@@ -384,7 +384,7 @@ impl Coordinator for CoordinatorService {
             st.collective_reports[rank] = backend::RankCollective::new(
                 req.device.starts_with("cuda"),
                 req.nccl_available,
-                &truncate(&req.nccl_version),
+                truncate(&req.nccl_version),
             );
             if rank == 0 {
                 st.nccl_unique_id = req.nccl_unique_id.clone();

@@ -4,8 +4,9 @@
 //! a local launch can work at all (NCCL allows one rank per GPU), and gives worker `i` the
 //! device `cuda:i` (of the GPUs visible under `CUDA_VISIBLE_DEVICES`). The final choice is
 //! made at the rendezvous, when every rank has said which device it trains on and whether
-//! it can load NCCL: `auto` picks NCCL when every rank has a GPU and NCCL, the ring
-//! otherwise; `nccl` fails the rendezvous, naming the rank, when one of them cannot.
+//! it can load NCCL (and which version): `auto` picks NCCL when every rank has a GPU and
+//! NCCL, the ring otherwise; `nccl` fails the rendezvous, naming the rank, when one of them
+//! cannot. Ranks with different NCCL versions fail it under `auto` and `nccl` alike.
 
 use std::path::Path;
 
@@ -92,16 +93,65 @@ pub fn local_devices(
     Ok((0..workers).map(|i| Some(format!("cuda:{}", i % gpus))).collect())
 }
 
-/// The rendezvous decision. `reports[r]` = (trains on CUDA, can load NCCL) of rank `r`;
-/// `rank0_has_id` whether rank 0 sent an NCCL unique id.
+/// What one rank said at the rendezvous about the collectives it can run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RankCollective {
+    /// It trains on a CUDA device.
+    pub cuda: bool,
+    /// It loaded NCCL.
+    pub nccl: bool,
+    /// The version of the NCCL it loaded ("" when unknown or none).
+    pub nccl_version: String,
+}
+
+impl RankCollective {
+    pub fn new(cuda: bool, nccl: bool, nccl_version: &str) -> Self {
+        Self { cuda, nccl, nccl_version: nccl_version.to_string() }
+    }
+}
+
+/// The ranks of each NCCL version, when they are not all the same: "2.28.9 on ranks [0],
+/// 2.28.3 on ranks [1]".
+fn nccl_version_mismatch(reports: &[RankCollective]) -> Option<String> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (rank, r) in reports.iter().enumerate() {
+        let v = if r.nccl_version.is_empty() { "unknown" } else { r.nccl_version.as_str() };
+        match groups.iter_mut().find(|(g, _)| *g == v) {
+            Some((_, ranks)) => ranks.push(rank),
+            None => groups.push((v, vec![rank])),
+        }
+    }
+    (groups.len() > 1).then(|| {
+        groups.iter().map(|(v, ranks)| format!("{v} on ranks {ranks:?}")).collect::<Vec<_>>().join(", ")
+    })
+}
+
+/// The rendezvous decision from every rank's report; `rank0_has_id` whether rank 0 sent an
+/// NCCL unique id.
+///
+/// Ranks that all could run NCCL but loaded different NCCL versions fail the rendezvous,
+/// with `auto` too: such a job was meant for NCCL, and quietly running it on the ring (many
+/// times slower on GPUs) would hide a broken deployment (workers from different images).
+/// The message says how to run anyway (`--backend ring`).
 pub fn decide(
     choice: BackendChoice,
-    reports: &[(bool, bool)],
+    reports: &[RankCollective],
     rank0_has_id: bool,
 ) -> Result<&'static str, String> {
-    let without_gpu: Vec<usize> = (0..reports.len()).filter(|&r| !reports[r].0).collect();
-    let without_nccl: Vec<usize> = (0..reports.len()).filter(|&r| reports[r].0 && !reports[r].1).collect();
+    let without_gpu: Vec<usize> = (0..reports.len()).filter(|&r| !reports[r].cuda).collect();
+    let without_nccl: Vec<usize> =
+        (0..reports.len()).filter(|&r| reports[r].cuda && !reports[r].nccl).collect();
     let nccl_possible = without_gpu.is_empty() && without_nccl.is_empty() && rank0_has_id;
+    if choice != BackendChoice::Ring && nccl_possible {
+        if let Some(versions) = nccl_version_mismatch(reports) {
+            return Err(format!(
+                "--backend {}: the ranks loaded different NCCL versions ({versions}), and one NCCL \
+                 communicator needs one version; give every worker the same torch wheel (or \
+                 TRAINER_NCCL_LIBRARY), or use --backend ring",
+                choice.name()
+            ));
+        }
+    }
     match choice {
         BackendChoice::Ring => Ok("ring"),
         BackendChoice::Auto => Ok(if nccl_possible { "nccl" } else { "ring" }),
@@ -148,14 +198,37 @@ mod tests {
 
     #[test]
     fn the_rendezvous_picks_nccl_only_when_every_rank_can() {
-        let all = [(true, true), (true, true)];
+        let gpu = |v: &str| RankCollective::new(true, true, v);
+        let all = [gpu("2.28.9"), gpu("2.28.9")];
+        let cpu = RankCollective::new(false, false, "");
         assert_eq!(decide(BackendChoice::Auto, &all, true), Ok("nccl"));
-        assert_eq!(decide(BackendChoice::Auto, &[(true, true), (false, false)], true), Ok("ring"));
+        assert_eq!(decide(BackendChoice::Auto, &[gpu("2.28.9"), cpu.clone()], true), Ok("ring"));
         assert_eq!(decide(BackendChoice::Ring, &all, true), Ok("ring"));
-        assert!(decide(BackendChoice::Nccl, &[(true, true), (false, false)], true)
+        assert!(decide(BackendChoice::Nccl, &[gpu("2.28.9"), cpu], true).unwrap_err().contains("[1]"));
+        assert!(decide(BackendChoice::Nccl, &[RankCollective::new(true, false, "")], false)
             .unwrap_err()
-            .contains("[1]"));
-        assert!(decide(BackendChoice::Nccl, &[(true, false)], false).unwrap_err().contains("libnccl"));
-        assert_eq!(decide(BackendChoice::Nccl, &[(true, true)], true), Ok("nccl"));
+            .contains("libnccl"));
+        assert_eq!(decide(BackendChoice::Nccl, &[gpu("2.28.9")], true), Ok("nccl"));
+    }
+
+    #[test]
+    fn ranks_with_different_nccl_versions_are_refused_naming_ranks_and_versions() {
+        let gpu = |v: &str| RankCollective::new(true, true, v);
+        let mixed = [gpu("2.28.9"), gpu("2.28.3"), gpu("2.28.9")];
+        for choice in [BackendChoice::Nccl, BackendChoice::Auto] {
+            let e = decide(choice, &mixed, true).unwrap_err();
+            assert!(e.contains("2.28.9 on ranks [0, 2]") && e.contains("2.28.3 on ranks [1]"), "{e}");
+            assert!(
+                e.contains(&format!("--backend {}", choice.name())) && e.contains("--backend ring"),
+                "{e}"
+            );
+        }
+        // The ring does not care; an unknown version is a version of its own.
+        assert_eq!(decide(BackendChoice::Ring, &mixed, true), Ok("ring"));
+        let e = decide(BackendChoice::Nccl, &[gpu("2.28.9"), gpu("")], true).unwrap_err();
+        assert!(e.contains("unknown on ranks [1]"), "{e}");
+        // Without NCCL on some rank, auto still falls back to the ring, whatever the versions.
+        let partial = [gpu("2.28.9"), RankCollective::new(true, false, "")];
+        assert_eq!(decide(BackendChoice::Auto, &partial, true), Ok("ring"));
     }
 }

@@ -95,8 +95,8 @@ struct State {
     resume: Option<ResumeFrom>,
     slots: Vec<Slot>,
     ring_addresses: Vec<Option<String>>,
-    /// Per rank: (trains on CUDA, can load NCCL), from its rendezvous report.
-    collective_reports: Vec<(bool, bool)>,
+    /// Per rank: what it can run (CUDA, NCCL and its version), from its rendezvous report.
+    collective_reports: Vec<backend::RankCollective>,
     nccl_unique_id: Vec<u8>,
     sessions: Vec<Option<mpsc::Sender<Result<CoordinatorMessage, Status>>>>,
 }
@@ -137,7 +137,7 @@ impl Shared {
             config_toml,
             state: Mutex::new(State {
                 ring_addresses: vec![None; world],
-                collective_reports: vec![(false, false); world],
+                collective_reports: vec![backend::RankCollective::default(); world],
                 sessions: (0..world).map(|_| None).collect(),
                 ..State::default()
             }),
@@ -415,7 +415,11 @@ impl Coordinator for CoordinatorService {
                 )));
             }
             st.ring_addresses[rank] = Some(req.ring_address.clone());
-            st.collective_reports[rank] = (req.device.starts_with("cuda"), req.nccl_available);
+            st.collective_reports[rank] = backend::RankCollective::new(
+                req.device.starts_with("cuda"),
+                req.nccl_available,
+                truncate(&req.nccl_version),
+            );
             if rank == 0 {
                 st.nccl_unique_id = req.nccl_unique_id.clone();
             }

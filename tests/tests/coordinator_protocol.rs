@@ -169,6 +169,7 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
             nccl_unique_id: vec![],
             device: "cpu".into(),
             nccl_available: false,
+            nccl_version: String::new(),
         })
         .await
     });
@@ -180,6 +181,7 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
             nccl_unique_id: vec![],
             device: "cpu".into(),
             nccl_available: false,
+            nccl_version: String::new(),
         })
         .await
         .unwrap()
@@ -198,6 +200,7 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
             nccl_unique_id: vec![],
             device: "cpu".into(),
             nccl_available: false,
+            nccl_version: String::new(),
         })
         .await
         .unwrap_err();

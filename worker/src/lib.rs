@@ -10,6 +10,7 @@
 //! - [`run`]: `worker train`, the single-process loop over the trainer's steps.
 //! - [`predict`]: `worker predict`.
 //! - [`device`]: `auto|cpu|cuda|cuda:N`, with the CUDA library loaded by hand.
+//! - [`profile`]: `--profile-steps`, where a training step's time goes.
 
 pub mod agent;
 pub mod bench;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod model;
 pub mod optim;
 pub mod predict;
+pub mod profile;
 pub mod run;
 pub mod tbptt;
 pub mod trainer;

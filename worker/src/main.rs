@@ -3,6 +3,7 @@
 //! ```text
 //! worker train --config configs/cpu-demo.toml --data $IMDB_DATA --out runs/demo
 //! worker train --config configs/cpu-demo.toml --data $IMDB_DATA --out runs/demo --resume runs/demo
+//! worker train --config configs/seed.toml --data $IMDB_DATA --out runs/prof --profile-steps 50 --stop-after-steps 53
 //! worker predict --model runs/demo "A wonderful film." "Dull and far too long."
 //! worker bench-memory --bptt 50 --seq-len 2000
 //! ```
@@ -74,6 +75,13 @@ struct TrainCmd {
     /// Same results, different speed.
     #[arg(long, env = "WORKER_LSTM_KERNEL", value_parser = parse_kernel)]
     lstm_kernel: Option<LstmKernel>,
+    /// After 3 warm-up steps, time this many steps bucket by bucket (forward, backward,
+    /// flattening, collective, clipping, optimizer, host reads, collation and copies), with
+    /// a device synchronisation around each; print the table on stderr and write
+    /// profile.json into the run folder. Training goes on afterwards (add
+    /// --stop-after-steps to end there). 0: off.
+    #[arg(long, env = "WORKER_PROFILE_STEPS", default_value_t = 0)]
+    profile_steps: u64,
 }
 
 fn parse_kernel(s: &str) -> Result<LstmKernel, String> {
@@ -159,6 +167,7 @@ fn train(cmd: &TrainCmd, threads: usize) -> anyhow::Result<()> {
         stop_after_steps: cmd.stop_after_steps,
         eval_test_each_epoch: cmd.eval_test_each_epoch,
         lstm_kernel: cmd.lstm_kernel,
+        profile_steps: cmd.profile_steps,
     };
     let summary = run_training(&options)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -222,7 +231,8 @@ fn bench(cmd: &BenchMemoryCmd) -> anyhow::Result<()> {
 
 fn bench_collective(cmd: &BenchCollectiveCmd) -> anyhow::Result<()> {
     if cmd.backend == "nccl" {
-        worker::collective::nccl_lib::ensure_nccl_loadable()?;
+        let nccl = worker::collective::nccl_lib::ensure_nccl_loadable()?;
+        tracing::info!(library = %nccl.path.display(), version = %nccl.version, "NCCL in use");
     }
     let device = worker::device::resolve_device(&cmd.device)?;
     let report = worker::collective::check::check_collective(

@@ -102,6 +102,23 @@ pub fn clip_global_norm(flat: &mut Tensor, max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
+/// [`clip_global_norm`] without reading the norm on the host (a wait for the device's
+/// queue on CUDA): the scale `min(1, max_norm / (norm + 1e-6))` is computed on the device
+/// in the same f64 arithmetic and applied as the same f32 multiply (`x * 1.0` is `x`), so
+/// the buffer gets the same bits. Returns the norm before clipping as a 0-dim f64 tensor,
+/// to read once the step's work is queued. A non-finite norm scales by NaN or 0: the caller
+/// must refuse the step when it reads it.
+pub fn clip_global_norm_on_device(flat: &mut Tensor, max_norm: f64) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let norm = flat.f_norm()?.f_to_kind(Kind::Double)?;
+    if max_norm > 0.0 {
+        let max = Tensor::f_full([] as [i64; 0], max_norm, (Kind::Double, flat.device()))?;
+        let coef = max.f_div(&norm.f_add_scalar(1e-6)?)?.f_clamp_max(1.0)?;
+        let _ = flat.f_mul_(&coef.f_to_kind(Kind::Float)?)?;
+    }
+    Ok(norm)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +148,20 @@ mod tests {
         let v: Vec<f32> = Vec::try_from(&p.detach()).unwrap();
         assert!((v[0] - 0.9).abs() < 1e-6 && (v[1] + 1.9).abs() < 1e-6, "{v:?}");
         assert_eq!(adam.steps, 1);
+    }
+
+    #[test]
+    fn clipping_on_the_device_gives_the_same_bits_as_on_the_host() {
+        let values: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0).collect();
+        for max_norm in [0.0, 0.5, 3.0, 1e6] {
+            let mut host = Tensor::from_slice(&values);
+            let mut device = Tensor::from_slice(&values);
+            let norm = clip_global_norm(&mut host, max_norm).unwrap();
+            let norm_t = clip_global_norm_on_device(&mut device, max_norm).unwrap();
+            assert_eq!(norm.to_bits(), norm_t.double_value(&[]).to_bits(), "max_norm {max_norm}");
+            let (h, d) = (Vec::<f32>::try_from(&host).unwrap(), Vec::<f32>::try_from(&device).unwrap());
+            assert!(h.iter().zip(&d).all(|(a, b)| a.to_bits() == b.to_bits()), "max_norm {max_norm}");
+        }
     }
 
     #[test]

@@ -52,7 +52,14 @@ pub struct RunOptions {
     pub eval_test_each_epoch: bool,
     /// Override the device's LSTM kernel (same results; for benchmarks).
     pub lstm_kernel: Option<LstmKernel>,
+    /// Time this many steps bucket by bucket (after [`PROFILE_WARMUP_STEPS`]), print the
+    /// table and write `profile.json` (0: off).
+    pub profile_steps: u64,
 }
+
+/// Steps run before `--profile-steps` starts timing (allocator, cuDNN plans, caches).
+pub const PROFILE_WARMUP_STEPS: u64 = 3;
+pub const PROFILE_FILE: &str = "profile.json";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
@@ -128,6 +135,17 @@ fn all_indices(split: &EncodedSplit) -> Vec<u32> {
 }
 
 /// Runs the job and writes the run folder; returns its summary.
+/// Ends `--profile-steps`: the table on stderr (stdout carries the summary), the numbers in
+/// the run folder's `profile.json`.
+fn report_profile(out: &Path) -> Result<()> {
+    let Some(profile) = crate::profile::finish(PROFILE_WARMUP_STEPS) else { return Ok(()) };
+    eprint!("{}", profile.table());
+    let path = out.join(PROFILE_FILE);
+    let json = serde_json::to_string_pretty(&profile)
+        .map_err(|e| WorkerError::Invalid(format!("cannot encode the step profile: {e}")))?;
+    std::fs::write(&path, json).map_err(io_err(&path))
+}
+
 pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     let wall = Instant::now();
     let config = &options.config;
@@ -209,6 +227,8 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     let t = &config.train;
     let mut eval_seconds = 0.0;
     let mut interrupted = false;
+    // Steps run by this process (a resumed run counts from its own start).
+    let mut steps_here: u64 = 0;
 
     for epoch in position.epoch..t.epochs {
         if state.stopped_early {
@@ -220,8 +240,22 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         let mut window = StepWindow::default();
         let mut clock = Instant::now();
         for (i, samples) in batches.iter().enumerate().skip(first) {
-            let batch = collate(&splits.train, samples, config.data.max_len, config.data.truncation);
-            let stats = trainer.train_step(&batch)?;
+            if options.profile_steps > 0 && steps_here == PROFILE_WARMUP_STEPS {
+                crate::profile::start(trainer.device());
+            }
+            let stats = crate::profile::step(
+                || {
+                    let batch = crate::profile::time(crate::profile::Bucket::Collate, || {
+                        collate(&splits.train, samples, config.data.max_len, config.data.truncation)
+                    });
+                    trainer.train_step(&batch)
+                },
+                |s| s.as_ref().map_or(0, |s| s.tokens as u64),
+            )?;
+            steps_here += 1;
+            if options.profile_steps > 0 && steps_here == PROFILE_WARMUP_STEPS + options.profile_steps {
+                report_profile(out)?;
+            }
             window.add(&stats);
             state.train_tokens += stats.tokens as u64;
             let log_now = (i + 1) % t.log_every == 0 || i + 1 == batches.len();
@@ -314,6 +348,14 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         if options.stop_after_epoch == Some(epoch + 1) && epoch + 1 < t.epochs {
             interrupted = true;
             break;
+        }
+    }
+
+    if options.profile_steps > 0 {
+        if crate::profile::is_active() {
+            report_profile(out)?;
+        } else if steps_here <= PROFILE_WARMUP_STEPS {
+            tracing::warn!(steps = steps_here, "--profile-steps: the run ended before profiling began");
         }
     }
 

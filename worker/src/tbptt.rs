@@ -28,6 +28,18 @@ use trainer_core::config::Head;
 
 use crate::error::{Result, WorkerError};
 use crate::model::{LstmClassifier, NUM_CLASSES};
+use crate::profile::{self, Bucket};
+
+/// A host tensor on `device`. To CUDA through pinned memory without waiting: a plain copy
+/// from pageable memory waits for the device's queue to drain (a host sync per copy).
+/// libtorch's pinned allocator keeps the staging buffer until the copy has run.
+pub(crate) fn host_to_device(t: Tensor, device: Device) -> Result<Tensor> {
+    if device.is_cuda() {
+        Ok(t.f_pin_memory(device)?.f_to_device_(device, t.kind(), true, false)?)
+    } else {
+        Ok(t.f_to_device(device)?)
+    }
+}
 
 /// Whether a pass builds graphs and backpropagates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,10 +145,11 @@ impl DeviceBatch {
         let lengths: Vec<i64> = order.iter().map(|&r| batch.lengths[r]).collect();
         let labels: Vec<i64> = order.iter().map(|&r| batch.labels[r]).collect();
         Ok(Self {
-            tokens: Tensor::f_from_slice(&tokens)?
-                .f_view([size as i64, width as i64])?
-                .f_to_device(device)?,
-            labels: Tensor::f_from_slice(&labels)?.f_to_device(device)?,
+            tokens: host_to_device(
+                Tensor::f_from_slice(&tokens)?.f_view([size as i64, width as i64])?,
+                device,
+            )?,
+            labels: host_to_device(Tensor::f_from_slice(&labels)?, device)?,
             num_tokens: lengths.iter().map(|&l| l as usize).sum(),
             lengths,
             order,
@@ -227,7 +240,7 @@ pub fn run_windows(
     let zeros = || Tensor::f_zeros([layers, size, hidden], (Kind::Float, device));
     let mut carried = Carried { h: zeros()?, c: zeros()?, pool: None };
     let mut logits_by_chunk: Vec<Tensor> = Vec::new();
-    let mut loss_sum = 0.0;
+    let mut chunk_losses: Vec<Tensor> = Vec::new();
     let mut windows = 0;
 
     let mut t0 = 0usize;
@@ -257,7 +270,7 @@ pub fn run_windows(
                 Some(out) => {
                     let width = ends[0];
                     let steps = Tensor::f_arange(width, (Kind::Int64, device))?.f_unsqueeze(0)?;
-                    let ends_t = Tensor::f_from_slice(&ends)?.f_to_device(device)?.f_unsqueeze(1)?;
+                    let ends_t = host_to_device(Tensor::f_from_slice(&ends)?, device)?.f_unsqueeze(1)?;
                     let padding = steps.f_ge_tensor(&ends_t)?.f_unsqueeze(2)?;
                     let mut mx =
                         out.f_masked_fill(&padding, f64::NEG_INFINITY)?.f_amax([1i64].as_slice(), false)?;
@@ -282,7 +295,7 @@ pub fn run_windows(
                 let features = match &pooled {
                     Some((mx, sm)) => {
                         let lens: Vec<f32> = lengths[still..active].iter().map(|&l| l as f32).collect();
-                        let lens = Tensor::f_from_slice(&lens)?.f_to_device(device)?.f_unsqueeze(1)?;
+                        let lens = host_to_device(Tensor::f_from_slice(&lens)?, device)?.f_unsqueeze(1)?;
                         let mean = sm.f_narrow(0, still_i, ending)?.f_div(&lens)?;
                         Tensor::f_cat(&[last, mx.f_narrow(0, still_i, ending)?, mean], 1)?
                     }
@@ -291,7 +304,7 @@ pub fn run_windows(
                 let logits = features.f_dropout(model.dropout(), train)?.f_linear(fc_w, Some(fc_b))?;
                 let labels = batch.labels.f_narrow(0, still_i, ending)?;
                 let loss = logits.f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0)?;
-                loss_sum += loss.f_double_value(&[])?;
+                chunk_losses.push(loss.f_detach()?);
                 window_loss = Some(match window_loss {
                     Some(w) => w.f_add(&loss)?,
                     None => loss,
@@ -311,12 +324,20 @@ pub fn run_windows(
         }
         // Backpropagate the window, then cut the carried state from its graph.
         if let (true, Some(loss)) = (train, window_loss) {
-            loss.f_div_scalar(size as f64)?.f_backward()?;
+            profile::time(Bucket::Backward, || loss.f_div_scalar(size as f64)?.f_backward())?;
         }
         carried = carried.detach()?;
         windows += 1;
         t0 = t1;
     }
+    // One read of the losses for the whole pass, not one per chunk (each a host wait on
+    // CUDA); the same f64 sum in the same order as before.
+    let loss_sum = if chunk_losses.is_empty() {
+        0.0
+    } else {
+        let losses = Tensor::f_stack(&chunk_losses, 0)?.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?;
+        Vec::<f64>::try_from(&losses)?.iter().fold(0.0, |sum, l| sum + l)
+    };
     // Chunks end rows from the shortest up: reversed, the pieces are in sorted row order.
     logits_by_chunk.reverse();
     let logits = Tensor::f_cat(&logits_by_chunk, 0)?;

@@ -11,7 +11,8 @@ use trainer_core::EncodedSplit;
 use crate::collective::Collective;
 use crate::error::{Result, WorkerError};
 use crate::model::{LstmClassifier, ModelShape};
-use crate::optim::{clip_global_norm, lr_at, Adam, AdamConfig};
+use crate::optim::{clip_global_norm_on_device, lr_at, Adam, AdamConfig};
+use crate::profile::{self, Bucket};
 use crate::tbptt::{run_windows, DeviceBatch, LstmKernel, Pass, PassOptions, Precision};
 
 /// What one training step did, on this rank.
@@ -296,24 +297,26 @@ impl Trainer {
     }
 
     /// Averages the gradients over the ranks, clips them by global norm, writes them back
-    /// into the parameters' gradients, and returns the norm.
+    /// into the parameters' gradients, and returns the norm (0-dim f64, on the device).
     ///
     /// With several ranks only the embedding rows that some rank's batch used travel: every
     /// other row is zero on every rank, so its mean is zero too. The ranks first agree on
     /// that set of rows (an all-reduce of a vocabulary-sized 0/1 mask, identical bits
     /// everywhere), then reduce one compact buffer. For cpu-demo on two ranks that is 16% of
     /// the rows, and the embedding is nearly all of the model (bench/embedding_rows.py).
-    fn reduce_and_clip_gradients(&mut self, token_ids: &Tensor) -> Result<f64> {
+    fn reduce_and_clip_gradients(&mut self, token_ids: &Tensor) -> Result<Tensor> {
         let clip = self.config.train.clip_norm;
         if self.collective.world_size() > 1 {
-            if let Some(rows) = self.embedding_rows_used_by_any_rank(token_ids)? {
-                return self.reduce_and_clip_compact(&rows, clip);
+            if let Some(rows) =
+                profile::time(Bucket::Flatten, || self.embedding_rows_used_by_any_rank(token_ids))?
+            {
+                return profile::time(Bucket::Flatten, || self.reduce_and_clip_compact(&rows, clip));
             }
         }
-        self.gather_gradients()?;
-        self.collective.all_reduce_mean(&mut self.flat_grad)?;
-        let norm = clip_global_norm(&mut self.flat_grad, clip)?;
-        self.scatter_gradients()?;
+        profile::time(Bucket::Flatten, || self.gather_gradients())?;
+        profile::time(Bucket::Collective, || self.collective.all_reduce_mean(&mut self.flat_grad))?;
+        let norm = profile::time(Bucket::Clip, || clip_global_norm_on_device(&mut self.flat_grad, clip))?;
+        profile::time(Bucket::Flatten, || self.scatter_gradients())?;
         Ok(norm)
     }
 
@@ -324,14 +327,14 @@ impl Trainer {
         let vocab = self.model.shape().vocab_size as i64;
         let mut used = Tensor::f_zeros([vocab], (Kind::Float, self.device()))?;
         let _ = used.f_index_fill_(0, &token_ids.f_reshape([-1i64])?, 1.0)?;
-        self.collective.all_reduce_mean(&mut used)?;
+        profile::time(Bucket::Collective, || self.collective.all_reduce_mean(&mut used))?;
         let rows = used.f_nonzero()?.f_reshape([-1i64])?;
         let count = rows.size()[0];
         Ok((count as f64 <= COMPACT_EMBEDDING_MAX_ROW_FRACTION * vocab as f64).then_some(rows))
     }
 
     /// [`Self::reduce_and_clip_gradients`] with only `rows` of the embedding's gradient.
-    fn reduce_and_clip_compact(&mut self, rows: &Tensor, clip: f64) -> Result<f64> {
+    fn reduce_and_clip_compact(&mut self, rows: &Tensor, clip: f64) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let params = self.model.parameters();
         let (embedding, rest) = params
@@ -347,8 +350,8 @@ impl Trainer {
         compact.f_narrow(0, 0, head)?.f_copy_(&used_rows.f_reshape([-1i64])?)?;
         copy_gradients_into(rest, &mut compact, head)?;
 
-        self.collective.all_reduce_mean(&mut compact)?;
-        let norm = clip_global_norm(&mut compact, clip)?;
+        profile::time(Bucket::Collective, || self.collective.all_reduce_mean(&mut compact))?;
+        let norm = profile::time(Bucket::Clip, || clip_global_norm_on_device(&mut compact, clip))?;
 
         let _ = embedding_grad.f_zero_()?;
         let reduced_rows = compact.f_narrow(0, 0, head)?.f_view([-1, embed_dim])?;
@@ -363,12 +366,14 @@ impl Trainer {
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let shape = self.model.shape().clone();
         let device = self.device();
-        let batch = DeviceBatch::new(batch, shape.vocab_size, device)?;
+        let batch = profile::time(Bucket::ToDevice, || DeviceBatch::new(batch, shape.vocab_size, device))?;
         tch::manual_seed(step_seed(self.config.train.seed, self.rank(), self.global_step));
-        self.model.zero_grad()?;
+        profile::time(Bucket::ZeroGrad, || self.model.zero_grad())?;
 
         // Forward and backward, window by window.
-        let out = run_windows(&self.model, &batch, Pass::Train, self.pass_options)?;
+        let out = profile::time(Bucket::Forward, || {
+            run_windows(&self.model, &batch, Pass::Train, self.pass_options)
+        })?;
         let loss = out.loss_sum / batch.size as f64;
         if !loss.is_finite() {
             return Err(WorkerError::Diverged {
@@ -379,20 +384,24 @@ impl Trainer {
 
         // The point where ranks meet: one flat buffer, averaged over all of them.
         let grad_norm = self.reduce_and_clip_gradients(&batch.tokens)?;
+
+        // The optimizer step.
+        let lr = self.current_lr();
+        let params: Vec<&Tensor> = self.model.parameters().iter().map(|(_, t)| t).collect();
+        profile::time(Bucket::Optimizer, || self.optimizer.step(&params, lr))?;
+
+        // The norm and the accuracy in one read, once the step's work is queued (each read
+        // waits for the device). A non-finite norm has by then reached the parameters; the
+        // error ends the run, and a restart resumes from a checkpoint, never from them.
+        let (grad_norm, correct) =
+            profile::time(Bucket::Stats, || norm_and_correct(&grad_norm, &out.logits, &batch.labels))?;
         if !grad_norm.is_finite() {
             return Err(WorkerError::Diverged {
                 step: self.global_step,
                 message: format!("the gradient norm is {grad_norm}; lower train.lr or set train.clip_norm"),
             });
         }
-
-        // The optimizer step.
-        let lr = self.current_lr();
-        let params: Vec<&Tensor> = self.model.parameters().iter().map(|(_, t)| t).collect();
-        self.optimizer.step(&params, lr)?;
         self.global_step += 1;
-
-        let correct = count_correct(&out.logits, &batch.labels)?;
         Ok(StepStats {
             loss,
             correct,
@@ -479,6 +488,16 @@ pub fn parameter_checksum(model: &LstmClassifier) -> Result<u64> {
         }
     }
     Ok(hash)
+}
+
+/// The gradient norm (0-dim f64) and the number of correct predictions, in one host read.
+fn norm_and_correct(norm: &Tensor, logits: &Tensor, labels: &Tensor) -> Result<(f64, usize)> {
+    let correct = logits.f_argmax(1, false)?.f_eq_tensor(labels)?.f_sum(Kind::Double)?;
+    let both = Tensor::f_stack(&[norm.f_to_kind(Kind::Double)?, correct], 0)?.f_to_device(Device::Cpu)?;
+    match Vec::<f64>::try_from(&both)?.as_slice() {
+        &[norm, correct] => Ok((norm, correct as usize)),
+        other => Err(WorkerError::Invalid(format!("internal: {} step statistics, expected 2", other.len()))),
+    }
 }
 
 fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {

@@ -149,6 +149,37 @@ fn two_epochs_straight_equal_one_epoch_then_resume_bitwise() {
 }
 
 #[test]
+fn profile_steps_prints_every_bucket_and_changes_nothing() {
+    let Some(data) = imdb_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config();
+    let out = worker(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--profile-steps",
+        "3",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let summary: serde_json::Value = serde_json::from_str(&ok(out)).expect("stdout is still the summary");
+    for bucket in worker::profile::BUCKETS.iter().map(|b| b.name()).chain(["other (host, untimed)", "step"]) {
+        assert!(stderr.contains(bucket), "bucket {bucket:?} missing from:\n{stderr}");
+    }
+    assert!(stderr.contains("3 steps after 3 warm-up steps on cpu"), "{stderr}");
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("profile.json")).unwrap()).unwrap();
+    assert_eq!(profile["steps"], 3);
+    assert_eq!(profile["buckets"].as_array().unwrap().len(), worker::profile::BUCKETS.len() + 1);
+    // The probes only time: the run ends with the same parameters as an unprofiled one.
+    let plain = self::summary(finished_run(&data));
+    assert_eq!(summary["final_parameter_checksum"], plain["final_parameter_checksum"]);
+}
+
+#[test]
 fn a_mid_epoch_checkpoint_resumes_bitwise() {
     let Some(data) = imdb_data() else { return };
     let straight = finished_run(&data);

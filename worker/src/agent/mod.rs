@@ -101,9 +101,11 @@ pub struct JoinArgs {
 }
 
 /// What this process can offer the collective, found once at start.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct NcclSupport {
     available: bool,
+    /// The loaded NCCL's version, sent at the rendezvous (ranks must agree).
+    version: String,
 }
 
 /// Logs the devices and, on a GPU host, makes NCCL loadable (which may re-execute the
@@ -117,18 +119,17 @@ fn prepare_devices(args: &JoinArgs) -> anyhow::Result<NcclSupport> {
         "devices"
     );
     if !cuda || args.backend == "ring" {
-        return Ok(NcclSupport { available: false });
+        return Ok(NcclSupport { available: false, version: String::new() });
     }
     match crate::collective::nccl_lib::ensure_nccl_loadable() {
-        Ok(path) => {
-            let version = crate::collective::nccl::nccl_version().unwrap_or_else(|| "unknown".into());
-            tracing::info!(library = %path.display(), %version, "NCCL");
-            Ok(NcclSupport { available: true })
+        Ok(nccl) => {
+            tracing::info!(library = %nccl.path.display(), version = %nccl.version, "NCCL in use");
+            Ok(NcclSupport { available: true, version: nccl.version })
         }
         Err(e) if args.backend == "nccl" => Err(anyhow!(e).context("--backend nccl")),
         Err(e) => {
             tracing::warn!(error = %e, "NCCL unavailable; this worker can only use the ring");
-            Ok(NcclSupport { available: false })
+            Ok(NcclSupport { available: false, version: String::new() })
         }
     }
 }
@@ -650,6 +651,7 @@ impl Agent {
                     nccl_unique_id,
                     device: crate::device::device_name(device),
                     nccl_available: nccl_ready,
+                    nccl_version: if nccl_ready { nccl.version.clone() } else { String::new() },
                 })
                 .await
                 .map(tonic::Response::into_inner)

@@ -101,6 +101,20 @@ struct State {
     sessions: Vec<Option<mpsc::Sender<Result<CoordinatorMessage, Status>>>>,
 }
 
+impl State {
+    /// No rank registered yet, for `world` ranks.
+    fn fresh(world: usize, attempt: u32, resume: Option<ResumeFrom>) -> Self {
+        Self {
+            attempt,
+            resume,
+            ring_addresses: vec![None; world],
+            collective_reports: vec![backend::RankCollective::default(); world],
+            sessions: (0..world).map(|_| None).collect(),
+            ..State::default()
+        }
+    }
+}
+
 /// State shared by the gRPC handlers and the driver.
 pub struct Shared {
     pub data: Arc<JobData>,
@@ -135,12 +149,7 @@ impl Shared {
             out_dir,
             backend,
             config_toml,
-            state: Mutex::new(State {
-                ring_addresses: vec![None; world],
-                collective_reports: vec![backend::RankCollective::default(); world],
-                sessions: (0..world).map(|_| None).collect(),
-                ..State::default()
-            }),
+            state: Mutex::new(State::fresh(world, 0, None)),
             events,
             rendezvous_done: watch::channel(None).0,
         })
@@ -150,16 +159,7 @@ impl Shared {
     /// sessions are closed (their workers' streams end). `resume` is what the new workers
     /// restore before training.
     pub fn begin_attempt(&self, attempt: u32, resume: Option<ResumeFrom>) {
-        let world = self.data.world_size;
-        let mut st = self.state();
-        *st = State {
-            attempt,
-            resume,
-            ring_addresses: vec![None; world],
-            collective_reports: vec![(false, false); world],
-            sessions: (0..world).map(|_| None).collect(),
-            ..State::default()
-        };
+        *self.state() = State::fresh(self.data.world_size, attempt, resume);
         self.rendezvous_done.send_replace(None);
     }
 

@@ -252,3 +252,63 @@ fn restarts_used_up_end_the_job_with_the_last_cause() {
     assert!(error.contains("after 1 restart(s)") && error.contains("rank 0"), "{error}\n{log}");
     assert_none_left(&marker);
 }
+
+/// Workers started elsewhere (`--external-workers`, as on Kubernetes): when one dies, the
+/// coordinator tells the survivor to join again (it re-executes itself) and waits for a
+/// replacement, which a supervisor would start; the job then finishes from its checkpoint.
+#[test]
+fn external_workers_rejoin_and_a_replacement_registers_as_a_new_worker() {
+    const SECRET: &str = "restart-test-secret-1b7c";
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[model]\nembed_dim = 8\nhidden = 8\nlayers = 1\ndropout = 0.0\n\n\
+         [train]\nbatch_size = 4\nepochs = 3\nseed = 3\ndevice = \"cpu\"\nlog_every = 5\n\n\
+         [checkpoint]\nevery_steps = 5\nevery_seconds = 0\n",
+    );
+    let mut coord = trainer_tests::ExternalCoordinator::start(
+        &bin("coordinator"),
+        2,
+        SECRET,
+        (200, 20),
+        &["--config", config.to_str().unwrap(), "--heartbeat-timeout", "3", "--rejoin-timeout", "60"],
+    );
+    let marker = format!("external-{}", std::process::id());
+    let join = |addr: &str| {
+        scrubbed(std::process::Command::new(bin("worker")), &marker)
+            .arg("join")
+            .env("COORDINATOR_ADDR", addr)
+            .env("TRAINER_JOB_SECRET", SECRET)
+            .env("WORKER_RING_TIMEOUT", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a worker")
+    };
+    let addr = coord.addr().to_string();
+    let mut survivor = join(&addr);
+    let mut victim = join(&addr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !coord.stderr().contains("checkpoint committed") {
+        assert!(Instant::now() < deadline, "no checkpoint:\n{}", coord.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    victim.kill().expect("kill a worker");
+    let _ = victim.wait();
+    // The supervisor's part: a new worker in place of the dead one.
+    let mut replacement = join(&addr);
+    let (status, _) = coord.wait(Duration::from_secs(120));
+    let log = coord.stderr();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("restart 1/3"), "{log}");
+    let s = summary(&coord.out);
+    assert_eq!((s["restarts"].as_u64(), s["world_size"].as_u64()), (Some(1), Some(2)), "{log}");
+    let sums = s["replica_checksums"].as_array().expect("replica_checksums");
+    assert_eq!(sums[0], sums[1], "{log}");
+    // The survivor re-executed itself into the new group and finished with it.
+    for (name, worker) in [("survivor", &mut survivor), ("replacement", &mut replacement)] {
+        let status = wait_exit(worker, Duration::from_secs(20));
+        assert!(status.success(), "{name} {status}\n{log}");
+    }
+    assert_none_left(&marker);
+}

@@ -18,7 +18,7 @@ WORKERS ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 RUN_CONFIG ?= configs/cpu-demo.toml
 BENCH_ARGS ?=
 
-.PHONY: bootstrap build run data test fmt lint bench bench-quick clean-runs
+.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos clean-runs
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -53,6 +53,12 @@ bench: build
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS="--reps 1 --steps 50 --sections pipeline,train1,train2,allreduce"
+
+# Random workers killed at random times; every job must end bitwise equal to an
+# uninterrupted one (bench/chaos.py). CHAOS_ARGS="--trials 5" for a shorter run.
+CHAOS_ARGS ?=
+chaos: build
+	bench/chaos.sh $(if $(IMDB_DATA),--data $(IMDB_DATA)) $(CHAOS_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -571,6 +571,7 @@ impl Coordinator for CoordinatorService {
         let total = first.total_bytes;
         let mut writer = crate::run_dir::ArtifactWriter::create(&self.shared.out_dir, file_name)
             .map_err(|e| Status::internal(format!("{e:#}")))?;
+        tracing::debug!(file = file_name, bytes = total, "upload started");
         let mut written = 0u64;
         let mut chunk = Some(first);
         while let Some(c) = chunk {
@@ -581,7 +582,10 @@ impl Coordinator for CoordinatorService {
                 )));
             }
             writer.write(&c.data).map_err(|e| Status::internal(format!("{e:#}")))?;
-            chunk = inbound.message().await?;
+            chunk = inbound.message().await.inspect_err(|e| {
+                // The partial file is deleted with the writer; the last committed one stays.
+                tracing::warn!(file = file_name, written, total, error = %e.message(), "upload broke off");
+            })?;
         }
         if written != total {
             // Dropping the writer deletes the partial file; the previous artifact stays.

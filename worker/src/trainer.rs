@@ -11,7 +11,7 @@ use trainer_core::EncodedSplit;
 use crate::collective::Collective;
 use crate::error::{Result, WorkerError};
 use crate::model::{LstmClassifier, ModelShape};
-use crate::optim::{clip_global_norm, lr_at, Adam, AdamConfig};
+use crate::optim::{clip_global_norm, lr_at, Optimizer};
 use crate::tbptt::{run_windows, DeviceBatch, LstmKernel, Pass, PassOptions, Precision};
 
 /// What one training step did, on this rank.
@@ -67,7 +67,7 @@ impl EvalCounts {
 pub struct Trainer {
     config: JobConfig,
     model: LstmClassifier,
-    optimizer: Adam,
+    optimizer: Optimizer,
     collective: Box<dyn Collective>,
     pass_options: PassOptions,
     global_step: u64,
@@ -172,7 +172,7 @@ impl Trainer {
         let shape = ModelShape::new(&config.model, vocab_size);
         let model = LstmClassifier::new(shape.clone(), config.model.dropout, device)?;
         let params: Vec<&Tensor> = model.parameters().iter().map(|(_, t)| t).collect();
-        let optimizer = Adam::new(&params, AdamConfig::from_train(&config.train))?;
+        let optimizer = Optimizer::new(&params, &config.train)?;
         let flat_grad = Tensor::f_zeros([shape.num_parameters() as i64], (Kind::Float, device))?;
         Ok(Self {
             config: config.clone(),
@@ -202,11 +202,11 @@ impl Trainer {
         &mut self.model
     }
 
-    pub fn optimizer(&self) -> &Adam {
+    pub fn optimizer(&self) -> &Optimizer {
         &self.optimizer
     }
 
-    pub fn optimizer_mut(&mut self) -> &mut Adam {
+    pub fn optimizer_mut(&mut self) -> &mut Optimizer {
         &mut self.optimizer
     }
 
@@ -359,7 +359,7 @@ impl Trainer {
 
     /// One optimizer step on `batch`: forward and backward per TBPTT window, gradients into
     /// one flat buffer, all-reduced (mean) across ranks, written back, clipped by global
-    /// norm, then Adam.
+    /// norm, then the optimizer (Adam or SGD).
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let shape = self.model.shape().clone();
         let device = self.device();

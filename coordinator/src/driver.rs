@@ -15,7 +15,7 @@ use trainer_proto::v1::{
 };
 
 use crate::progress::Progress;
-use crate::run_dir::{checksum_hex, EpochRecord, RunDir, Summary};
+use crate::run_dir::{checksum_hex, EpochRecord, RunDir, StepRecord, Summary};
 use crate::service::{Event, Shared};
 
 /// The coordinator was interrupted (Ctrl-C or SIGTERM); main exits with 130.
@@ -156,6 +156,10 @@ impl Driver {
                     Body::Heartbeat(_) | Body::Hello(_) => Ok(None),
                     Body::Step(m) => {
                         self.progress.step(rank, &m);
+                        if rank == 0 && self.progress.logs_step(m.step) {
+                            let steps_per_epoch = self.shared.data.steps_per_epoch;
+                            self.run_dir.append_metrics(&StepRecord::new(&m, steps_per_epoch))?;
+                        }
                         Ok(None)
                     }
                     Body::Error(e) if !self.finished => Err(self.gather_failures(rank, e.message).await),

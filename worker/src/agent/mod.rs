@@ -173,6 +173,10 @@ pub struct StepReport {
     pub step_seconds: f64,
     /// Time spent inside collectives during the step.
     pub comm_seconds: f64,
+    /// L2 norm of the all-reduced gradient before clipping (the same on every rank).
+    pub grad_norm: f64,
+    /// The learning rate the step used.
+    pub lr: f64,
 }
 
 /// One epoch on this rank.
@@ -813,6 +817,8 @@ fn replica_thread(
                         tokens: s.tokens,
                         step_seconds: s.step_seconds,
                         comm_seconds: s.comm_seconds,
+                        grad_norm: s.grad_norm,
+                        lr: s.lr,
                     }));
                 };
                 replica

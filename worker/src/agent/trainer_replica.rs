@@ -136,6 +136,8 @@ impl Replica for TrainerReplica {
                 tokens: stats.tokens as u64,
                 step_seconds: start.elapsed().as_secs_f64(),
                 comm_seconds: (self.comm_nanos.load(Ordering::Relaxed) - comm_before) as f64 * 1e-9,
+                grad_norm: stats.grad_norm,
+                lr: stats.lr,
             };
             report(r);
             total.steps += 1;

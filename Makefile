@@ -33,10 +33,15 @@ run: build
 data: build
 	./target/release/coordinator data $(if $(IMDB_DATA),--data $(IMDB_DATA))
 
+# The integration tests start the coordinator and worker binaries, which `cargo test` builds
+# only for a package's own integration tests, hence the build first. --all-targets (not
+# --bins) resolves features with the dev-dependencies as `cargo test` does, so the test run
+# reuses what the build compiled; with --bins, core, proto, worker and a dozen dependencies
+# were compiled twice, once per feature set.
 test: bootstrap
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace
 
 fmt:

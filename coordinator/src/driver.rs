@@ -24,7 +24,7 @@ use trainer_proto::v1::{
 use crate::checkpoints::{self, JobCheckpoint, JobIdentity, JobProgress};
 use crate::launcher::{LocalWorkers, WorkerLaunch};
 use crate::progress::{Output, Progress};
-use crate::run_dir::{checksum_hex, EpochRecord, RunDir, Summary};
+use crate::run_dir::{checksum_hex, EpochRecord, RunDir, StepRecord, Summary};
 use crate::service::{Event, ResumeFrom, Shared};
 
 /// The coordinator was interrupted (Ctrl-C or SIGTERM); main exits with 130.
@@ -246,6 +246,10 @@ impl Driver {
                             self.reached_step = self.reached_step.max(step);
                         }
                         self.progress.step(rank, &m);
+                        if rank == 0 && self.progress.logs_step(m.step) {
+                            let steps_per_epoch = self.shared.data.steps_per_epoch;
+                            self.run_dir.append_metrics(&StepRecord::new(&m, steps_per_epoch))?;
+                        }
                         Ok(None)
                     }
                     Body::Error(e) if !self.finished => Err(self.gather_failures(rank, e.message).await),
@@ -605,7 +609,8 @@ impl Driver {
         self.pending.clear();
         self.training = false;
         self.reached_step = resumed_step;
-        let from = resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
+        let from =
+            resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
         self.run_dir.append_metrics(&serde_json::json!({
             "type": "restart",
             "attempt": self.attempt,
@@ -620,8 +625,12 @@ impl Driver {
         ));
         // 3. Local workers: new processes.
         if let Some(pool) = self.local.as_mut() {
-            pool.workers =
-                LocalWorkers::spawn(self.shared.data.world_size, &pool.launch, pool.events.clone(), pool.output.clone())?;
+            pool.workers = LocalWorkers::spawn(
+                self.shared.data.world_size,
+                &pool.launch,
+                pool.events.clone(),
+                pool.output.clone(),
+            )?;
         }
         Ok(())
     }

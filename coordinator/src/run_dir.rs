@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use trainer_core::{JobConfig, Vocab};
+use trainer_proto::v1::StepMetrics;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const VOCAB_FILE: &str = "vocab.txt";
@@ -43,6 +44,41 @@ impl ArtifactWriter {
             .map_err(|e| e.error)
             .with_context(|| format!("cannot rename into {}", self.target.display()))?;
         Ok(())
+    }
+}
+
+/// A line of metrics.jsonl for one of rank 0's steps (`"type": "step"`), written every
+/// `log_every` steps and at each epoch's last step, as `worker train` writes them.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// 1-based, as in the epoch records.
+    pub epoch: usize,
+    /// 1-based step within the epoch.
+    pub step: u64,
+    pub steps_in_epoch: usize,
+    /// Optimizer steps done in all, this one included.
+    pub global_step: u64,
+    /// Rank 0's mean loss on this step's batch.
+    pub loss: f64,
+    /// L2 norm of the all-reduced gradient before clipping (the same on every rank).
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+impl StepRecord {
+    pub fn new(m: &StepMetrics, steps_per_epoch: usize) -> Self {
+        Self {
+            kind: "step",
+            epoch: m.epoch as usize + 1,
+            step: m.step + 1,
+            steps_in_epoch: steps_per_epoch,
+            global_step: m.epoch * steps_per_epoch as u64 + m.step + 1,
+            loss: if m.samples > 0 { m.loss_sum / m.samples as f64 } else { f64::NAN },
+            grad_norm: m.grad_norm,
+            lr: m.lr,
+        }
     }
 }
 
@@ -151,7 +187,10 @@ mod tests {
         let mut w = ArtifactWriter::create(dir.path(), "checkpoint-000000001-end.safetensors").unwrap();
         w.write(b"new bytes").unwrap();
         w.commit().unwrap();
-        assert_eq!(std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(), b"new bytes");
+        assert_eq!(
+            std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(),
+            b"new bytes"
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
     }
 }

@@ -15,9 +15,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use trainer_proto::v1::coordinator_server::Coordinator;
 use trainer_proto::v1::{
-    worker_message, ArtifactChunk, ArtifactKind, CheckpointRequest, CoordinatorMessage, RegisterRequest, RegisterResponse,
-    RendezvousRequest, RendezvousResponse, ShardChunk, ShardRequest, Split, UploadArtifactResponse,
-    WorkerIdentity, WorkerMessage,
+    worker_message, ArtifactChunk, ArtifactKind, CheckpointRequest, CoordinatorMessage, RegisterRequest,
+    RegisterResponse, RendezvousRequest, RendezvousResponse, ShardChunk, ShardRequest, Split,
+    UploadArtifactResponse, WorkerIdentity, WorkerMessage,
 };
 use trainer_proto::PROTOCOL_VERSION;
 
@@ -528,7 +528,9 @@ impl Coordinator for CoordinatorService {
         self.shared.check_identity(req.worker.as_ref())?;
         let resume = self.shared.state().resume.clone();
         let Some(resume) = resume else {
-            return Err(Status::not_found("this attempt starts fresh: there is no checkpoint to resume from"));
+            return Err(Status::not_found(
+                "this attempt starts fresh: there is no checkpoint to resume from",
+            ));
         };
         let file = resume.file.clone();
         let bytes = tokio::task::spawn_blocking(move || std::fs::read(&file))
@@ -538,7 +540,9 @@ impl Coordinator for CoordinatorService {
         let total = bytes.len() as u64;
         let chunks: Vec<Result<ArtifactChunk, Status>> = bytes
             .chunks(trainer_proto::ARTIFACT_CHUNK_BYTES)
-            .map(|data| Ok(ArtifactChunk { total_bytes: total, data: data.to_vec(), ..ArtifactChunk::default() }))
+            .map(|data| {
+                Ok(ArtifactChunk { total_bytes: total, data: data.to_vec(), ..ArtifactChunk::default() })
+            })
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }

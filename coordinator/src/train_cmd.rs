@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use trainer_core::exit::Usage;
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use trainer_core::cli::{ConfigArgs, DataArgs};
+use trainer_core::exit::Usage;
 use trainer_core::pipeline::prepare;
 use trainer_proto::v1::coordinator_server::CoordinatorServer;
 use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, MAX_MESSAGE_BYTES};
@@ -224,14 +224,16 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     }
     let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config, resume.is_some())?;
     drop(corpus);
-    let fault = FaultTolerance { max_restarts: args.max_restarts, rejoin_timeout, term_grace, identity, resume };
+    let fault =
+        FaultTolerance { max_restarts: args.max_restarts, rejoin_timeout, term_grace, identity, resume };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let job = Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
+    let job =
+        Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
     // Dropping the runtime drops the launcher's tasks, whose children are killed on drop.
     runtime.block_on(job.run())
 }
@@ -309,8 +311,12 @@ impl Job {
                     devices: self.devices.clone(),
                     backend: self.args.backend.name(),
                 };
-                let workers =
-                    LocalWorkers::spawn(self.data.world_size, &launch, events_tx.clone(), self.output.clone())?;
+                let workers = LocalWorkers::spawn(
+                    self.data.world_size,
+                    &launch,
+                    events_tx.clone(),
+                    self.output.clone(),
+                )?;
                 Some(LocalPool { launch, workers, events: events_tx.clone(), output: self.output.clone() })
             }
             None => {

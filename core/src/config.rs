@@ -57,6 +57,29 @@ pub enum Schedule {
     Cosine,
 }
 
+/// The optimizer of the training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// `torch.optim.Adam` (eps 1e-8), with `beta1`, `beta2` and `weight_decay`.
+    #[default]
+    Adam,
+    /// `torch.optim.SGD` without momentum: `p -= lr * (g + weight_decay * p)`. Its update is
+    /// linear in the gradient, so runs that differ only in float summation order stay close
+    /// (the equivalence tests of different world sizes use it).
+    Sgd,
+}
+
+impl Optimizer {
+    /// The name a config file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Adam => "adam",
+            Self::Sgd => "sgd",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
@@ -111,6 +134,8 @@ pub struct TrainConfig {
     /// Per-rank batch size.
     pub batch_size: usize,
     pub epochs: usize,
+    /// `adam` (the default) or `sgd`; `beta1` and `beta2` apply to Adam only.
+    pub optimizer: Optimizer,
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -148,6 +173,7 @@ impl Default for TrainConfig {
         Self {
             batch_size: 32,
             epochs: 5,
+            optimizer: Optimizer::Adam,
             lr: 1e-3,
             beta1: 0.9,
             beta2: 0.999,
@@ -342,6 +368,15 @@ mod tests {
         assert_eq!(c.train.bptt, 0);
         assert_eq!(c.train.batch_order, BatchOrder::Unsorted);
         assert_eq!(c.checkpoint, CheckpointConfig { every_steps: 0, every_seconds: 600.0 });
+        assert_eq!(c.train.optimizer, Optimizer::Adam);
+    }
+
+    #[test]
+    fn the_optimizer_is_adam_or_sgd() {
+        let c: JobConfig = toml::from_str("[train]\noptimizer = \"sgd\"\n").unwrap();
+        assert_eq!(c.train.optimizer, Optimizer::Sgd);
+        let e = toml::from_str::<JobConfig>("[train]\noptimizer = \"adamw\"\n").unwrap_err().to_string();
+        assert!(e.contains("adam") && e.contains("sgd"), "{e}");
     }
 
     #[test]
@@ -365,6 +400,7 @@ mod tests {
     fn toml_round_trip() {
         let mut c = JobConfig::default();
         c.train.batch_order = BatchOrder::Bucketed;
+        c.train.optimizer = Optimizer::Sgd;
         c.model.head = Head::ConcatPool;
         let back: JobConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);

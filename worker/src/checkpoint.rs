@@ -1,7 +1,8 @@
 //! Checkpoints and model files, both safetensors.
 //!
 //! A checkpoint is one file, `checkpoint.safetensors`: the parameters (`model.<name>`),
-//! Adam's moments (`adam.exp_avg.<name>`, `adam.exp_avg_sq.<name>`) and, in the header's
+//! Adam's moments (`adam.exp_avg.<name>`, `adam.exp_avg_sq.<name>`; none for SGD, which has
+//! no state besides its step count) and, in the header's
 //! metadata, a JSON [`CheckpointMeta`] with the position (epoch, batches done, optimizer
 //! step), the RNG scheme, the resolved config, the model shape and the vocabulary's
 //! fingerprint. It is written to a temporary name and renamed, so a crash leaves the old
@@ -18,11 +19,12 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
-use trainer_core::config::JobConfig;
+use trainer_core::config::{self, JobConfig};
 use trainer_core::Vocab;
 
 use crate::error::{Result, WorkerError};
 use crate::model::{LstmClassifier, ModelShape};
+use crate::optim::Optimizer;
 use crate::trainer::Trainer;
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -160,7 +162,10 @@ fn read_safetensors(path: &Path, what: &str) -> Result<(HashMap<String, Tensor>,
 }
 
 /// The tensors and metadata of safetensors `bytes`; `source` names them in errors.
-fn parse_safetensors(bytes: &[u8], source: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+fn parse_safetensors(
+    bytes: &[u8],
+    source: &Path,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bad = |message: String| WorkerError::Checkpoint { path: source.to_path_buf(), message };
     let (_, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
@@ -189,7 +194,7 @@ pub fn save_checkpoint(
     let meta = CheckpointMeta {
         format: CHECKPOINT_FORMAT.into(),
         position,
-        optimizer_steps: trainer.optimizer().steps,
+        optimizer_steps: trainer.optimizer().steps(),
         rng: RngState::for_seed(trainer.config().train.seed),
         config: trainer.config().clone(),
         shape: trainer.model().shape().clone(),
@@ -199,12 +204,13 @@ pub fn save_checkpoint(
     };
     let json = serde_json::to_string(&meta)
         .map_err(|e| WorkerError::Invalid(format!("cannot serialise checkpoint state: {e}")))?;
-    let opt = trainer.optimizer();
     let mut tensors: Vec<(String, &Tensor)> = Vec::new();
     for (i, (name, p)) in trainer.model().parameters().iter().enumerate() {
         tensors.push((format!("model.{name}"), p));
-        tensors.push((format!("adam.exp_avg.{name}"), &opt.exp_avg[i]));
-        tensors.push((format!("adam.exp_avg_sq.{name}"), &opt.exp_avg_sq[i]));
+        if let Optimizer::Adam(adam) = trainer.optimizer() {
+            tensors.push((format!("adam.exp_avg.{name}"), &adam.exp_avg[i]));
+            tensors.push((format!("adam.exp_avg_sq.{name}"), &adam.exp_avg_sq[i]));
+        }
     }
     write_safetensors(path, &tensors, HashMap::from([(CHECKPOINT_KEY.to_string(), json)]))
 }
@@ -262,6 +268,18 @@ impl Checkpoint {
                 self.meta.vocab_fingerprint, vocab_fingerprint
             )));
         }
+        // The config says which optimizer wrote it (checkpoints from before the option
+        // deserialise as Adam, the only one there was). Another optimizer's state cannot
+        // continue this run's.
+        let (theirs, ours) = (self.meta.config.train.optimizer, trainer.optimizer().kind());
+        if theirs != ours {
+            return Err(bad(format!(
+                "written by the {} optimizer; this run uses {} (train.optimizer); \
+                 resume with the checkpoint's config or start a new run",
+                theirs.name(),
+                ours.name()
+            )));
+        }
         let named = |prefix: &str| -> Result<Vec<(String, Tensor)>> {
             trainer
                 .model()
@@ -277,21 +295,25 @@ impl Checkpoint {
                 .collect()
         };
         let weights = named("model.")?;
-        let exp_avg = named("adam.exp_avg.")?;
-        let exp_avg_sq = named("adam.exp_avg_sq.")?;
+        let moments = match ours {
+            config::Optimizer::Adam => Some((named("adam.exp_avg.")?, named("adam.exp_avg_sq.")?)),
+            config::Optimizer::Sgd => None,
+        };
         let source = path.display().to_string();
         trainer.model_mut().load_named(&weights, &source)?;
         let device = trainer.device();
         let opt = trainer.optimizer_mut();
-        let _guard = tch::no_grad_guard();
-        for (i, ((_, m), (_, v))) in exp_avg.iter().zip(&exp_avg_sq).enumerate() {
-            if m.size() != opt.exp_avg[i].size() || v.size() != opt.exp_avg_sq[i].size() {
-                return Err(bad("optimizer state of another shape".into()));
+        if let (Optimizer::Adam(adam), Some((exp_avg, exp_avg_sq))) = (&mut *opt, moments) {
+            let _guard = tch::no_grad_guard();
+            for (i, ((_, m), (_, v))) in exp_avg.iter().zip(&exp_avg_sq).enumerate() {
+                if m.size() != adam.exp_avg[i].size() || v.size() != adam.exp_avg_sq[i].size() {
+                    return Err(bad("optimizer state of another shape".into()));
+                }
+                adam.exp_avg[i].f_copy_(&m.f_to_device(device)?)?;
+                adam.exp_avg_sq[i].f_copy_(&v.f_to_device(device)?)?;
             }
-            opt.exp_avg[i].f_copy_(&m.f_to_device(device)?)?;
-            opt.exp_avg_sq[i].f_copy_(&v.f_to_device(device)?)?;
         }
-        opt.steps = self.meta.optimizer_steps;
+        opt.set_steps(self.meta.optimizer_steps);
         trainer.set_global_step(self.meta.position.global_step);
         Ok(())
     }
@@ -372,9 +394,18 @@ mod tests {
 
     #[test]
     fn a_restored_checkpoint_continues_exactly() {
+        for optimizer in [config::Optimizer::Adam, config::Optimizer::Sgd] {
+            restored_checkpoint_continues_exactly(optimizer);
+        }
+    }
+
+    fn restored_checkpoint_continues_exactly(optimizer: config::Optimizer) {
+        tch::set_num_threads(1);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CHECKPOINT_FILE);
-        let mut a = trainer(8);
+        let mut config = tiny_config(8);
+        config.train.optimizer = optimizer;
+        let mut a = Trainer::new(&config, VOCAB, Device::Cpu, Box::new(NoopCollective)).unwrap();
         a.set_total_steps(10);
         for s in 0..3 {
             a.train_step(&batch(s)).unwrap();
@@ -388,7 +419,6 @@ mod tests {
         assert_eq!(checkpoint.meta.loop_state, state);
         assert_eq!(checkpoint.meta.optimizer_steps, 3);
         // A replica with other initial weights becomes identical once restored.
-        let mut config = tiny_config(8);
         config.train.seed = 99;
         let mut b = Trainer::new(&config, VOCAB, Device::Cpu, Box::new(NoopCollective)).unwrap();
         b.set_total_steps(10);
@@ -400,7 +430,24 @@ mod tests {
         let sa = a.train_step(&batch(5)).unwrap();
         let sb = b.train_step(&batch(5)).unwrap();
         assert_eq!(sa.loss.to_bits(), sb.loss.to_bits());
-        assert_eq!(a.parameter_checksum().unwrap(), b.parameter_checksum().unwrap());
+        assert_eq!(a.parameter_checksum().unwrap(), b.parameter_checksum().unwrap(), "{optimizer:?}");
+        assert_eq!(b.optimizer().steps(), 4);
+        // SGD has no moments to store.
+        let adam_tensors = checkpoint.tensors.keys().filter(|k| k.starts_with("adam.")).count();
+        let per_parameter = if optimizer == config::Optimizer::Adam { 2 } else { 0 };
+        assert_eq!(adam_tensors, per_parameter * a.model().parameters().len());
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_optimizer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT_FILE);
+        save_checkpoint(&trainer(8), &path, Position::default(), &LoopState::default(), "v:1").unwrap();
+        let mut config = tiny_config(8);
+        config.train.optimizer = config::Optimizer::Sgd;
+        let mut sgd = Trainer::new(&config, VOCAB, Device::Cpu, Box::new(NoopCollective)).unwrap();
+        let e = load_checkpoint(&path).unwrap().restore_into(&mut sgd, "v:1", &path).unwrap_err().to_string();
+        assert!(e.contains("written by the adam optimizer; this run uses sgd"), "{e}");
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! Adam, the learning-rate schedule and global-norm clipping.
+//! The optimizers (Adam, plain SGD), the learning-rate schedule and global-norm clipping.
 //!
 //! Adam is written out (rather than tch's optimizer) so that its state can be saved in a
 //! checkpoint and restored bit for bit. It follows `torch.optim.Adam` (eps 1e-8, weight
-//! decay added to the gradient, bias correction), step for step.
+//! decay added to the gradient, bias correction), step for step. SGD follows
+//! `torch.optim.SGD` with momentum 0, which has no state besides the step count.
 
 use tch::{Kind, Tensor};
-use trainer_core::config::{Schedule, TrainConfig};
+use trainer_core::config::{self, Schedule, TrainConfig};
 
 use crate::error::{Result, WorkerError};
 
@@ -70,6 +71,85 @@ impl Adam {
             let _ = param.f_sub_(&update)?;
         }
         Ok(())
+    }
+}
+
+/// Plain SGD: `p -= lr * (g + weight_decay * p)`. Stateless, so a checkpoint holds only
+/// the step count; its update is linear in the gradient, so float-order differences in the
+/// gradient stay as small in the parameters (unlike Adam's division by sqrt(v)).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sgd {
+    pub weight_decay: f64,
+    pub steps: u64,
+}
+
+impl Sgd {
+    pub fn new(weight_decay: f64) -> Self {
+        Self { weight_decay, steps: 0 }
+    }
+
+    /// One update of every parameter from its `.grad`, with learning rate `lr`.
+    pub fn step(&mut self, params: &[&Tensor], lr: f64) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        self.steps += 1;
+        for param in params {
+            let mut grad = param.f_grad()?;
+            if !grad.defined() {
+                continue;
+            }
+            if self.weight_decay != 0.0 {
+                grad = grad.f_add(&param.f_mul_scalar(self.weight_decay)?)?;
+            }
+            let mut param = param.shallow_clone();
+            let _ = param.f_sub_(&grad.f_mul_scalar(lr)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The replica's optimizer, as `train.optimizer` chose it.
+#[derive(Debug)]
+pub enum Optimizer {
+    Adam(Adam),
+    Sgd(Sgd),
+}
+
+impl Optimizer {
+    pub fn new(params: &[&Tensor], train: &TrainConfig) -> Result<Self> {
+        Ok(match train.optimizer {
+            config::Optimizer::Adam => Self::Adam(Adam::new(params, AdamConfig::from_train(train))?),
+            config::Optimizer::Sgd => Self::Sgd(Sgd::new(train.weight_decay)),
+        })
+    }
+
+    /// Which one this is, as the config names it.
+    pub fn kind(&self) -> config::Optimizer {
+        match self {
+            Self::Adam(_) => config::Optimizer::Adam,
+            Self::Sgd(_) => config::Optimizer::Sgd,
+        }
+    }
+
+    pub fn step(&mut self, params: &[&Tensor], lr: f64) -> Result<()> {
+        match self {
+            Self::Adam(adam) => adam.step(params, lr),
+            Self::Sgd(sgd) => sgd.step(params, lr),
+        }
+    }
+
+    /// Updates taken so far.
+    pub fn steps(&self) -> u64 {
+        match self {
+            Self::Adam(adam) => adam.steps,
+            Self::Sgd(sgd) => sgd.steps,
+        }
+    }
+
+    pub fn set_steps(&mut self, steps: u64) {
+        match self {
+            Self::Adam(adam) => adam.steps = steps,
+            Self::Sgd(sgd) => sgd.steps = steps,
+        }
     }
 }
 
@@ -162,6 +242,18 @@ mod tests {
             let (h, d) = (Vec::<f32>::try_from(&host).unwrap(), Vec::<f32>::try_from(&device).unwrap());
             assert!(h.iter().zip(&d).all(|(a, b)| a.to_bits() == b.to_bits()), "max_norm {max_norm}");
         }
+    }
+
+    #[test]
+    fn sgd_subtracts_lr_times_the_decayed_gradient() {
+        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let mut sgd = Sgd::new(0.5);
+        (&p * Tensor::from_slice(&[3.0f32, -0.5])).sum(Kind::Float).backward();
+        sgd.step(&[&p], 0.1).unwrap();
+        // p - 0.1 * (g + 0.5 p): 1 - 0.1 * 3.5 and -2 - 0.1 * (-1.5).
+        let v: Vec<f32> = Vec::try_from(&p.detach()).unwrap();
+        assert!((v[0] - 0.65).abs() < 1e-6 && (v[1] + 1.85).abs() < 1e-6, "{v:?}");
+        assert_eq!(sgd.steps, 1);
     }
 
     #[test]

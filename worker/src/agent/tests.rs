@@ -58,6 +58,12 @@ struct Toy {
     seen: Arc<Mutex<Seen>>,
 }
 
+const TOY_LR: f32 = 1e-3;
+
+fn toy_grad_norm(grad: &[f32]) -> f64 {
+    grad.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt()
+}
+
 fn checksum(params: &[f32]) -> u64 {
     params
         .iter()
@@ -94,7 +100,7 @@ impl Replica for Toy {
             self.collective.all_reduce_mean(&mut t)?;
             let grad = Vec::<f32>::try_from(&t)?;
             for (p, g) in self.params.iter_mut().zip(&grad) {
-                *p -= 1e-3 * g;
+                *p -= TOY_LR * g;
             }
             let tokens: u64 = rows.clone().map(|r| shard.length(r) as u64).sum();
             let r = StepReport {
@@ -105,6 +111,8 @@ impl Replica for Toy {
                 step_seconds: 0.01,
                 comm_seconds: 0.001,
                 global_step: epoch * self.steps as u64 + step as u64 + 1,
+                grad_norm: toy_grad_norm(&grad),
+                lr: TOY_LR as f64,
             };
             sink.step(r);
             total.steps += 1;
@@ -239,11 +247,27 @@ fn agents_train_a_job_with_the_real_coordinator() {
     assert_eq!(summary["test_loss"], 1.0);
     assert_eq!(summary["test_samples"], 40);
     assert!(summary["best_val_accuracy"].as_f64().is_some());
-    let metrics = std::fs::read_to_string(coord.out.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 2);
-    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
-    assert_eq!(first["train_samples"], 96);
-    assert_eq!(first["train_loss"], 0.5);
+    // One epoch record per epoch, after rank 0's step record of the epoch's last step (the
+    // default log_every, 50, is more than the 12 steps).
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(coord.out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 4, "{metrics:?}");
+    for (epoch, pair) in metrics.chunks(2).enumerate() {
+        let (step, record) = (&pair[0], &pair[1]);
+        assert_eq!(step["type"], "step", "{step}");
+        assert_eq!((step["epoch"].as_u64(), step["step"].as_u64()), (Some(epoch as u64 + 1), Some(12)));
+        assert_eq!(step["global_step"].as_u64(), Some(12 * (epoch as u64 + 1)));
+        assert_eq!(step["lr"], TOY_LR as f64);
+        assert!(step["grad_norm"].as_f64().is_some_and(|n| n > 0.0), "{step}");
+        assert_eq!(step["loss"], 0.5);
+        assert!(record.get("type").is_none(), "{record}");
+        assert_eq!(record["epoch"], epoch + 1);
+        assert_eq!(record["train_samples"], 96);
+        assert_eq!(record["train_loss"], 0.5);
+    }
     let model = std::fs::read(coord.out.join("model.safetensors")).unwrap();
     assert_eq!(model.len(), 8 * 4);
     let params: Vec<f32> = model.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();

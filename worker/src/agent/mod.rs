@@ -404,25 +404,33 @@ impl Agent {
         let mut client = CoordinatorClient::with_interceptor(channel, ClientAuth::new(&args.secret))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let reply = client
-            .register(RegisterRequest {
-                protocol_version: PROTOCOL_VERSION,
-                build_version: env!("CARGO_PKG_VERSION").to_string(),
-                hostname: hostname(),
-                pid: std::process::id(),
-                devices: devices(),
-            })
-            .await
-            .map_err(|s| {
-                let unauthenticated = s.code() == tonic::Code::Unauthenticated;
-                let e = status_error("the coordinator refused the registration", s);
-                if unauthenticated {
-                    anyhow!(trainer_core::exit::AuthFailed(format!("{e:#}")))
-                } else {
-                    e
+        let request = RegisterRequest {
+            protocol_version: PROTOCOL_VERSION,
+            build_version: env!("CARGO_PKG_VERSION").to_string(),
+            hostname: hostname(),
+            pid: std::process::id(),
+            devices: devices(),
+        };
+        let reply = loop {
+            match client.register(request.clone()).await {
+                Ok(reply) => break reply.into_inner(),
+                // A replacement that comes before the coordinator has noticed the worker it
+                // replaces finds every rank taken: the group is about to restart, so wait.
+                Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {
+                    tracing::info!(reason = %s.message(), "no free rank yet; retrying while the group restarts");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-            })?
-            .into_inner();
+                Err(s) => {
+                    let unauthenticated = s.code() == tonic::Code::Unauthenticated;
+                    let e = status_error("the coordinator refused the registration", s);
+                    return Err(if unauthenticated {
+                        anyhow!(trainer_core::exit::AuthFailed(format!("{e:#}")))
+                    } else {
+                        e
+                    });
+                }
+            }
+        };
         let mut config: JobConfig = toml::from_str(&reply.job_config_toml)
             .context("the coordinator sent a job config this worker cannot read")?;
         config.train.device = rank_device(args, &config.train.device);
@@ -712,6 +720,9 @@ impl Agent {
         self.job.resume = None;
 
         // 3. Commands down, replica events up, until the coordinator says stop.
+        // Whether the coordinator itself ended the session (with a stop): then there is no
+        // answer to wait for after a failure.
+        let mut stopped = false;
         let result = loop {
             tokio::select! {
                 e = live.dead() => break Err(e),
@@ -721,7 +732,10 @@ impl Agent {
                     };
                     match self.command(command, &live, &work_tx, &checkpoint_now).await {
                         Ok(None) => {}
-                        Ok(Some(done)) => break done,
+                        Ok(Some(done)) => {
+                            stopped = true;
+                            break done;
+                        }
                         Err(e) => break Err(e),
                     }
                 }
@@ -741,7 +755,7 @@ impl Agent {
                 // Idle after a successful stop, so this returns at once.
                 let _ = replica_thread.join();
             }
-            Err(e) if e.is::<RestartRequested>() => {}
+            Err(e) if stopped || e.is::<RestartRequested>() => {}
             Err(e) => {
                 // Best effort: tell the coordinator why, and give the message a moment to leave.
                 let msg =

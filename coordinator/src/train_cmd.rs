@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use trainer_core::exit::Usage;
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use trainer_core::cli::{ConfigArgs, DataArgs};
+use trainer_core::exit::Usage;
 use trainer_core::pipeline::prepare;
 use trainer_proto::v1::coordinator_server::CoordinatorServer;
 use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, MAX_MESSAGE_BYTES};
@@ -38,6 +38,10 @@ pub struct TrainArgs {
     /// Address the gRPC server listens on (port 0 picks a free one).
     #[arg(long, env = "COORDINATOR_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics on http://ADDR/metrics (off by default; port 0 picks a free
+    /// one, which the log names).
+    #[arg(long, env = "COORDINATOR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Address workers should dial [default: the listen address, 127.0.0.1 for 0.0.0.0].
     #[arg(long, env = "COORDINATOR_ADVERTISE")]
     pub advertise: Option<String>,
@@ -224,14 +228,16 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     }
     let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config, resume.is_some())?;
     drop(corpus);
-    let fault = FaultTolerance { max_restarts: args.max_restarts, rejoin_timeout, term_grace, identity, resume };
+    let fault =
+        FaultTolerance { max_restarts: args.max_restarts, rejoin_timeout, term_grace, identity, resume };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let job = Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
+    let job =
+        Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
     // Dropping the runtime drops the launcher's tasks, whose children are killed on drop.
     runtime.block_on(job.run())
 }
@@ -293,6 +299,21 @@ impl Job {
         );
         tracing::info!(listen = %local, advertise = %advertise, "coordinator listening");
 
+        // Prometheus: same lifetime as the gRPC server.
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_server = match self.args.metrics_listen {
+            Some(addr) => {
+                let stopped = async {
+                    let _ = metrics_stopped.await;
+                };
+                let (bound, task) =
+                    crate::telemetry::serve(addr, Arc::clone(&shared.telemetry), stopped).await?;
+                tracing::info!(address = %bound, "metrics listening on http://{bound}/metrics");
+                Some(task)
+            }
+            None => None,
+        };
+
         // Ctrl-C and SIGTERM become events, so that the driver stops the workers in order.
         let signals = tokio::spawn(forward_signals(events_tx.clone()));
 
@@ -309,8 +330,12 @@ impl Job {
                     devices: self.devices.clone(),
                     backend: self.args.backend.name(),
                 };
-                let workers =
-                    LocalWorkers::spawn(self.data.world_size, &launch, events_tx.clone(), self.output.clone())?;
+                let workers = LocalWorkers::spawn(
+                    self.data.world_size,
+                    &launch,
+                    events_tx.clone(),
+                    self.output.clone(),
+                )?;
                 Some(LocalPool { launch, workers, events: events_tx.clone(), output: self.output.clone() })
             }
             None => {
@@ -342,6 +367,7 @@ impl Job {
         );
         let result = driver.run().await;
         if let Err(e) = &result {
+            shared.telemetry.set_state(crate::telemetry::JobState::Failed);
             driver.abort(&format!("{e:#}"));
         }
         driver.progress.finish();
@@ -360,6 +386,10 @@ impl Job {
             Err(_) => tracing::debug!("gRPC server did not drain in time"),
         }
         signals.abort();
+        let _ = stop_metrics.send(());
+        if let Some(task) = metrics_server {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
 
         let outcome = result?;
         print!("{}", render_summary(&outcome.summary, &driver.state.records, &run_dir_path));

@@ -257,7 +257,9 @@ fn title(runs: &[RunCurves]) -> String {
     match runs {
         [one] if one.setup.is_empty() => format!("imdb-ddp: {}", one.label),
         [one] => format!("imdb-ddp: {}, {}", one.label, one.setup),
-        many => format!("imdb-ddp: {}", many.iter().map(|r| r.label.as_str()).collect::<Vec<_>>().join(" vs ")),
+        many => {
+            format!("imdb-ddp: {}", many.iter().map(|r| r.label.as_str()).collect::<Vec<_>>().join(" vs "))
+        }
     }
 }
 
@@ -287,14 +289,7 @@ fn draw(root: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
     } else {
         "Training loss (per epoch where no per-step records)"
     };
-    line_panel(
-        &panels[0],
-        caption,
-        step_axis,
-        "cross-entropy loss",
-        series.iter().map(|(n, c, raw, sm)| (n.clone(), *c, raw.clone(), sm.clone())).collect(),
-        true,
-    )?;
+    line_panel(&panels[0], caption, step_axis, "cross-entropy loss", series, false)?;
 
     // 2. Accuracy per epoch: validation solid with circles, test dashed with triangles.
     accuracy_panel(&panels[1], runs)?;
@@ -304,8 +299,9 @@ fn draw(root: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let pts: Vec<(f64, f64)> = r.tokens_per_second.iter().map(|&(s, t)| (x_of(r, s), t)).collect();
-            (r.name(), PALETTE[i % PALETTE.len()], Vec::new(), pts)
+            let raw: Vec<(f64, f64)> = r.tokens_per_second.iter().map(|&(s, t)| (x_of(r, s), t)).collect();
+            let smoothed = if r.per_step { smooth(&raw, 0.6) } else { raw.clone() };
+            (r.name(), PALETTE[i % PALETTE.len()], raw, smoothed)
         })
         .collect();
     line_panel(&panels[2], "Throughput (all ranks)", step_axis, "tokens / s", tps, true)?;
@@ -338,6 +334,7 @@ fn line_panel(
         .y_desc(y_desc)
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
+        .x_label_formatter(&|v| compact(*v))
         .y_label_formatter(&|v| compact(*v))
         .draw()
         .map_err(err)?;
@@ -346,8 +343,10 @@ fn line_panel(
     }
     for (name, color, raw, line) in &series {
         let color = *color;
-        if !raw.is_empty() && raw.len() != line.len() || raw.iter().zip(line).any(|(a, b)| a != b) {
-            chart.draw_series(LineSeries::new(raw.iter().copied(), color.mix(0.25).stroke_width(1))).map_err(err)?;
+        if raw.iter().zip(line).any(|(a, b)| a != b) {
+            chart
+                .draw_series(LineSeries::new(raw.iter().copied(), color.mix(0.25).stroke_width(1)))
+                .map_err(err)?;
         }
         let many = line.len() <= 12;
         chart
@@ -404,11 +403,18 @@ fn accuracy_panel(area: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
                 .map_err(err)?
                 .label(format!("{prefix}validation"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            chart.draw_series(r.val_accuracy.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(err)?;
+            chart
+                .draw_series(r.val_accuracy.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(err)?;
         }
         if !r.test_accuracy.is_empty() {
             chart
-                .draw_series(DashedLineSeries::new(r.test_accuracy.iter().copied(), 6, 4, color.stroke_width(2)))
+                .draw_series(DashedLineSeries::new(
+                    r.test_accuracy.iter().copied(),
+                    6,
+                    4,
+                    color.stroke_width(2),
+                ))
                 .map_err(err)?
                 .label(format!("{prefix}test"))
                 .legend(move |(x, y)| TriangleMarker::new((x + 10, y), 5, color.filled()));
@@ -469,11 +475,13 @@ fn no_data(area: &Area<'_>) -> DrawResult {
 /// 475000 -> "475k", 0.6931 -> "0.693".
 fn compact(v: f64) -> String {
     let a = v.abs();
-    if a >= 1e6 {
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if a >= 1e4 {
         format!("{:.0}k", v / 1e3)
-    } else if a >= 100.0 {
+    } else if a >= 100.0 || (v - v.round()).abs() < 1e-9 {
         format!("{v:.0}")
     } else if a >= 1.0 {
         format!("{v:.2}")
@@ -503,8 +511,11 @@ mod tests {
         let c = dir.path().join("dist");
         std::fs::create_dir(&c).unwrap();
         std::fs::write(c.join("metrics.jsonl"), COORDINATOR).unwrap();
-        std::fs::write(c.join("summary.json"), r#"{"world_size":2,"backend":"ring","epochs":2,"test_accuracy":0.7}"#)
-            .unwrap();
+        std::fs::write(
+            c.join("summary.json"),
+            r#"{"world_size":2,"backend":"ring","epochs":2,"test_accuracy":0.7}"#,
+        )
+        .unwrap();
         let dist = RunCurves::load(&c).unwrap();
         assert_eq!(dist.label, "dist");
         assert_eq!(dist.setup, "2 workers, ring");
@@ -517,7 +528,8 @@ mod tests {
         let w = dir.path().join("single");
         std::fs::create_dir(&w).unwrap();
         std::fs::write(w.join("metrics.jsonl"), WORKER).unwrap();
-        std::fs::write(w.join("summary.json"), r#"{"device":"cpu","epochs":1,"test_accuracy":0.62}"#).unwrap();
+        std::fs::write(w.join("summary.json"), r#"{"device":"cpu","epochs":1,"test_accuracy":0.62}"#)
+            .unwrap();
         let single = RunCurves::load(&w).unwrap();
         assert!(single.per_step);
         assert_eq!(single.loss, vec![(5.0, 0.7), (10.0, 0.65)]);

@@ -100,7 +100,11 @@ pub fn write_record(out: &mut impl Write, data: &[u8]) -> std::io::Result<()> {
 /// tools; TensorBoard has its own reader).
 pub fn read_events(path: &Path) -> Result<Vec<Event>> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    let bad = |message: &str| crate::VizError::Metrics { path: path.to_path_buf(), line: 0, message: message.into() };
+    let bad = |message: &str| crate::VizError::Metrics {
+        path: path.to_path_buf(),
+        line: 0,
+        message: message.into(),
+    };
     let mut events = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
@@ -142,11 +146,7 @@ impl EventWriter {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "localhost".into());
-        let name = format!(
-            "events.out.tfevents.{}.{host}.{}.{suffix}",
-            now() as u64,
-            std::process::id()
-        );
+        let name = format!("events.out.tfevents.{}.{host}.{}.{suffix}", now() as u64, std::process::id());
         let path = dir.join(name);
         let file = File::create(&path).map_err(io_err(&path))?;
         let mut writer = Self { out: BufWriter::new(file), path };
@@ -183,7 +183,12 @@ impl EventWriter {
         if value.is_empty() {
             return Ok(());
         }
-        self.write(&Event { wall_time: now(), step: step as i64, file_version: None, summary: Some(Summary { value }) })
+        self.write(&Event {
+            wall_time: now(),
+            step: step as i64,
+            file_version: None,
+            summary: Some(Summary { value }),
+        })
     }
 
     /// A text summary (the Text tab renders it as markdown).

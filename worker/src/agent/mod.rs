@@ -50,9 +50,9 @@ use tonic::transport::{Channel, Endpoint};
 use trainer_core::{EncodedSplit, JobConfig};
 use trainer_proto::v1::coordinator_client::CoordinatorClient;
 use trainer_proto::v1::{
-    coordinator_message, worker_message, ArtifactChunk, ArtifactDone, ArtifactKind, CoordinatorMessage,
-    Device, EpochDone, EvalResult, Heartbeat, Hello, Ready, RegisterRequest, RendezvousRequest, ShardRequest,
-    Split, StepMetrics, WorkerError, WorkerIdentity, WorkerMessage, CheckpointRequest,
+    coordinator_message, worker_message, ArtifactChunk, ArtifactDone, ArtifactKind, CheckpointRequest,
+    CoordinatorMessage, Device, EpochDone, EvalResult, Heartbeat, Hello, Ready, RegisterRequest,
+    RendezvousRequest, ShardRequest, Split, StepMetrics, WorkerError, WorkerIdentity, WorkerMessage,
 };
 use trainer_proto::{ClientAuth, JobSecret, ARTIFACT_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 
@@ -197,6 +197,11 @@ pub struct StepReport {
     pub comm_seconds: f64,
     /// Optimizer steps taken in all after this one.
     pub global_step: u64,
+    /// Correctly classified samples of the batch.
+    pub correct: u64,
+    /// L2 norm of the all-reduced gradient before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
 }
 
 /// One epoch on this rank.
@@ -700,7 +705,8 @@ impl Agent {
         let replica_thread = std::thread::Builder::new()
             .name("replica".into())
             .spawn(move || {
-                let context = ReplicaContext { job: thread_job, val, test, checkpoint_now: thread_checkpoint_now };
+                let context =
+                    ReplicaContext { job: thread_job, val, test, checkpoint_now: thread_checkpoint_now };
                 replica_thread(context, plan, factory, work_rx, events_tx)
             })
             .context("cannot start the replica thread")?;
@@ -865,9 +871,16 @@ enum ReplicaEvent {
     Step(StepMetrics),
     EpochDone(EpochDone),
     Eval(EvalResult),
-    Artifact { kind: ArtifactKind, at: CheckpointAt, bytes: Vec<u8> },
+    Artifact {
+        kind: ArtifactKind,
+        at: CheckpointAt,
+        bytes: Vec<u8>,
+    },
     /// The replica failed; `peer_lost` when a collective lost or timed out on a peer.
-    Failed { message: String, peer_lost: bool },
+    Failed {
+        message: String,
+        peer_lost: bool,
+    },
 }
 
 /// What the replica thread works with besides the collective.
@@ -901,6 +914,9 @@ impl StepSink for EpochSink<'_> {
             tokens: s.tokens,
             step_seconds: s.step_seconds,
             comm_seconds: s.comm_seconds,
+            grad_norm: s.grad_norm,
+            lr: s.lr,
+            correct: s.correct,
         }));
         if self.rank != 0 {
             return false;

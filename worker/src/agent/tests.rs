@@ -105,6 +105,7 @@ impl Replica for Toy {
                 step_seconds: 0.01,
                 comm_seconds: 0.001,
                 global_step: epoch * self.steps as u64 + step as u64 + 1,
+                ..StepReport::default()
             };
             sink.step(r);
             total.steps += 1;

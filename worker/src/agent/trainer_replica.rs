@@ -149,6 +149,9 @@ impl Replica for TrainerReplica {
                 step_seconds: start.elapsed().as_secs_f64(),
                 comm_seconds: (self.comm_nanos.load(Ordering::Relaxed) - comm_before) as f64 * 1e-9,
                 global_step: self.trainer.global_step(),
+                correct: stats.correct as u64,
+                grad_norm: stats.grad_norm,
+                lr: stats.lr,
             };
             if sink.step(r) {
                 let at = CheckpointAt {
@@ -194,7 +197,11 @@ impl Replica for TrainerReplica {
 
     fn checkpoint(&mut self, at: CheckpointAt) -> anyhow::Result<Vec<u8>> {
         let position = if at.epoch_end {
-            Position { epoch: at.epoch as usize + 1, step_in_epoch: 0, global_step: self.trainer.global_step() }
+            Position {
+                epoch: at.epoch as usize + 1,
+                step_in_epoch: 0,
+                global_step: self.trainer.global_step(),
+            }
         } else {
             Position {
                 epoch: at.epoch as usize,

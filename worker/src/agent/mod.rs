@@ -927,7 +927,7 @@ impl StepSink for EpochSink<'_> {
             return true;
         }
         let last_of_epoch = s.step + 1 >= self.steps_per_epoch;
-        let by_steps = self.every_steps > 0 && s.global_step % self.every_steps == 0;
+        let by_steps = self.every_steps > 0 && s.global_step.is_multiple_of(self.every_steps);
         let by_time = self.every.is_some_and(|every| self.last_checkpoint.elapsed() >= every);
         !last_of_epoch && (by_steps || by_time)
     }

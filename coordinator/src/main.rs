@@ -39,7 +39,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load, tokenize and encode the corpus, and print its statistics.
-    Data(data_cmd::DataCmd),
+    Data(Box<data_cmd::DataCmd>),
     /// Draw the curves of one or more run folders on one figure (PNG).
     Plot(plot_cmd::PlotCmd),
     /// Print what a running job is doing: epoch, step, ranks, ETA (needs the job secret).

@@ -223,6 +223,8 @@ fn range(values: impl Iterator<Item = f64>, floor_zero: bool) -> (f64, f64) {
 }
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+/// One run in a panel: legend name, colour, raw points (drawn faint) and the main line.
+type Series = (String, RGBColor, Vec<(f64, f64)>, Vec<(f64, f64)>);
 type DrawResult = std::result::Result<(), String>;
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -275,7 +277,7 @@ fn draw(root: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
     let step_axis = if in_epochs { "epoch" } else { "global step (optimizer updates)" };
 
     // 1. Training loss: raw points faint, smoothed line strong.
-    let series: Vec<(String, RGBColor, Vec<(f64, f64)>, Vec<(f64, f64)>)> = runs
+    let series: Vec<Series> = runs
         .iter()
         .enumerate()
         .map(|(i, r)| {
@@ -295,7 +297,7 @@ fn draw(root: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
     accuracy_panel(&panels[1], runs)?;
 
     // 3. Tokens/s.
-    let tps: Vec<(String, RGBColor, Vec<(f64, f64)>, Vec<(f64, f64)>)> = runs
+    let tps: Vec<Series> = runs
         .iter()
         .enumerate()
         .map(|(i, r)| {
@@ -315,7 +317,7 @@ fn line_panel(
     caption: &str,
     x_desc: &str,
     y_desc: &str,
-    series: Vec<(String, RGBColor, Vec<(f64, f64)>, Vec<(f64, f64)>)>,
+    series: Vec<Series>,
     floor_zero: bool,
 ) -> DrawResult {
     let all = || series.iter().flat_map(|s| s.2.iter().chain(s.3.iter()));
@@ -537,7 +539,7 @@ mod tests {
         assert_eq!(single.test_accuracy, vec![(1.0, 0.62)]);
 
         let png = dir.path().join("out/curves.png");
-        plot_runs(&[dist.clone()], &png).unwrap();
+        plot_runs(std::slice::from_ref(&dist), &png).unwrap();
         let bytes = std::fs::read(&png).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         plot_runs(&[dist, single], &png).unwrap();

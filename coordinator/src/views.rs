@@ -1,14 +1,14 @@
 //! The run folder's views of a distributed run: TensorBoard events under `tb/` and
 //! `curves.png`. Per-step scalars are rank 0's reports (loss, accuracy, learning rate,
 //! gradient norm; the same on every rank but the loss and accuracy), averaged over the
-//! `log_every` steps since the last point, with the tokens/s of all ranks; per-epoch scalars
+//! `log_every` steps since the last point, with all ranks' tokens over rank 0's step time
+//! (tokens/s); per-epoch scalars
 //! are the coordinator's epoch records and evaluations. The x axis is the optimizer step
 //! everywhere, so that TensorBoard lines every chart up.
 //!
 //! A failure here never stops training: the view is switched off with one warning.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use trainer_proto::v1::StepMetrics;
 use trainer_viz::curves::{setup_text, CURVES_FILE};
@@ -24,7 +24,10 @@ struct Window {
     samples: u64,
     /// All ranks' tokens since the last point.
     tokens: u64,
-    started: Option<Instant>,
+    /// Rank 0's step time since the last point. The ranks step in lockstep, so this is the
+    /// window's training time; the coordinator's own clock is not, because step reports
+    /// can arrive in bursts when it is busy.
+    step_seconds: f64,
 }
 
 pub struct RunViews {
@@ -79,7 +82,7 @@ impl RunViews {
     }
 
     pub fn start_epoch(&mut self) {
-        self.window = Window { started: Some(Instant::now()), ..Window::default() };
+        self.window = Window::default();
     }
 
     /// One rank's step report; returns rank 0's mean loss when a point was written.
@@ -91,6 +94,7 @@ impl RunViews {
         self.window.loss_sum += m.loss_sum;
         self.window.correct += m.correct;
         self.window.samples += m.samples;
+        self.window.step_seconds += m.step_seconds;
         let done = m.step + 1;
         if !(done.is_multiple_of(self.log_every) || done == self.steps_per_epoch) || self.window.samples == 0
         {
@@ -98,10 +102,9 @@ impl RunViews {
         }
         let global_step = m.epoch * self.steps_per_epoch + done;
         let w = std::mem::take(&mut self.window);
-        let seconds = w.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let loss = w.loss_sum / w.samples as f64;
-        let tokens_per_second = if seconds > 0.0 { w.tokens as f64 / seconds } else { f64::NAN };
-        self.window.started = Some(Instant::now());
+        let tokens_per_second =
+            if w.step_seconds > 0.0 { w.tokens as f64 / w.step_seconds } else { f64::NAN };
         self.write(
             global_step,
             &[

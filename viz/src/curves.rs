@@ -177,6 +177,15 @@ pub fn setup_text(world_size: usize, backend: &str) -> String {
     format!("{world_size} worker{}, {backend}", if world_size == 1 { "" } else { "s" })
 }
 
+/// Heavier smoothing for long runs, so that the trend shows through the per-step noise.
+fn smoothing_weight(points: usize) -> f64 {
+    if points > 100 {
+        0.9
+    } else {
+        0.6
+    }
+}
+
 /// TensorBoard's smoothing: an exponential moving average, debiased at the start.
 pub fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
     let mut last = 0.0;
@@ -282,7 +291,7 @@ fn draw(root: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
         .enumerate()
         .map(|(i, r)| {
             let raw: Vec<(f64, f64)> = r.loss.iter().map(|&(s, l)| (x_of(r, s), l)).collect();
-            let smoothed = if r.per_step { smooth(&raw, 0.6) } else { raw.clone() };
+            let smoothed = if r.per_step { smooth(&raw, smoothing_weight(raw.len())) } else { raw.clone() };
             (r.name(), PALETTE[i % PALETTE.len()], raw, smoothed)
         })
         .collect();
@@ -302,7 +311,7 @@ fn draw(root: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
         .enumerate()
         .map(|(i, r)| {
             let raw: Vec<(f64, f64)> = r.tokens_per_second.iter().map(|&(s, t)| (x_of(r, s), t)).collect();
-            let smoothed = if r.per_step { smooth(&raw, 0.6) } else { raw.clone() };
+            let smoothed = if r.per_step { smooth(&raw, smoothing_weight(raw.len())) } else { raw.clone() };
             (r.name(), PALETTE[i % PALETTE.len()], raw, smoothed)
         })
         .collect();

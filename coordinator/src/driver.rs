@@ -26,6 +26,8 @@ use crate::launcher::{LocalWorkers, WorkerLaunch};
 use crate::progress::{Output, Progress};
 use crate::run_dir::{checksum_hex, EpochRecord, RunDir, StepRecord, Summary};
 use crate::service::{Event, ResumeFrom, Shared};
+use crate::telemetry::JobState;
+use crate::views::RunViews;
 
 /// The coordinator was interrupted (Ctrl-C or SIGTERM); main exits with 130.
 #[derive(Debug)]
@@ -131,6 +133,8 @@ pub struct Driver {
     /// SIGTERM was received: stop at the next checkpoint, or at this deadline.
     terminate_by: Option<Instant>,
     pub backend: String,
+    /// TensorBoard events and curves.png in the run folder.
+    views: RunViews,
 }
 
 /// What a successful run produced.
@@ -173,7 +177,15 @@ impl Driver {
         let world = shared.data.world_size;
         let checkpoint = fault.resume.clone();
         let state = checkpoint.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
+        let views = RunViews::new(
+            run_dir.path(),
+            &shared.data.config.to_toml(),
+            shared.data.config.train.log_every,
+            shared.data.steps_per_epoch,
+        );
+        shared.telemetry.begin_attempt(0, state.restarts);
         Self {
+            views,
             shared,
             events,
             progress,
@@ -228,16 +240,19 @@ impl Driver {
                     self.rank_of_pid.insert(pid, rank);
                 }
                 self.registered += 1;
+                self.shared.telemetry.registered(rank, &hostname, pid, peer);
                 let peer = peer.map_or_else(|| "?".to_string(), |p| p.to_string());
                 tracing::info!(rank, %hostname, pid, %peer, attempt = self.attempt, "worker registered");
                 Ok(None)
             }
             Event::SessionOpened { rank, .. } => {
                 self.last_seen[rank] = Some(Instant::now());
+                self.shared.telemetry.seen(rank, self.last_seen[rank]);
                 Ok(None)
             }
             Event::Message { rank, body, .. } => {
                 self.last_seen[rank] = Some(Instant::now());
+                self.shared.telemetry.seen(rank, self.last_seen[rank]);
                 match body {
                     Body::Heartbeat(_) | Body::Hello(_) => Ok(None),
                     Body::Step(m) => {
@@ -249,6 +264,10 @@ impl Driver {
                         if rank == 0 && self.progress.logs_step(m.step) {
                             let steps_per_epoch = self.shared.data.steps_per_epoch;
                             self.run_dir.append_metrics(&StepRecord::new(&m, steps_per_epoch))?;
+                        }
+                        self.shared.telemetry.step(rank, &m);
+                        if let Some(loss) = self.views.step(rank, &m) {
+                            self.shared.telemetry.set_loss(loss);
                         }
                         Ok(None)
                     }
@@ -262,6 +281,7 @@ impl Driver {
             }
             Event::SessionClosed { rank, reason, .. } => {
                 self.last_seen[rank] = None;
+                self.shared.telemetry.seen(rank, None);
                 if self.finished {
                     return Ok(None);
                 }
@@ -472,6 +492,7 @@ impl Driver {
         let timeout = if self.attempt == 0 { self.register_timeout } else { self.fault.rejoin_timeout };
         let flag = if self.attempt == 0 { "--register-timeout" } else { "--rejoin-timeout" };
         let deadline = Instant::now() + timeout;
+        self.shared.telemetry.set_state(JobState::Waiting);
         self.progress.status("waiting for workers");
         while self.registered < world || self.last_seen.iter().any(Option::is_none) {
             let m = self
@@ -504,6 +525,7 @@ impl Driver {
             })
             .await?;
         self.backend = ready[0].backend.clone();
+        self.shared.telemetry.set_backend(&self.backend);
         let checksums: Vec<u64> = ready.iter().map(|r| r.parameter_checksum).collect();
         let when = if self.checkpoint.is_some() {
             "after restoring the checkpoint and the broadcast"
@@ -523,6 +545,7 @@ impl Driver {
     }
 
     async fn evaluate(&mut self, split: Split, epoch: u64) -> anyhow::Result<Eval> {
+        self.shared.telemetry.set_state(JobState::Evaluating);
         self.broadcast(coordinator_message::Body::Evaluate(Evaluate { split: split as i32, epoch })).await?;
         let ranks: Vec<usize> = (0..self.world()).collect();
         let results = self
@@ -531,11 +554,14 @@ impl Driver {
                 _ => None,
             })
             .await?;
-        Ok(results.iter().fold(Eval { correct: 0, total: 0, loss_sum: 0.0 }, |acc, e| Eval {
+        let eval = results.iter().fold(Eval { correct: 0, total: 0, loss_sum: 0.0 }, |acc, e| Eval {
             correct: acc.correct + e.correct,
             total: acc.total + e.total,
             loss_sum: acc.loss_sum + e.loss_sum,
-        }))
+        });
+        let name = if split == Split::Test { "test" } else { "validation" };
+        self.shared.telemetry.eval(name, eval.accuracy(), eval.mean_loss());
+        Ok(eval)
     }
 
     async fn artifact(
@@ -596,6 +622,8 @@ impl Driver {
         self.state.restarts = restarts;
         self.state.steps_lost = total_lost;
         self.attempt += 1;
+        self.shared.telemetry.set_state(JobState::Restarting);
+        self.shared.telemetry.begin_attempt(self.attempt, restarts);
         self.shared.begin_attempt(
             self.attempt,
             resumed.as_ref().map(|c| ResumeFrom {
@@ -653,6 +681,8 @@ impl Driver {
             let first_step = if epoch == start_epoch { start_step } else { 0 };
             // 1. Train: every rank runs the epoch on its shard (from the resumed step).
             self.progress.start_epoch(epoch);
+            self.shared.telemetry.start_epoch(epoch, first_step);
+            self.views.start_epoch();
             let started = Instant::now();
             self.broadcast(coordinator_message::Body::StartEpoch(StartEpoch { epoch, first_step })).await?;
             let done: Vec<EpochDone> = self
@@ -706,6 +736,8 @@ impl Driver {
             }
             st.records.push(record.clone());
             self.run_dir.append_metrics(&record)?;
+            self.views.epoch_end(&record);
+            self.views.plot(world, &self.backend);
             self.progress.line(&format!(
                 "epoch {}/{}: train loss {:.4}, {:.0} tokens/s, comm {:.0}%{}",
                 record.epoch,
@@ -727,12 +759,15 @@ impl Driver {
             }
             // 5. Rank 0 checkpoints; the driver commits it with the state above.
             self.progress.status(&format!("epoch {}: checkpoint", epoch + 1));
+            self.shared.telemetry.set_state(JobState::Checkpointing);
+            let checkpoint_started = Instant::now();
             self.artifact(
                 ArtifactKind::Checkpoint,
                 coordinator_message::Body::Checkpoint(Checkpoint { epoch }),
                 epoch,
             )
             .await?;
+            self.shared.telemetry.checkpoint_took(checkpoint_started.elapsed().as_secs_f64());
         }
 
         self.training = false;
@@ -740,7 +775,9 @@ impl Driver {
         let last_epoch = self.state.records.len().saturating_sub(1) as u64;
         self.progress.status("testing");
         let test = self.evaluate(Split::Test, last_epoch).await?;
+        self.views.test(self.state.records.len(), &test);
         self.progress.status("exporting the model");
+        self.shared.telemetry.set_state(JobState::Checkpointing);
         self.artifact(
             ArtifactKind::Model,
             coordinator_message::Body::ExportModel(ExportModel { epoch: last_epoch }),
@@ -782,6 +819,8 @@ impl Driver {
             final_parameter_checksum: st.checksums.first().map(|&c| checksum_hex(c)).unwrap_or_default(),
         };
         self.run_dir.write_summary(&summary)?;
+        self.views.plot(world, &self.backend);
+        self.shared.telemetry.set_state(JobState::Finished);
         Ok(Outcome { summary })
     }
 }

@@ -11,10 +11,14 @@ mod data_cmd;
 mod driver;
 mod job;
 mod launcher;
+mod plot_cmd;
 mod progress;
 mod run_dir;
 mod service;
+mod status_cmd;
+mod telemetry;
 mod train_cmd;
+mod views;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,7 +39,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load, tokenize and encode the corpus, and print its statistics.
-    Data(data_cmd::DataCmd),
+    Data(Box<data_cmd::DataCmd>),
+    /// Draw the curves of one or more run folders on one figure (PNG).
+    Plot(plot_cmd::PlotCmd),
+    /// Print what a running job is doing: epoch, step, ranks, ETA (needs the job secret).
+    Status(status_cmd::StatusCmd),
 }
 
 fn init_tracing(output: progress::Output) {
@@ -51,6 +59,8 @@ fn main() -> ExitCode {
     init_tracing(output.clone());
     let result = match cli.command {
         Some(Command::Data(cmd)) => data_cmd::run(&cmd),
+        Some(Command::Plot(cmd)) => plot_cmd::run(&cmd),
+        Some(Command::Status(cmd)) => status_cmd::run(&cmd),
         None => train_cmd::run(cli.train, output),
     };
     match result {

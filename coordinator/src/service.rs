@@ -15,13 +15,14 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use trainer_proto::v1::coordinator_server::Coordinator;
 use trainer_proto::v1::{
-    worker_message, ArtifactChunk, ArtifactKind, CheckpointRequest, CoordinatorMessage, RegisterRequest,
-    RegisterResponse, RendezvousRequest, RendezvousResponse, ShardChunk, ShardRequest, Split,
-    UploadArtifactResponse, WorkerIdentity, WorkerMessage,
+    worker_message, ArtifactChunk, ArtifactKind, CheckpointRequest, CoordinatorMessage, JobStatus,
+    JobStatusRequest, RegisterRequest, RegisterResponse, RendezvousRequest, RendezvousResponse, ShardChunk,
+    ShardRequest, Split, UploadArtifactResponse, WorkerIdentity, WorkerMessage,
 };
 use trainer_proto::PROTOCOL_VERSION;
 
 use crate::job::{for_each_chunk, JobData};
+use crate::telemetry::Telemetry;
 
 /// What the service tells the driver.
 #[derive(Debug)]
@@ -121,6 +122,8 @@ pub struct Shared {
     pub timing: Timing,
     pub out_dir: PathBuf,
     pub backend: BackendChoice,
+    /// Metrics and live state for /metrics and `coordinator status`.
+    pub telemetry: Arc<Telemetry>,
     config_toml: String,
     state: Mutex<State>,
     events: mpsc::UnboundedSender<Event>,
@@ -143,7 +146,9 @@ impl Shared {
     ) -> Arc<Self> {
         let world = data.world_size;
         let config_toml = data.config.to_toml();
+        let telemetry = Arc::new(Telemetry::new(world, data.config.train.epochs, data.steps_per_epoch));
         Arc::new(Self {
+            telemetry,
             data,
             timing,
             out_dir,
@@ -423,6 +428,7 @@ impl Coordinator for CoordinatorService {
             if rank == 0 {
                 st.nccl_unique_id = req.nccl_unique_id.clone();
             }
+            sh.telemetry.rendezvous(rank, &req.ring_address, truncate(&req.device));
             if st.ring_addresses.iter().all(Option::is_some) {
                 let backend =
                     backend::decide(sh.backend, &st.collective_reports, !st.nccl_unique_id.is_empty());
@@ -516,6 +522,13 @@ impl Coordinator for CoordinatorService {
             sh.emit(Event::SessionClosed { attempt, rank, reason });
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_job_status(
+        &self,
+        _request: Request<JobStatusRequest>,
+    ) -> Result<Response<JobStatus>, Status> {
+        Ok(Response::new(self.shared.telemetry.status()))
     }
 
     type FetchCheckpointStream = BoxStream<ArtifactChunk>;

@@ -38,6 +38,10 @@ pub struct TrainArgs {
     /// Address the gRPC server listens on (port 0 picks a free one).
     #[arg(long, env = "COORDINATOR_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics on http://ADDR/metrics (off by default; port 0 picks a free
+    /// one, which the log names).
+    #[arg(long, env = "COORDINATOR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Address workers should dial [default: the listen address, 127.0.0.1 for 0.0.0.0].
     #[arg(long, env = "COORDINATOR_ADVERTISE")]
     pub advertise: Option<String>,
@@ -295,6 +299,21 @@ impl Job {
         );
         tracing::info!(listen = %local, advertise = %advertise, "coordinator listening");
 
+        // Prometheus: same lifetime as the gRPC server.
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_server = match self.args.metrics_listen {
+            Some(addr) => {
+                let stopped = async {
+                    let _ = metrics_stopped.await;
+                };
+                let (bound, task) =
+                    crate::telemetry::serve(addr, Arc::clone(&shared.telemetry), stopped).await?;
+                tracing::info!(address = %bound, "metrics listening on http://{bound}/metrics");
+                Some(task)
+            }
+            None => None,
+        };
+
         // Ctrl-C and SIGTERM become events, so that the driver stops the workers in order.
         let signals = tokio::spawn(forward_signals(events_tx.clone()));
 
@@ -348,6 +367,7 @@ impl Job {
         );
         let result = driver.run().await;
         if let Err(e) = &result {
+            shared.telemetry.set_state(crate::telemetry::JobState::Failed);
             driver.abort(&format!("{e:#}"));
         }
         driver.progress.finish();
@@ -366,6 +386,10 @@ impl Job {
             Err(_) => tracing::debug!("gRPC server did not drain in time"),
         }
         signals.abort();
+        let _ = stop_metrics.send(());
+        if let Some(task) = metrics_server {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
 
         let outcome = result?;
         print!("{}", render_summary(&outcome.summary, &driver.state.records, &run_dir_path));

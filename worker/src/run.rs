@@ -222,6 +222,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         );
     }
     let mut metrics = MetricsLog::open(&out.join(METRICS_FILE), append_metrics)?;
+    let mut views = Views::open(out, &config.to_toml());
     let checkpoint_path = out.join(CHECKPOINT_FILE);
     let model_path = out.join(MODEL_FILE);
     let t = &config.train;
@@ -293,6 +294,16 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
                     "tokens_per_second": window.tokens_per_second(),
                     "train_seconds": state.train_seconds,
                 }))?;
+                views.scalars(
+                    trainer.global_step(),
+                    &[
+                        ("train/loss", window.mean_loss()),
+                        ("train/accuracy", window.accuracy()),
+                        ("train/learning_rate", stats.lr),
+                        ("train/grad_norm", stats.grad_norm),
+                        ("train/tokens_per_second", window.tokens_per_second()),
+                    ],
+                );
                 window = StepWindow::default();
             }
             if checkpoint_now {
@@ -315,7 +326,16 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
             true
         } else {
             let val = trainer.evaluate(&splits.val, &all_indices(&splits.val))?;
-            log_eval(&mut metrics, "val", "last", epoch + 1, &val, state.train_seconds)?;
+            log_eval(
+                &mut metrics,
+                &mut views,
+                trainer.global_step(),
+                "val",
+                "last",
+                epoch + 1,
+                &val,
+                state.train_seconds,
+            )?;
             let better = state.best_val_accuracy.is_none_or(|b| val.accuracy() > b);
             if better {
                 state.best_val_accuracy = Some(val.accuracy());
@@ -331,7 +351,16 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         }
         if options.eval_test_each_epoch {
             let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
-            log_eval(&mut metrics, "test", "last", epoch + 1, &test, state.train_seconds)?;
+            log_eval(
+                &mut metrics,
+                &mut views,
+                trainer.global_step(),
+                "test",
+                "last",
+                epoch + 1,
+                &test,
+                state.train_seconds,
+            )?;
         }
         eval_seconds += eval_clock.elapsed().as_secs_f64();
         state.epochs_completed = epoch + 1;
@@ -345,6 +374,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         }
         let next = Position { epoch: epoch + 1, step_in_epoch: 0, global_step: trainer.global_step() };
         save_checkpoint(&trainer, &checkpoint_path, next, &state, &fingerprint)?;
+        views.plot(out);
         if options.stop_after_epoch == Some(epoch + 1) && epoch + 1 < t.epochs {
             interrupted = true;
             break;
@@ -368,7 +398,16 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
             load_model_weights(trainer.model_mut(), &model_path)?;
         }
         let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
-        log_eval(&mut metrics, "test", "best", state.epochs_completed, &test, state.train_seconds)?;
+        log_eval(
+            &mut metrics,
+            &mut views,
+            trainer.global_step(),
+            "test",
+            "best",
+            state.epochs_completed,
+            &test,
+            state.train_seconds,
+        )?;
         eval_seconds += eval_clock.elapsed().as_secs_f64();
         test_accuracy = Some(test.accuracy());
         test_loss = Some(test.mean_loss());
@@ -402,12 +441,16 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     let text = serde_json::to_string_pretty(&summary)
         .map_err(|e| WorkerError::Invalid(format!("cannot serialise the summary: {e}")))?;
     trainer_core::write_atomically(&out.join(SUMMARY_FILE), text.as_bytes())?;
+    views.plot(out);
     Ok(summary)
 }
 
 /// `model`: `last` (the weights after that epoch) or `best` (the kept best model).
+#[allow(clippy::too_many_arguments)]
 fn log_eval(
     metrics: &mut MetricsLog,
+    views: &mut Views,
+    global_step: u64,
     split: &str,
     model: &str,
     epoch: usize,
@@ -422,6 +465,15 @@ fn log_eval(
         loss = format!("{:.4}", counts.mean_loss()),
         "evaluation"
     );
+    // TensorBoard: the best model's test result is its own chart.
+    let prefix = if model == "best" { format!("{split}_best") } else { split.to_string() };
+    views.scalars(
+        global_step,
+        &[
+            (&format!("{prefix}/accuracy"), counts.accuracy()),
+            (&format!("{prefix}/loss"), counts.mean_loss()),
+        ],
+    );
     metrics.write(&json!({
         "type": "eval",
         "split": split,
@@ -432,6 +484,45 @@ fn log_eval(
         "examples": counts.total,
         "train_seconds": train_seconds,
     }))
+}
+
+/// TensorBoard events under `tb/` and `curves.png`, as the coordinator writes them. Neither
+/// may stop training: a failure switches the view off with one warning.
+struct Views {
+    tb: Option<trainer_viz::EventWriter>,
+    plot_failed: bool,
+}
+
+impl Views {
+    fn open(out: &Path, config_toml: &str) -> Self {
+        let tb = trainer_viz::EventWriter::create(out, "worker").and_then(|mut w| {
+            w.text(0, "config", &format!("```toml\n{config_toml}```"))?;
+            w.flush()?;
+            Ok(w)
+        });
+        let tb = tb.map_err(|e| tracing::warn!(error = %e, "TensorBoard events are off")).ok();
+        Self { tb, plot_failed: false }
+    }
+
+    fn scalars(&mut self, step: u64, values: &[(&str, f64)]) {
+        let Some(tb) = self.tb.as_mut() else { return };
+        if let Err(e) = tb.scalars(step, values).and_then(|()| tb.flush()) {
+            tracing::warn!(error = %e, "TensorBoard events are off");
+            self.tb = None;
+        }
+    }
+
+    fn plot(&mut self, out: &Path) {
+        if self.plot_failed {
+            return;
+        }
+        let result = trainer_viz::RunCurves::load(out)
+            .and_then(|c| trainer_viz::plot_runs(&[c], &out.join(trainer_viz::curves::CURVES_FILE)));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "curves.png is off");
+            self.plot_failed = true;
+        }
+    }
 }
 
 /// Running sums between two log lines.

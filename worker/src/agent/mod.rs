@@ -197,6 +197,8 @@ pub struct StepReport {
     pub comm_seconds: f64,
     /// Optimizer steps taken in all after this one.
     pub global_step: u64,
+    /// Correctly classified samples of the batch.
+    pub correct: u64,
     /// L2 norm of the all-reduced gradient before clipping (the same on every rank).
     pub grad_norm: f64,
     /// The learning rate the step used.
@@ -929,6 +931,7 @@ impl StepSink for EpochSink<'_> {
             comm_seconds: s.comm_seconds,
             grad_norm: s.grad_norm,
             lr: s.lr,
+            correct: s.correct,
         }));
         if self.rank != 0 {
             return false;

@@ -113,6 +113,7 @@ impl Replica for Toy {
                 global_step: epoch * self.steps as u64 + step as u64 + 1,
                 grad_norm: toy_grad_norm(&grad),
                 lr: TOY_LR as f64,
+                ..StepReport::default()
             };
             sink.step(r);
             total.steps += 1;

@@ -149,6 +149,7 @@ impl Replica for TrainerReplica {
                 step_seconds: start.elapsed().as_secs_f64(),
                 comm_seconds: (self.comm_nanos.load(Ordering::Relaxed) - comm_before) as f64 * 1e-9,
                 global_step: self.trainer.global_step(),
+                correct: stats.correct as u64,
                 grad_norm: stats.grad_norm,
                 lr: stats.lr,
             };

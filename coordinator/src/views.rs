@@ -1,0 +1,162 @@
+//! The run folder's views of a distributed run: TensorBoard events under `tb/` and
+//! `curves.png`. Per-step scalars are rank 0's reports (loss, accuracy, learning rate,
+//! gradient norm; the same on every rank but the loss and accuracy), averaged over the
+//! `log_every` steps since the last point, with all ranks' tokens over rank 0's step time
+//! (tokens/s); per-epoch scalars
+//! are the coordinator's epoch records and evaluations. The x axis is the optimizer step
+//! everywhere, so that TensorBoard lines every chart up.
+//!
+//! A failure here never stops training: the view is switched off with one warning.
+
+use std::path::{Path, PathBuf};
+
+use trainer_proto::v1::StepMetrics;
+use trainer_viz::curves::{setup_text, CURVES_FILE};
+use trainer_viz::{plot_runs, EventWriter, RunCurves};
+
+use crate::driver::Eval;
+use crate::run_dir::EpochRecord;
+
+#[derive(Debug, Default)]
+struct Window {
+    loss_sum: f64,
+    correct: u64,
+    samples: u64,
+    /// All ranks' tokens since the last point.
+    tokens: u64,
+    /// Rank 0's step time since the last point. The ranks step in lockstep, so this is the
+    /// window's training time; the coordinator's own clock is not, because step reports
+    /// can arrive in bursts when it is busy.
+    step_seconds: f64,
+}
+
+pub struct RunViews {
+    run_dir: PathBuf,
+    tb: Option<EventWriter>,
+    window: Window,
+    log_every: u64,
+    steps_per_epoch: u64,
+    /// The points written this process, for curves.png while metrics.jsonl has no step records.
+    loss: Vec<(f64, f64)>,
+    tokens_per_second: Vec<(f64, f64)>,
+    plot_failed: bool,
+}
+
+impl RunViews {
+    pub fn new(run_dir: &Path, config_toml: &str, log_every: usize, steps_per_epoch: usize) -> Self {
+        let tb = match EventWriter::create(run_dir, "coordinator") {
+            Ok(mut w) => {
+                // Markdown: a fenced block keeps the TOML's lines.
+                let text = format!("```toml\n{config_toml}```");
+                match w.text(0, "config", &text).and_then(|()| w.flush()) {
+                    Ok(()) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TensorBoard events are off");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TensorBoard events are off");
+                None
+            }
+        };
+        Self {
+            run_dir: run_dir.to_path_buf(),
+            tb,
+            window: Window::default(),
+            log_every: log_every.max(1) as u64,
+            steps_per_epoch: steps_per_epoch as u64,
+            loss: Vec::new(),
+            tokens_per_second: Vec::new(),
+            plot_failed: false,
+        }
+    }
+
+    fn write(&mut self, step: u64, values: &[(&str, f64)]) {
+        let Some(tb) = self.tb.as_mut() else { return };
+        if let Err(e) = tb.scalars(step, values).and_then(|()| tb.flush()) {
+            tracing::warn!(error = %e, "TensorBoard events are off");
+            self.tb = None;
+        }
+    }
+
+    pub fn start_epoch(&mut self) {
+        self.window = Window::default();
+    }
+
+    /// One rank's step report; returns rank 0's mean loss when a point was written.
+    pub fn step(&mut self, rank: usize, m: &StepMetrics) -> Option<f64> {
+        self.window.tokens += m.tokens;
+        if rank != 0 {
+            return None;
+        }
+        self.window.loss_sum += m.loss_sum;
+        self.window.correct += m.correct;
+        self.window.samples += m.samples;
+        self.window.step_seconds += m.step_seconds;
+        let done = m.step + 1;
+        if !(done.is_multiple_of(self.log_every) || done == self.steps_per_epoch) || self.window.samples == 0
+        {
+            return None;
+        }
+        let global_step = m.epoch * self.steps_per_epoch + done;
+        let w = std::mem::take(&mut self.window);
+        let loss = w.loss_sum / w.samples as f64;
+        let tokens_per_second =
+            if w.step_seconds > 0.0 { w.tokens as f64 / w.step_seconds } else { f64::NAN };
+        self.write(
+            global_step,
+            &[
+                ("train/loss", loss),
+                ("train/accuracy", w.correct as f64 / w.samples as f64),
+                ("train/learning_rate", m.lr),
+                ("train/grad_norm", m.grad_norm),
+                ("train/tokens_per_second", tokens_per_second),
+            ],
+        );
+        self.loss.push((global_step as f64, loss));
+        if tokens_per_second.is_finite() {
+            self.tokens_per_second.push((global_step as f64, tokens_per_second));
+        }
+        Some(loss)
+    }
+
+    pub fn epoch_end(&mut self, record: &EpochRecord) {
+        let step = record.epoch as u64 * self.steps_per_epoch;
+        self.write(
+            step,
+            &[
+                ("epoch/train_loss", record.train_loss),
+                ("epoch/tokens_per_second", record.tokens_per_second),
+                ("epoch/communication_share", record.comm_share),
+                ("val/accuracy", record.val_accuracy.unwrap_or(f64::NAN)),
+                ("val/loss", record.val_loss.unwrap_or(f64::NAN)),
+            ],
+        );
+    }
+
+    /// The test evaluation after `epochs` epochs.
+    pub fn test(&mut self, epochs: usize, test: &Eval) {
+        let step = epochs as u64 * self.steps_per_epoch;
+        self.write(step, &[("test/accuracy", test.accuracy()), ("test/loss", test.mean_loss())]);
+    }
+
+    /// Redraws curves.png from metrics.jsonl (and summary.json once there is one).
+    pub fn plot(&mut self, world_size: usize, backend: &str) {
+        if self.plot_failed {
+            return;
+        }
+        let result = RunCurves::load(&self.run_dir).and_then(|mut curves| {
+            curves.use_live_steps(&self.loss, &self.tokens_per_second);
+            if curves.setup.is_empty() {
+                curves.setup = setup_text(world_size, backend);
+            }
+            plot_runs(&[curves], &self.run_dir.join(CURVES_FILE))
+        });
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "curves.png is off");
+            self.plot_failed = true;
+        }
+    }
+}

@@ -24,7 +24,7 @@ use trainer_proto::v1::{
 use crate::checkpoints::{self, JobCheckpoint, JobIdentity, JobProgress};
 use crate::launcher::{LocalWorkers, WorkerLaunch};
 use crate::progress::{Output, Progress};
-use crate::run_dir::{checksum_hex, EpochRecord, RunDir, StepRecord, Summary};
+use crate::run_dir::{checksum_hex, EpochRecord, RunDir, Summary};
 use crate::service::{Event, ResumeFrom, Shared};
 use crate::telemetry::JobState;
 use crate::views::RunViews;
@@ -261,13 +261,11 @@ impl Driver {
                             self.reached_step = self.reached_step.max(step);
                         }
                         self.progress.step(rank, &m);
-                        if rank == 0 && self.progress.logs_step(m.step) {
-                            let steps_per_epoch = self.shared.data.steps_per_epoch;
-                            self.run_dir.append_metrics(&StepRecord::new(&m, steps_per_epoch))?;
-                        }
                         self.shared.telemetry.step(rank, &m);
-                        if let Some(loss) = self.views.step(rank, &m) {
-                            self.shared.telemetry.set_loss(loss);
+                        // One point for metrics.jsonl, TensorBoard and the gauges alike.
+                        if let Some(point) = self.views.step(rank, &m) {
+                            self.shared.telemetry.set_loss(point.loss);
+                            self.run_dir.append_metrics(&point)?;
                         }
                         Ok(None)
                     }

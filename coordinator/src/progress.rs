@@ -152,11 +152,6 @@ impl Progress {
 
     /// Whether the 0-based `step` of an epoch gets a line in metrics.jsonl: every
     /// `log_every` steps and the epoch's last, as in `worker train`.
-    pub fn logs_step(&self, step: u64) -> bool {
-        let done = step + 1;
-        done.is_multiple_of(self.log_every as u64) || done == self.steps_per_epoch as u64
-    }
-
     /// A step report from one rank; rank 0's reports move the bar.
     pub fn step(&mut self, rank: usize, m: &StepMetrics) {
         self.totals.loss_sum += m.loss_sum;

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use trainer_core::{JobConfig, Vocab};
-use trainer_proto::v1::StepMetrics;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const VOCAB_FILE: &str = "vocab.txt";
@@ -60,26 +59,16 @@ pub struct StepRecord {
     pub steps_in_epoch: usize,
     /// Optimizer steps done in all, this one included.
     pub global_step: u64,
-    /// Rank 0's mean loss on this step's batch.
+    /// Rank 0's mean loss over its samples since the last record (`log_every` steps), as
+    /// `worker train` logs it.
     pub loss: f64,
-    /// L2 norm of the all-reduced gradient before clipping (the same on every rank).
+    /// Rank 0's training accuracy over the same samples.
+    pub accuracy: f64,
+    /// L2 norm of this step's all-reduced gradient before clipping (the same on every rank).
     pub grad_norm: f64,
     pub lr: f64,
-}
-
-impl StepRecord {
-    pub fn new(m: &StepMetrics, steps_per_epoch: usize) -> Self {
-        Self {
-            kind: "step",
-            epoch: m.epoch as usize + 1,
-            step: m.step + 1,
-            steps_in_epoch: steps_per_epoch,
-            global_step: m.epoch * steps_per_epoch as u64 + m.step + 1,
-            loss: if m.samples > 0 { m.loss_sum / m.samples as f64 } else { f64::NAN },
-            grad_norm: m.grad_norm,
-            lr: m.lr,
-        }
-    }
+    /// All ranks' tokens since the last record over rank 0's step time.
+    pub tokens_per_second: f64,
 }
 
 /// One line of metrics.jsonl, written at each epoch's end.

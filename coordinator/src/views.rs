@@ -15,7 +15,7 @@ use trainer_viz::curves::{setup_text, CURVES_FILE};
 use trainer_viz::{plot_runs, EventWriter, RunCurves};
 
 use crate::driver::Eval;
-use crate::run_dir::EpochRecord;
+use crate::run_dir::{EpochRecord, StepRecord};
 
 #[derive(Debug, Default)]
 struct Window {
@@ -85,8 +85,9 @@ impl RunViews {
         self.window = Window::default();
     }
 
-    /// One rank's step report; returns rank 0's mean loss when a point was written.
-    pub fn step(&mut self, rank: usize, m: &StepMetrics) -> Option<f64> {
+    /// One rank's step report; returns the point (the metrics.jsonl step record) when one
+    /// is due, every `log_every` steps and at the epoch's last.
+    pub fn step(&mut self, rank: usize, m: &StepMetrics) -> Option<StepRecord> {
         self.window.tokens += m.tokens;
         if rank != 0 {
             return None;
@@ -119,7 +120,18 @@ impl RunViews {
         if tokens_per_second.is_finite() {
             self.tokens_per_second.push((global_step as f64, tokens_per_second));
         }
-        Some(loss)
+        Some(StepRecord {
+            kind: "step",
+            epoch: m.epoch as usize + 1,
+            step: done,
+            steps_in_epoch: self.steps_per_epoch as usize,
+            global_step,
+            loss,
+            accuracy: w.correct as f64 / w.samples as f64,
+            grad_norm: m.grad_norm,
+            lr: m.lr,
+            tokens_per_second,
+        })
     }
 
     pub fn epoch_end(&mut self, record: &EpochRecord) {

@@ -130,7 +130,11 @@ pub fn read(dir: &Path) -> anyhow::Result<Option<JobCheckpoint>> {
     let pointer: JobCheckpoint = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a checkpoint record of this trainer", path.display()))?;
     if pointer.format != FORMAT {
-        bail!("{}: checkpoint format {:?}; this coordinator reads {FORMAT:?}", path.display(), pointer.format);
+        bail!(
+            "{}: checkpoint format {:?}; this coordinator reads {FORMAT:?}",
+            path.display(),
+            pointer.format
+        );
     }
     let file = dir.join(&pointer.file);
     if !file.is_file() {
@@ -144,10 +148,12 @@ pub fn read(dir: &Path) -> anyhow::Result<Option<JobCheckpoint>> {
 pub fn commit(dir: &Path, pointer: &JobCheckpoint) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(pointer)?;
     trainer_core::write_atomically(&dir.join(POINTER_FILE), &json)?;
-    let keep: Vec<&str> = std::iter::once(pointer.file.as_str()).chain(pointer.previous_file.as_deref()).collect();
+    let keep: Vec<&str> =
+        std::iter::once(pointer.file.as_str()).chain(pointer.previous_file.as_deref()).collect();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("checkpoint-") && name.ends_with(".safetensors") && !keep.contains(&name.as_str()) {
+        if name.starts_with("checkpoint-") && name.ends_with(".safetensors") && !keep.contains(&name.as_str())
+        {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -190,12 +196,18 @@ mod tests {
         }
         let p = pointer(&file_name(13, false), Some(&file_name(10, true)));
         commit(dir.path(), &p).unwrap();
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         names.sort();
         assert_eq!(
             names,
-            vec!["checkpoint-000000010-end.safetensors", "checkpoint-000000013-mid.safetensors", "checkpoint.json"]
+            vec![
+                "checkpoint-000000010-end.safetensors",
+                "checkpoint-000000013-mid.safetensors",
+                "checkpoint.json"
+            ]
         );
         let back = read(dir.path()).unwrap().unwrap();
         assert_eq!((back.global_step, back.resume_point()), (13, (1, 3)));

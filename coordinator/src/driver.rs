@@ -605,7 +605,8 @@ impl Driver {
         self.pending.clear();
         self.training = false;
         self.reached_step = resumed_step;
-        let from = resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
+        let from =
+            resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
         self.run_dir.append_metrics(&serde_json::json!({
             "type": "restart",
             "attempt": self.attempt,
@@ -620,8 +621,12 @@ impl Driver {
         ));
         // 3. Local workers: new processes.
         if let Some(pool) = self.local.as_mut() {
-            pool.workers =
-                LocalWorkers::spawn(self.shared.data.world_size, &pool.launch, pool.events.clone(), pool.output.clone())?;
+            pool.workers = LocalWorkers::spawn(
+                self.shared.data.world_size,
+                &pool.launch,
+                pool.events.clone(),
+                pool.output.clone(),
+            )?;
         }
         Ok(())
     }

@@ -151,7 +151,10 @@ mod tests {
         let mut w = ArtifactWriter::create(dir.path(), "checkpoint-000000001-end.safetensors").unwrap();
         w.write(b"new bytes").unwrap();
         w.commit().unwrap();
-        assert_eq!(std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(), b"new bytes");
+        assert_eq!(
+            std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(),
+            b"new bytes"
+        );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
     }
 }

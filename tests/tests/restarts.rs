@@ -61,7 +61,10 @@ fn reference(dir: &Path, data: &Path) -> (String, f64) {
     run_ok(coordinator(2, &config, &out, data, &marker).args(FAST_FAILURE));
     let s = summary(&out);
     assert_eq!(s["restarts"], 0);
-    (s["final_parameter_checksum"].as_str().expect("checksum").to_string(), s["test_accuracy"].as_f64().unwrap())
+    (
+        s["final_parameter_checksum"].as_str().expect("checksum").to_string(),
+        s["test_accuracy"].as_f64().unwrap(),
+    )
 }
 
 /// A running coordinator and its stderr lines.

@@ -160,7 +160,10 @@ fn read_safetensors(path: &Path, what: &str) -> Result<(HashMap<String, Tensor>,
 }
 
 /// The tensors and metadata of safetensors `bytes`; `source` names them in errors.
-fn parse_safetensors(bytes: &[u8], source: &Path) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
+fn parse_safetensors(
+    bytes: &[u8],
+    source: &Path,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
     let bad = |message: String| WorkerError::Checkpoint { path: source.to_path_buf(), message };
     let (_, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;

@@ -194,7 +194,11 @@ impl Replica for TrainerReplica {
 
     fn checkpoint(&mut self, at: CheckpointAt) -> anyhow::Result<Vec<u8>> {
         let position = if at.epoch_end {
-            Position { epoch: at.epoch as usize + 1, step_in_epoch: 0, global_step: self.trainer.global_step() }
+            Position {
+                epoch: at.epoch as usize + 1,
+                step_in_epoch: 0,
+                global_step: self.trainer.global_step(),
+            }
         } else {
             Position {
                 epoch: at.epoch as usize,

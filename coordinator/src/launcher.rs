@@ -11,7 +11,10 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
-use trainer_proto::{JobSecret, BACKEND_ENV, COORDINATOR_ADDR_ENV, DEVICE_ENV, JOB_SECRET_ENV, THREADS_ENV};
+use trainer_proto::{
+    JobSecret, BACKEND_ENV, COORDINATOR_ADDR_ENV, DEVICE_ENV, JOB_COMPLETION_INDEX_ENV, JOB_SECRET_ENV,
+    JOB_SECRET_FILE_ENV, RANK_ENV, THREADS_ENV,
+};
 
 use crate::progress::Output;
 use crate::service::Event;
@@ -89,6 +92,12 @@ impl LocalWorkers {
             cmd.arg("join")
                 .env(COORDINATOR_ADDR_ENV, coordinator_addr)
                 .env(JOB_SECRET_ENV, secret.expose())
+                // The secret travels by value; a file inherited from a pod would conflict.
+                .env_remove(JOB_SECRET_FILE_ENV)
+                // Worker i is rank i (and trains on GPU i): logs, devices and ranks line up.
+                // A pod's own JOB_COMPLETION_INDEX must not reach every local worker.
+                .env(RANK_ENV, index.to_string())
+                .env_remove(JOB_COMPLETION_INDEX_ENV)
                 .env(THREADS_ENV, threads.to_string())
                 // The worker prepares NCCL at start unless the ring is forced.
                 .env(BACKEND_ENV, backend)

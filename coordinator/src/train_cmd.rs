@@ -8,15 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use trainer_core::exit::Usage;
 use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use trainer_core::cli::{ConfigArgs, DataArgs};
+use trainer_core::exit::Usage;
 use trainer_core::pipeline::prepare;
 use trainer_proto::v1::coordinator_server::CoordinatorServer;
-use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, MAX_MESSAGE_BYTES};
+use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, JOB_SECRET_FILE_ENV, MAX_MESSAGE_BYTES};
 
 use crate::backend::{local_devices, visible_gpu_count, BackendChoice};
 use crate::checkpoints::{self, JobCheckpoint, JobIdentity};
@@ -42,11 +43,12 @@ pub struct TrainArgs {
     #[arg(long, env = "COORDINATOR_ADVERTISE")]
     pub advertise: Option<String>,
     /// Start no worker processes; wait for N workers started elsewhere (`worker join`).
-    /// The job secret must then come from TRAINER_JOB_SECRET.
+    /// The job secret must then come from TRAINER_JOB_SECRET or TRAINER_JOB_SECRET_FILE.
     #[arg(long, env = "COORDINATOR_EXTERNAL_WORKERS")]
     pub external_workers: bool,
-    /// Seconds to wait for all workers to register and open their sessions.
-    #[arg(long, env = "COORDINATOR_REGISTER_TIMEOUT", default_value_t = 120.0)]
+    /// Seconds to wait for all workers to register and open their sessions (on a cluster,
+    /// image pulls and node autoscaling make minutes of start-up skew normal).
+    #[arg(long, env = "COORDINATOR_REGISTER_TIMEOUT", default_value_t = 600.0)]
     pub register_timeout: f64,
     /// Seconds between heartbeats, both ways.
     #[arg(long, env = "COORDINATOR_HEARTBEAT_INTERVAL", default_value_t = 1.0)]
@@ -139,17 +141,16 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     trainer_core::cli::seconds_flag(flag, value).map_err(|e| anyhow!(Usage(e)))
 }
 
-/// The job secret: TRAINER_JOB_SECRET when set (required with --external-workers), else a
-/// fresh random one for this job.
+/// The job secret: TRAINER_JOB_SECRET or the file TRAINER_JOB_SECRET_FILE names (required
+/// with --external-workers), else a fresh random one for this job.
 fn job_secret(external: bool) -> anyhow::Result<JobSecret> {
-    match std::env::var(JOB_SECRET_ENV) {
-        Ok(s) if !s.is_empty() => {
-            JobSecret::new(&s).with_context(|| format!("{JOB_SECRET_ENV} is not a usable secret"))
-        }
-        _ if external => {
-            bail!("--external-workers needs the job secret in {JOB_SECRET_ENV}, shared with the workers")
-        }
-        _ => {
+    match JobSecret::from_env().map_err(|e| anyhow!(Usage(e.to_string())))? {
+        Some(secret) => Ok(secret),
+        None if external => Err(anyhow!(Usage(format!(
+            "--external-workers needs the job secret shared with the workers, in {JOB_SECRET_ENV} \
+             or in a file named by {JOB_SECRET_FILE_ENV}"
+        )))),
+        None => {
             let bytes: [u8; 32] = rand::random();
             Ok(JobSecret::new(&hex::encode(bytes))?)
         }
@@ -224,14 +225,16 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     }
     let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config, resume.is_some())?;
     drop(corpus);
-    let fault = FaultTolerance { max_restarts: args.max_restarts, rejoin_timeout, term_grace, identity, resume };
+    let fault =
+        FaultTolerance { max_restarts: args.max_restarts, rejoin_timeout, term_grace, identity, resume };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let job = Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
+    let job =
+        Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
     // Dropping the runtime drops the launcher's tasks, whose children are killed on drop.
     runtime.block_on(job.run())
 }
@@ -275,16 +278,18 @@ impl Job {
         );
         shared.begin_attempt(0, resume_file);
 
-        // The gRPC server: health + coordinator, all behind the job secret.
+        // The gRPC server: the coordinator behind the job secret, and the standard health
+        // service without it (it reveals nothing, and the kubelet's `grpc:` probe cannot
+        // send metadata).
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
         let service = CoordinatorServer::new(CoordinatorService::new(Arc::clone(&shared)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service = InterceptedService::new(service, ServerAuth::new(self.secret.clone()));
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .layer(tonic::service::InterceptorLayer::new(ServerAuth::new(self.secret.clone())))
                 .add_service(health_service)
                 .add_service(service)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
@@ -309,8 +314,12 @@ impl Job {
                     devices: self.devices.clone(),
                     backend: self.args.backend.name(),
                 };
-                let workers =
-                    LocalWorkers::spawn(self.data.world_size, &launch, events_tx.clone(), self.output.clone())?;
+                let workers = LocalWorkers::spawn(
+                    self.data.world_size,
+                    &launch,
+                    events_tx.clone(),
+                    self.output.clone(),
+                )?;
                 Some(LocalPool { launch, workers, events: events_tx.clone(), output: self.output.clone() })
             }
             None => {

@@ -38,6 +38,7 @@ test: bootstrap
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+	deploy/tests/run.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -86,6 +86,17 @@ pub struct TrainArgs {
     /// that holds one. Without the flag, a folder with a checkpoint is refused.
     #[arg(long, env = "COORDINATOR_RESUME", value_enum, num_args = 0..=1, default_missing_value = "yes")]
     pub resume: Option<ResumeMode>,
+    /// PEM certificate (chain) the gRPC server presents: with --tls-key, the channel is TLS
+    /// and plaintext clients are refused. Its names must include the address workers dial.
+    #[arg(long, env = "COORDINATOR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "COORDINATOR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate that signed --tls-cert, handed to local workers so that they verify
+    /// the server (external workers take their own `worker join --tls-ca`).
+    #[arg(long, env = "TRAINER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -141,6 +152,30 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     trainer_core::cli::seconds_flag(flag, value).map_err(|e| anyhow!(Usage(e)))
 }
 
+/// The gRPC server, with TLS when --tls-cert and --tls-key are given (read now, so that a
+/// bad file is refused before the corpus loads).
+fn grpc_server(args: &TrainArgs, local_workers: bool) -> anyhow::Result<(tonic::transport::Server, bool)> {
+    let builder = tonic::transport::Server::builder();
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok((builder, false));
+    };
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path)
+            .map_err(|e| anyhow!(Usage(format!("{flag}: cannot read {}: {e}", path.display()))))
+    };
+    let identity = tonic::transport::Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?);
+    if local_workers && args.tls_ca.is_none() {
+        return Err(anyhow!(Usage(
+            "--tls-cert with local workers needs --tls-ca, the CA they verify the server with".into()
+        )));
+    }
+    let server =
+        builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity)).map_err(|e| {
+            anyhow!(Usage(format!("--tls-cert/--tls-key ({}, {}): {e}", cert.display(), key.display())))
+        })?;
+    Ok((server, true))
+}
+
 /// The job secret: TRAINER_JOB_SECRET or the file TRAINER_JOB_SECRET_FILE names (required
 /// with --external-workers), else a fresh random one for this job.
 fn job_secret(external: bool) -> anyhow::Result<JobSecret> {
@@ -183,6 +218,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         (Some(bin), false) => Some(bin.clone()),
         (None, false) => Some(default_worker_bin()?),
     };
+    let (server, tls) = grpc_server(&args, worker_bin.is_some())?;
     if let Some(bin) = &worker_bin {
         if !bin.is_file() {
             bail!(
@@ -233,8 +269,20 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let job =
-        Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
+    let job = Job {
+        args,
+        data,
+        timing,
+        register_timeout,
+        secret,
+        worker_bin,
+        devices,
+        run_dir,
+        output,
+        fault,
+        server,
+        tls,
+    };
     // Dropping the runtime drops the launcher's tasks, whose children are killed on drop.
     runtime.block_on(job.run())
 }
@@ -251,10 +299,13 @@ struct Job {
     run_dir: RunDir,
     output: Output,
     fault: FaultTolerance,
+    /// The gRPC server builder (with its TLS configuration, if any).
+    server: tonic::transport::Server,
+    tls: bool,
 }
 
 impl Job {
-    async fn run(self) -> anyhow::Result<()> {
+    async fn run(mut self) -> anyhow::Result<()> {
         let listener = TcpListener::bind(self.args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", self.args.listen))?;
@@ -289,14 +340,14 @@ impl Job {
         let service = InterceptedService::new(service, ServerAuth::new(self.secret.clone()));
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            self.server.add_service(health_service).add_service(service).serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                async {
                     let _ = server_stopped.await;
-                }),
+                },
+            ),
         );
-        tracing::info!(listen = %local, advertise = %advertise, "coordinator listening");
+        tracing::info!(listen = %local, advertise = %advertise, tls = self.tls, "coordinator listening");
 
         // Ctrl-C and SIGTERM become events, so that the driver stops the workers in order.
         let signals = tokio::spawn(forward_signals(events_tx.clone()));
@@ -308,7 +359,8 @@ impl Job {
                 tracing::info!(workers = self.data.world_size, threads, bin = %bin.display(), "starting local workers");
                 let launch = WorkerLaunch {
                     worker_bin: bin.clone(),
-                    coordinator_addr: format!("http://{advertise}"),
+                    coordinator_addr: format!("{}://{advertise}", if self.tls { "https" } else { "http" }),
+                    tls_ca: self.args.tls_ca.clone(),
                     secret: self.secret.clone(),
                     threads,
                     devices: self.devices.clone(),

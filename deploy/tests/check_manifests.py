@@ -27,6 +27,8 @@ except ImportError:  # PyYAML comes with kubernetes-validate
 
 DEPLOY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RENDERS = ["base", "overlays/cpu", "overlays/multi-node-gpu", "overlays/single-node-gpu", "jobset"]
+# Components that no overlay includes, rendered on top of overlays/cpu: name -> components.
+COMBINATIONS = {"overlays/cpu+tls+persistent-output": ["components/tls", "components/persistent-output"]}
 PERMANENT_EXIT_CODES = {2, 3, 4}
 RETRYABLE_EXIT_CODE = 75
 GPU = "nvidia.com/gpu"
@@ -46,7 +48,16 @@ def skip(message):
     print(f"skipped: {message}")
 
 
-def render(path):
+def render(path, tmp):
+    if path in COMBINATIONS:
+        # A kustomization beside the renders that adds the components to overlays/cpu.
+        where = os.path.join(tmp, "combination-" + re.sub(r"[^a-z0-9]+", "-", path))
+        os.makedirs(where, exist_ok=True)
+        rel = lambda p: os.path.relpath(os.path.join(DEPLOY, p), where)  # noqa: E731
+        with open(os.path.join(where, "kustomization.yaml"), "w") as f:
+            f.write(f"resources:\n  - {rel('overlays/cpu')}\ncomponents:\n")
+            f.write("".join(f"  - {rel(c)}\n" for c in COMBINATIONS[path]))
+        path = where
     out = subprocess.run(["kubectl", "kustomize", os.path.join(DEPLOY, path)], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"FAIL: kubectl kustomize {path}:\n{out.stderr}")
@@ -182,6 +193,19 @@ def check_secret(name, docs, failures):
                         ok = "secret" in volumes.get(m["name"], {})
             failures.check(ok, f"{where}: the job secret must come from a mounted Secret ({path})")
     failures.check("BEGIN" not in text and "PRIVATE KEY" not in text, f"{name}: key material in the manifests")
+    # TLS files (certificate, key, CA) come from mounted Secrets too.
+    for owner, tpl, _ in pod_templates(docs):
+        spec = tpl["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"]:
+            for var, e in env_of(c).items():
+                if "TLS" not in var:
+                    continue
+                mounts = [m for m in c.get("volumeMounts", []) if e.get("value", "").startswith(m["mountPath"].rstrip("/") + "/")]
+                failures.check(
+                    len(mounts) == 1 and "secret" in volumes.get(mounts[0]["name"], {}),
+                    f"{name}/{owner}/{c['name']}: {var} must name a file of a mounted Secret",
+                )
 
 
 def coordinator_port(container):
@@ -207,8 +231,14 @@ def check_jobs(name, docs, failures):
         any(p["containerPort"] == port and p.get("name") == "grpc" for p in ccont.get("ports", [])),
         f"{name}: coordinator containerPort {port}",
     )
-    probe = ccont.get("readinessProbe", {}).get("grpc", {})
-    failures.check(probe.get("port") == port, f"{name}: the coordinator's grpc readiness probe")
+    probe = ccont.get("readinessProbe", {})
+    if "COORDINATOR_TLS_CERT" in env_of(ccont):
+        # The kubelet's grpc: probe speaks only plaintext.
+        failures.check(probe.get("tcpSocket", {}).get("port") == port and "grpc" not in probe, f"{name}: TLS needs a TCP probe")
+        wc = next(c for c in jobs["imdb-ddp-workers"]["spec"]["template"]["spec"]["containers"] if c["name"] == "worker")
+        failures.check("TRAINER_TLS_CA" in env_of(wc), f"{name}: TLS on the coordinator but the workers have no CA")
+    else:
+        failures.check(probe.get("grpc", {}).get("port") == port, f"{name}: the coordinator's grpc readiness probe")
     for job in jobs.values():
         check_failure_policy(f"{name}/{job['metadata']['name']}", job["spec"], failures, count_75=True)
     if workers is None:
@@ -341,8 +371,8 @@ def check_all(tmp):
     have_validate = shutil.which("kubernetes-validate") is not None
     if not have_validate:
         skip("kubernetes-validate not found: schemas not checked (pip install kubernetes-validate)")
-    for name in RENDERS:
-        text = render(name)
+    for name in RENDERS + list(COMBINATIONS):
+        text = render(name, tmp)
         with open(os.path.join(tmp, name.replace("/", "_") + ".yaml"), "w") as f:
             f.write(text)
         docs = [d for d in yaml.safe_load_all(text) if d]
@@ -363,7 +393,7 @@ def check_all(tmp):
         print(f"FAIL: {f}")
     if failures.items:
         return 1
-    print(f"deploy: {len(RENDERS)} renders checked")
+    print(f"deploy: {len(RENDERS) + len(COMBINATIONS)} renders checked")
     return 0
 
 

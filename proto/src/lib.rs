@@ -21,6 +21,9 @@ pub const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";
 pub const JOB_SECRET_ENV: &str = "TRAINER_JOB_SECRET";
 /// Env var naming a file that holds the per-job secret (a mounted Kubernetes Secret).
 pub const JOB_SECRET_FILE_ENV: &str = "TRAINER_JOB_SECRET_FILE";
+/// Env var naming the PEM CA certificate that workers verify the coordinator's TLS
+/// certificate with (`worker join --tls-ca`, `coordinator --tls-ca` for local workers).
+pub const TLS_CA_ENV: &str = "TRAINER_TLS_CA";
 /// Env var with the rank a worker asks for (`worker join --rank`).
 pub const RANK_ENV: &str = "TRAINER_RANK";
 /// Set by a Kubernetes Indexed Job in every pod: the rank hint when TRAINER_RANK is unset.

@@ -88,6 +88,11 @@ pub struct JoinArgs {
     /// job needs its own; the coordinator refuses a duplicate or one beyond the world size.
     #[arg(long, env = "TRAINER_RANK")]
     pub rank: Option<u32>,
+    /// PEM CA certificate to verify the coordinator's TLS certificate with: the channel is
+    /// then TLS (`https://`), and a coordinator whose certificate this CA did not sign is
+    /// refused.
+    #[arg(long, env = "TRAINER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Where this rank's ring listener binds (port 0 picks a free port).
     #[arg(long, env = "WORKER_RING_LISTEN", default_value = "127.0.0.1:0")]
     pub ring_listen: SocketAddr,
@@ -431,11 +436,23 @@ fn status_error(what: &str, status: tonic::Status) -> anyhow::Error {
     anyhow!("{what}: {} ({:?})", status.message(), status.code())
 }
 
-fn endpoint_uri(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// The coordinator's URI: `https://` with TLS, `http://` without; a scheme that
+/// contradicts --tls-ca is refused rather than silently downgraded.
+fn endpoint_uri(addr: &str, tls: bool) -> anyhow::Result<String> {
+    let usage = |m: String| anyhow!(trainer_core::exit::Usage(m));
+    match (addr.split_once("://").map(|(scheme, _)| scheme), tls) {
+        (None, false) => Ok(format!("http://{addr}")),
+        (None, true) => Ok(format!("https://{addr}")),
+        (Some("http"), false) | (Some("https"), true) => Ok(addr.to_string()),
+        (Some("http"), true) => {
+            Err(usage(format!("--tls-ca is set but the coordinator address {addr} is http://")))
+        }
+        (Some("https"), false) => {
+            Err(usage(format!("the coordinator address {addr} is https://: pass --tls-ca (TRAINER_TLS_CA)")))
+        }
+        (Some(other), _) => {
+            Err(usage(format!("the coordinator address {addr} has an unknown scheme {other}://")))
+        }
     }
 }
 
@@ -520,13 +537,23 @@ impl Agent {
         let coordinator = args.coordinator_addr()?;
         let secret = args.job_secret()?;
         let rank_hint = args.rank_hint()?;
-        let uri = endpoint_uri(&coordinator);
-        let endpoint = Endpoint::from_shared(uri.clone())
+        let uri = endpoint_uri(&coordinator, args.tls_ca.is_some())?;
+        let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| {
                 anyhow!(trainer_core::exit::Usage(format!("bad coordinator address {coordinator:?}: {e}")))
             })?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
+        if let Some(ca) = &args.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| {
+                anyhow!(trainer_core::exit::Usage(format!("--tls-ca: cannot read {}: {e}", ca.display())))
+            })?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                anyhow!(trainer_core::exit::Usage(format!("--tls-ca {}: {}", ca.display(), chain(&e))))
+            })?;
+        }
         let deadline = Instant::now() + connect_timeout;
         let request = RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
@@ -542,6 +569,14 @@ impl Agent {
         let mut last_warning: Option<Instant> = None;
         let (client, reply) = loop {
             let retry = match endpoint.connect().await {
+                // A certificate this CA did not sign (or that does not name the address) will
+                // not change by waiting.
+                Err(e) if chain(&e).contains("certificate") => {
+                    return Err(anyhow!(trainer_core::exit::AuthFailed(format!(
+                        "the coordinator at {uri} is not trusted: {}",
+                        chain(&e)
+                    ))))
+                }
                 Err(e) => Retry {
                     why: format!("cannot reach the coordinator at {uri}: {}", chain(&e)),
                     rank_taken: false,

@@ -151,6 +151,7 @@ fn join_args(addr: &str) -> JoinArgs {
         secret: Some(JobSecret::new(SECRET).unwrap()),
         secret_file: None,
         rank: None,
+        tls_ca: None,
         ring_listen: "127.0.0.1:0".parse().unwrap(),
         ring_advertise_host: None,
         ring_timeout: 10.0,

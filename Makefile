@@ -18,7 +18,7 @@ WORKERS ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 RUN_CONFIG ?= configs/cpu-demo.toml
 BENCH_ARGS ?=
 
-.PHONY: bootstrap build run data test fmt lint bench bench-quick clean-runs
+.PHONY: bootstrap build run data test fmt lint bench bench-quick clean-runs image
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -39,6 +39,11 @@ test: bootstrap
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 	deploy/tests/run.sh
+
+# An OCI image (target/image/oci) without a registry: debootstrap + umoci (scripts/image.sh);
+# deploy/Dockerfile builds the same with docker/buildah where base images can be pulled.
+image: build
+	scripts/image.sh target/release
 
 fmt:
 	$(CARGO) fmt --all

@@ -2,7 +2,8 @@
 # `make image`: the deploy/Dockerfile's image built without a container registry (none is
 # reachable here): a Debian bookworm root made by debootstrap from Debian's own mirror, the
 # binaries and libtorch's libraries added as the Dockerfile adds them, packed as an OCI
-# image layout by umoci, then unpacked and its entrypoint run once as its user.
+# image layout by umoci, then unpacked and its entrypoint run once as its user; with
+# IMDB_DATA, the pods of deploy/overlays/cpu then run from it (deploy/tests/run_pods.py).
 #
 #   scripts/image.sh [BIN_DIR]     (default target/release; needs root, debootstrap, umoci)
 #
@@ -86,5 +87,11 @@ run /usr/local/bin/coordinator --help | head -3
 run /usr/local/bin/worker --version
 # libtorch loads and trains a step in the image (a synthetic batch, no corpus needed).
 run /usr/local/bin/worker bench-memory --steps 1 --seq-len 20 --vocab 100 --batch-size 4 | tail -2
+# The pods of deploy/overlays/cpu from this image, in network namespaces (deploy/tests).
+if [[ -n "${IMDB_DATA:-}" ]]; then
+  python3 deploy/tests/run_pods.py --image-bundle "$work/run" --workers 2 --kill-worker
+else
+  echo "image: the pods were not run from the image: IMDB_DATA not set"
+fi
 size=$(du -sh "$OUT/oci" | cut -f1)
 echo "image: $OUT/oci:$TAG ($size) built and run"

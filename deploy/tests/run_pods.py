@@ -27,6 +27,9 @@ training runs and a new pod 1 is started (a new IP, as the Job controller would)
 job must finish through a restart of the group. Every namespace, process and folder is
 removed on exit, also on failure or Ctrl-C.
 
+With --image-bundle (an unpacked OCI image, as `make image` makes), the pods run from the
+image instead: its folders are the read-only root and its environment comes first.
+
 Skips (exit 0, with a line saying why) when not root or a tool is missing.
 """
 
@@ -237,7 +240,7 @@ class Pod:
         return [expand(a, env) for a in self.container.get("command", []) + self.container.get("args", [])]
 
 
-def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus):
+def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus, image=None):
     """The files and a shell script that builds the pod's mount namespace and runs it."""
     d = os.path.join(cluster.work, pod.name)
     os.makedirs(d)
@@ -275,12 +278,13 @@ def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus):
         os.chmod(os.path.join(d, "volumes"), 0o755)
         binds.append((src, m["mountPath"], bool(m.get("readOnly")) or "configMap" in v or "secret" in v))
     os.chmod(d, 0o755)
-    for image_path, host_path in binaries.items():
-        binds.append((host_path, image_path, True))
-    libtorch = os.path.realpath(os.path.join(REPO, ".libtorch"))
-    # The binaries' RUNPATH names <repo>/.libtorch/torch/lib (the image puts libtorch at the
-    # path its binaries name, too).
-    binds.append((libtorch, os.path.join(REPO, ".libtorch"), True))
+    if image is None:
+        for image_path, host_path in binaries.items():
+            binds.append((host_path, image_path, True))
+        libtorch = os.path.realpath(os.path.join(REPO, ".libtorch"))
+        # The binaries' RUNPATH names <repo>/.libtorch/torch/lib (the image puts libtorch at
+        # the path its binaries name, too).
+        binds.append((libtorch, os.path.join(REPO, ".libtorch"), True))
     if corpus:
         binds.append((corpus, CORPUS_MOUNT, True))
     binds.append((os.path.join(d, "hosts"), "/etc/hosts", True))
@@ -293,14 +297,18 @@ def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus):
         "mount --make-rprivate /",
         f"hostname {pod.hostname}",
         f"mount -t tmpfs -o mode=755 rootfs {root}",
-        # The host's system folders, read-only (the image's would be).
     ]
-    for sysdir in ["usr", "bin", "sbin", "lib", "lib64", "etc"]:
-        host = "/" + sysdir
-        if os.path.islink(host):
-            lines.append(f"ln -s {os.readlink(host)} {root}/{sysdir}")
-        elif os.path.isdir(host):
-            lines += [f"mkdir -p {root}/{sysdir}", f"mount --rbind -o ro=recursive {host} {root}/{sysdir}"]
+    # The image's folders (an unpacked OCI bundle), else the host's system folders, read-only.
+    base = image["rootfs"] if image else "/"
+    entries = sorted(os.listdir(base)) if image else ["usr", "bin", "sbin", "lib", "lib64", "etc"]
+    for entry in entries:
+        src = os.path.join(base, entry)
+        if entry in ("proc", "dev", "sys", "tmp"):
+            continue
+        if os.path.islink(src):
+            lines.append(f"ln -s {os.readlink(src)} {root}/{entry}")
+        elif os.path.isdir(src):
+            lines += [f"mkdir -p {root}/{entry}", f"mount --rbind -o ro=recursive {src} {root}/{entry}"]
     lines += [
         f"mkdir -p {root}/proc {root}/dev {root}/sys {root}/tmp",
         f"mount -t proc proc {root}/proc",
@@ -308,6 +316,17 @@ def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus):
         f"mount --rbind -o ro=recursive /sys {root}/sys",
     ]
     for src, dst, ro in binds:
+        if image:
+            # Inside the image's (read-only) folders: /var/run is a link to /run, say. Resolve
+            # links within the image and make the mount point in the unpacked copy, as a
+            # runtime makes it in the container's layer.
+            dst = resolve_in_root(image["rootfs"], dst)
+            host_target = image["rootfs"] + dst
+            if os.path.isdir(src):
+                os.makedirs(host_target, exist_ok=True)
+            elif not os.path.exists(host_target):
+                os.makedirs(os.path.dirname(host_target), exist_ok=True)
+                open(host_target, "a").close()
         target = root + dst
         if os.path.isdir(src):
             lines.append(f"mkdir -p {target}")
@@ -320,6 +339,9 @@ def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus):
     lines.append(f"mount -o remount,ro {root}")
     groups = ",".join(str(g) for g in sorted({gid, fs_group} - {None}))
     env = pod.environment(ip)
+    if image:
+        # The runtime starts from the image's environment; the pod's entries override it.
+        env = {**image["env"], **env}
     if corpus and pod.container["name"] == "coordinator":
         env["IMDB_DATA"] = CORPUS_MOUNT
     cmd = pod.command(env)
@@ -334,6 +356,27 @@ def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus):
     return script
 
 
+def resolve_in_root(rootfs, path):
+    """`path` inside `rootfs` with every symbolic link followed within it."""
+    parts = [p for p in path.split("/") if p]
+    out = []
+    for _ in range(40):
+        if not parts:
+            return "/" + "/".join(out)
+        part = parts.pop(0)
+        candidate = os.path.join(rootfs, *out, part)
+        if os.path.islink(candidate):
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                out = []
+            parts = [p for p in link.split("/") if p] + parts
+        elif part == "..":
+            out = out[:-1]
+        elif part != ".":
+            out.append(part)
+    raise SystemExit(f"pods: too many links in {path}")
+
+
 def shlex(s):
     import shlex as _shlex
 
@@ -341,7 +384,7 @@ def shlex(s):
 
 
 def start_pod(cluster, pod, hosts, binaries, corpus, ns, ip):
-    script = prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus)
+    script = prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus, IMAGE)
     logf = open(os.path.join(cluster.work, pod.name + ".log"), "w")
     p = subprocess.Popen(
         ["ip", "netns", "exec", ns, "unshare", "--mount", "--uts", "--propagation", "private", "sh", script],
@@ -494,13 +537,28 @@ def run_in(cluster, args, workers, kill_worker):
     return summary
 
 
+IMAGE = None
+
+
+def load_image(bundle):
+    """An unpacked OCI image (`umoci unpack`): its root folder and its environment."""
+    with open(os.path.join(bundle, "config.json")) as f:
+        config = json.load(f)
+    env = dict(e.split("=", 1) for e in config["process"].get("env", []))
+    return {"rootfs": os.path.join(bundle, config["root"]["path"]), "env": env}
+
+
 def main():
+    global IMAGE
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, action="append", help="N (repeatable; default 2)")
     parser.add_argument("--kill-worker", action="store_true", help="also run with worker pod 1 killed and replaced")
     parser.add_argument("--bin-dir", default=os.path.join(REPO, "target", "debug"))
     parser.add_argument("--corpus", default=os.environ.get("IMDB_DATA"))
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument(
+        "--image-bundle", help="run the pods from this unpacked OCI image (umoci unpack) instead of the built binaries"
+    )
     args = parser.parse_args()
     missing = [t for t in ["kubectl", "ip", "unshare", "setpriv", "chroot", "mount"] if shutil.which(t) is None]
     if os.geteuid() != 0:
@@ -513,7 +571,10 @@ def main():
         print("skipped: pods in network namespaces: IMDB_DATA not set (there is no internet to download it)")
         return 0
     args.corpus = os.path.realpath(args.corpus)
-    for b in ["coordinator", "worker"]:
+    if args.image_bundle:
+        IMAGE = load_image(os.path.realpath(args.image_bundle))
+        log(f"pods run from the image at {args.image_bundle}")
+    for b in [] if args.image_bundle else ["coordinator", "worker"]:
         if not os.path.isfile(os.path.join(args.bin_dir, b)):
             print(f"skipped: {args.bin_dir}/{b} is not built (cargo build --workspace --bins)")
             return 0

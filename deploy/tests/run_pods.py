@@ -22,9 +22,10 @@ The corpus is the one thing added: there is no internet here, so the coordinator
 IMDB_DATA and the shared corpus bound read-only at /corpus (a cluster downloads it).
 
 Then it asserts that the coordinator pod exits 0 and that summary.json shows the world size
-and equal replica checksums; with --kill-worker, worker pod 1 is killed (SIGKILL) once
-training runs and a new pod 1 is started (a new IP, as the Job controller would), and the
-job must finish through a restart of the group. Every namespace, process and folder is
+and equal replica checksums; with --kill-worker, worker pod 1 is killed (SIGKILL) once a
+checkpoint is committed (the test config checkpoints every 3 steps) and a new pod 1 is
+started (a new IP, as the Job controller would): the job must finish through a restart of
+the group from that checkpoint, bitwise equal to the uninterrupted run. Every namespace, process and folder is
 removed on exit, also on failure or Ctrl-C.
 
 With --image-bundle (an unpacked OCI image, as `make image` makes), the pods run from the
@@ -127,7 +128,11 @@ def render(workers, work):
     """overlays/cpu with N workers and configs/test-tiny.toml as the job config."""
     overlay = os.path.join(work, "overlay")
     os.makedirs(overlay)
-    shutil.copy(os.path.join(REPO, "configs", "test-tiny.toml"), os.path.join(overlay, "job.toml"))
+    with open(os.path.join(REPO, "configs", "test-tiny.toml")) as f:
+        config = f.read()
+    # Checkpoints every 3 steps, so that a killed pod's group resumes mid-epoch.
+    with open(os.path.join(overlay, "job.toml"), "w") as f:
+        f.write(config + "\n[checkpoint]\nevery_steps = 3\nevery_seconds = 0\n")
     shutil.copy(os.path.join(DEPLOY, "overlays", "cpu", "world-size.yaml"), overlay)
     cpu = os.path.relpath(os.path.join(DEPLOY, "overlays", "cpu"), overlay)
     with open(os.path.join(overlay, "kustomization.yaml"), "w") as f:
@@ -449,7 +454,7 @@ def run(args, workers, kill_worker):
 
 
 def run_in(cluster, args, workers, kill_worker):
-    what = f"overlays/cpu, N = {workers}" + (", worker pod 1 killed and replaced" if kill_worker else "")
+    what = f"overlays/cpu, N = {workers}" + (", worker pod 1 killed after a checkpoint and replaced" if kill_worker else "")
     log(f"--- {what}")
     docs = render(workers, cluster.work)
     jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
@@ -484,7 +489,8 @@ def run_in(cluster, args, workers, kill_worker):
     coordinator = pods[0]
     procs = {p.hostname: start_pod(cluster, p, hosts, binaries, args.corpus, *nets[p.hostname]) for p in pods}
     deadline = time.time() + 300
-    while "epoch started" not in read_log(cluster, coordinator):
+    # Killed once a checkpoint is committed: the restart then resumes from it.
+    while ("checkpoint committed" if kill_worker else "epoch started") not in read_log(cluster, coordinator):
         if procs[coordinator.hostname].poll() is not None or time.time() > deadline:
             raise SystemExit(f"FAIL: training never started:\n{read_log(cluster, coordinator)}")
         time.sleep(0.05)
@@ -521,8 +527,12 @@ def run_in(cluster, args, workers, kill_worker):
     sums = summary.get("replica_checksums", [])
     ok = summary.get("world_size") == n and len(sums) == n and len(set(sums)) == 1
     restarts = summary.get("restarts")
+    resumed = None
     if kill_worker:
-        ok = ok and restarts == 1
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        resumed = next((r["resumed_from_global_step"] for r in records if r.get("type") == "restart"), None)
+        ok = ok and restarts == 1 and bool(resumed)
     if not ok:
         raise SystemExit(f"FAIL: {what}: summary {json.dumps(summary)}\n{clog[-4000:]}")
     ranks = re.findall(r"worker registered rank=(\d+) hostname=(\S+)", clog)
@@ -531,7 +541,9 @@ def run_in(cluster, args, workers, kill_worker):
             raise SystemExit(f"FAIL: {what}: rank {rank} registered from pod {host}:\n{clog[-4000:]}")
     log(
         f"ok: {what}: coordinator exit 0 in {time.time() - start:.0f} s, world_size {n}, "
-        f"replica checksums equal ({sums[0]}), restarts {restarts}, pod i = rank i "
+        f"replica checksums equal ({sums[0]}), restarts {restarts}"
+        + (f" (resumed at step {resumed})" if resumed else "")
+        + ", pod i = rank i "
         f"({len(ranks)} registrations), test accuracy {summary.get('test_accuracy')}"
     )
     return summary

@@ -18,7 +18,7 @@ WORKERS ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 RUN_CONFIG ?= configs/cpu-demo.toml
 BENCH_ARGS ?=
 
-.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos clean-runs
+.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos clean-runs image
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -43,6 +43,12 @@ test: bootstrap
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace
+	deploy/tests/run.sh
+
+# An OCI image (target/image/oci) without a registry: debootstrap + umoci (scripts/image.sh);
+# deploy/Dockerfile builds the same with docker/buildah where base images can be pulled.
+image: build
+	scripts/image.sh target/release
 
 fmt:
 	$(CARGO) fmt --all

@@ -143,8 +143,10 @@ pub fn read(dir: &Path) -> anyhow::Result<Option<JobCheckpoint>> {
     Ok(Some(pointer))
 }
 
-/// Commits `pointer` (its file is already in `dir`) and deletes checkpoint files other than
-/// the current and the previous one.
+/// Commits `pointer` (its file is already in `dir`) and deletes older checkpoint files
+/// other than the previous one. Newer files stay: rank 0 may already have uploaded the next
+/// checkpoint while this one's commit was on its way (fast steps), and that one is committed
+/// next.
 pub fn commit(dir: &Path, pointer: &JobCheckpoint) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(pointer)?;
     trainer_core::write_atomically(&dir.join(POINTER_FILE), &json)?;
@@ -152,7 +154,12 @@ pub fn commit(dir: &Path, pointer: &JobCheckpoint) -> anyhow::Result<()> {
         std::iter::once(pointer.file.as_str()).chain(pointer.previous_file.as_deref()).collect();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("checkpoint-") && name.ends_with(".safetensors") && !keep.contains(&name.as_str())
+        // Names hold the zero-padded global step, so they sort by step.
+        let older = name.as_str() < pointer.file.as_str();
+        if name.starts_with("checkpoint-")
+            && name.ends_with(".safetensors")
+            && older
+            && !keep.contains(&name.as_str())
         {
             let _ = std::fs::remove_file(entry.path());
         }
@@ -191,7 +198,8 @@ mod tests {
     #[test]
     fn commit_keeps_the_current_and_previous_files() {
         let dir = tempfile::tempdir().unwrap();
-        for step in [5u64, 10, 13] {
+        // 20: rank 0's next checkpoint, uploaded before 13 was committed.
+        for step in [5u64, 10, 13, 20] {
             std::fs::write(dir.path().join(file_name(step, step == 10)), b"x").unwrap();
         }
         let p = pointer(&file_name(13, false), Some(&file_name(10, true)));
@@ -206,11 +214,18 @@ mod tests {
             vec![
                 "checkpoint-000000010-end.safetensors",
                 "checkpoint-000000013-mid.safetensors",
+                "checkpoint-000000020-mid.safetensors",
                 "checkpoint.json"
             ]
         );
         let back = read(dir.path()).unwrap().unwrap();
         assert_eq!((back.global_step, back.resume_point()), (13, (1, 3)));
+        // Committing 20 then drops 10 (older than the previous one, 13).
+        commit(dir.path(), &pointer(&file_name(20, false), Some(&file_name(13, false)))).unwrap();
+        assert!(
+            !dir.path().join(file_name(10, true)).exists() && dir.path().join(file_name(13, false)).exists()
+        );
+        let back = read(dir.path()).unwrap().unwrap();
         std::fs::remove_file(dir.path().join(&back.file)).unwrap();
         assert!(read(dir.path()).unwrap_err().to_string().contains("missing"));
     }

@@ -11,7 +11,10 @@ use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
-use trainer_proto::{JobSecret, BACKEND_ENV, COORDINATOR_ADDR_ENV, DEVICE_ENV, JOB_SECRET_ENV, THREADS_ENV};
+use trainer_proto::{
+    JobSecret, BACKEND_ENV, COORDINATOR_ADDR_ENV, DEVICE_ENV, JOB_COMPLETION_INDEX_ENV, JOB_SECRET_ENV,
+    JOB_SECRET_FILE_ENV, RANK_ENV, THREADS_ENV, TLS_CA_ENV,
+};
 
 use crate::progress::Output;
 use crate::service::Event;
@@ -63,6 +66,8 @@ pub struct WorkerLaunch {
     pub devices: Vec<Option<String>>,
     /// `auto`, `nccl` or `ring`, for the worker to prepare NCCL or not.
     pub backend: &'static str,
+    /// The CA the workers verify the coordinator's TLS certificate with.
+    pub tls_ca: Option<PathBuf>,
 }
 
 struct Handle {
@@ -82,13 +87,19 @@ impl LocalWorkers {
         events: mpsc::UnboundedSender<Event>,
         output: Output,
     ) -> anyhow::Result<Self> {
-        let WorkerLaunch { worker_bin, coordinator_addr, secret, threads, devices, backend } = launch;
+        let WorkerLaunch { worker_bin, coordinator_addr, secret, threads, devices, backend, tls_ca } = launch;
         let mut workers = Self { handles: Vec::with_capacity(count) };
         for index in 0..count {
             let mut cmd = Command::new(worker_bin);
             cmd.arg("join")
                 .env(COORDINATOR_ADDR_ENV, coordinator_addr)
                 .env(JOB_SECRET_ENV, secret.expose())
+                // The secret travels by value; a file inherited from a pod would conflict.
+                .env_remove(JOB_SECRET_FILE_ENV)
+                // Worker i is rank i (and trains on GPU i): logs, devices and ranks line up.
+                // A pod's own JOB_COMPLETION_INDEX must not reach every local worker.
+                .env(RANK_ENV, index.to_string())
+                .env_remove(JOB_COMPLETION_INDEX_ENV)
                 .env(THREADS_ENV, threads.to_string())
                 // The worker prepares NCCL at start unless the ring is forced.
                 .env(BACKEND_ENV, backend)
@@ -99,6 +110,9 @@ impl LocalWorkers {
                 // which then stops the workers in order.
                 .process_group(0)
                 .kill_on_drop(true);
+            if let Some(ca) = tls_ca {
+                cmd.env(TLS_CA_ENV, ca);
+            }
             if let Some(device) = devices.get(index).cloned().flatten() {
                 cmd.env(DEVICE_ENV, device);
             }

@@ -68,8 +68,12 @@ pub struct Timing {
     pub rendezvous_timeout: Duration,
 }
 
+/// A registered rank of the current attempt.
 struct Slot {
     token: String,
+    /// Who holds it, for the error a duplicate rank hint gets.
+    pid: u32,
+    hostname: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +98,8 @@ struct State {
     /// Restart attempt: 0 for the first group of workers, +1 for each restart.
     attempt: u32,
     resume: Option<ResumeFrom>,
-    slots: Vec<Slot>,
+    /// Per rank: the worker that holds it in this attempt.
+    slots: Vec<Option<Slot>>,
     ring_addresses: Vec<Option<String>>,
     /// Per rank: what it can run (CUDA, NCCL and its version), from its rendezvous report.
     collective_reports: Vec<backend::RankCollective>,
@@ -108,6 +113,7 @@ impl State {
         Self {
             attempt,
             resume,
+            slots: (0..world).map(|_| None).collect(),
             ring_addresses: vec![None; world],
             collective_reports: vec![backend::RankCollective::default(); world],
             sessions: (0..world).map(|_| None).collect(),
@@ -217,10 +223,10 @@ impl Shared {
                 who.attempt, st.attempt
             )));
         }
-        let slot = st.slots.get(rank).ok_or_else(|| {
+        let slot = st.slots.get(rank).and_then(Option::as_ref).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "rank {rank} is not registered ({} of {} ranks are)",
-                st.slots.len(),
+                st.slots.iter().flatten().count(),
                 self.data.world_size
             ))
         })?;
@@ -275,6 +281,39 @@ fn check_register(req: &RegisterRequest) -> Result<(), Status> {
     Ok(())
 }
 
+/// The rank a registering worker gets in this attempt: its hint, or else the lowest free
+/// rank. Ranks are handed out anew in every attempt, so a restarted worker with a hint gets
+/// the same rank again; two workers with the same hint in one attempt are a mistake (or a
+/// replaced pod that came back before the old one was declared lost: it may retry).
+fn pick_rank(st: &State, hint: Option<u32>, world: usize) -> Result<usize, Status> {
+    match hint {
+        Some(hint) => {
+            let rank = hint as usize;
+            if rank >= world {
+                return Err(Status::invalid_argument(format!(
+                    "rank hint {hint} is out of range: this job has ranks 0 to {} (--workers {world})",
+                    world - 1
+                )));
+            }
+            match &st.slots[rank] {
+                None => Ok(rank),
+                Some(holder) => Err(Status::already_exists(format!(
+                    "rank {rank} is already taken in attempt {} by pid {} on {}: every worker needs \
+                     its own rank hint (--rank, TRAINER_RANK or JOB_COMPLETION_INDEX)",
+                    st.attempt,
+                    holder.pid,
+                    truncate(&holder.hostname)
+                ))),
+            }
+        }
+        None => st.slots.iter().position(Option::is_none).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "all {world} ranks of this job are taken (it runs with --workers {world})"
+            ))
+        }),
+    }
+}
+
 fn truncate(s: &str) -> &str {
     let mut end = s.len().min(64);
     while !s.is_char_boundary(end) {
@@ -319,14 +358,11 @@ impl Coordinator for CoordinatorService {
         let world = sh.data.world_size;
         let (rank, token, attempt, resume) = {
             let mut st = sh.state();
-            if st.slots.len() >= world {
-                return Err(Status::resource_exhausted(format!(
-                    "all {world} ranks of this job are taken (it runs with --workers {world})"
-                )));
-            }
+            let rank = pick_rank(&st, req.rank_hint, world)?;
             let token = new_token();
-            st.slots.push(Slot { token: token.clone() });
-            (st.slots.len() - 1, token, st.attempt, st.resume.as_ref().map(|r| r.global_step))
+            st.slots[rank] =
+                Some(Slot { token: token.clone(), pid: req.pid, hostname: req.hostname.clone() });
+            (rank, token, st.attempt, st.resume.as_ref().map(|r| r.global_step))
         };
         sh.emit(Event::Registered { attempt, rank, hostname: req.hostname.clone(), pid: req.pid, peer });
         let (val, test) = (

@@ -12,11 +12,12 @@ use clap::Args;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use trainer_core::cli::{ConfigArgs, DataArgs};
 use trainer_core::exit::Usage;
 use trainer_core::pipeline::prepare;
 use trainer_proto::v1::coordinator_server::CoordinatorServer;
-use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, MAX_MESSAGE_BYTES};
+use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, JOB_SECRET_FILE_ENV, MAX_MESSAGE_BYTES};
 
 use crate::backend::{local_devices, visible_gpu_count, BackendChoice};
 use crate::checkpoints::{self, JobCheckpoint, JobIdentity};
@@ -46,11 +47,12 @@ pub struct TrainArgs {
     #[arg(long, env = "COORDINATOR_ADVERTISE")]
     pub advertise: Option<String>,
     /// Start no worker processes; wait for N workers started elsewhere (`worker join`).
-    /// The job secret must then come from TRAINER_JOB_SECRET.
+    /// The job secret must then come from TRAINER_JOB_SECRET or TRAINER_JOB_SECRET_FILE.
     #[arg(long, env = "COORDINATOR_EXTERNAL_WORKERS")]
     pub external_workers: bool,
-    /// Seconds to wait for all workers to register and open their sessions.
-    #[arg(long, env = "COORDINATOR_REGISTER_TIMEOUT", default_value_t = 120.0)]
+    /// Seconds to wait for all workers to register and open their sessions (on a cluster,
+    /// image pulls and node autoscaling make minutes of start-up skew normal).
+    #[arg(long, env = "COORDINATOR_REGISTER_TIMEOUT", default_value_t = 600.0)]
     pub register_timeout: f64,
     /// Seconds between heartbeats, both ways.
     #[arg(long, env = "COORDINATOR_HEARTBEAT_INTERVAL", default_value_t = 1.0)]
@@ -88,6 +90,17 @@ pub struct TrainArgs {
     /// that holds one. Without the flag, a folder with a checkpoint is refused.
     #[arg(long, env = "COORDINATOR_RESUME", value_enum, num_args = 0..=1, default_missing_value = "yes")]
     pub resume: Option<ResumeMode>,
+    /// PEM certificate (chain) the gRPC server presents: with --tls-key, the channel is TLS
+    /// and plaintext clients are refused. Its names must include the address workers dial.
+    #[arg(long, env = "COORDINATOR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "COORDINATOR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate that signed --tls-cert, handed to local workers so that they verify
+    /// the server (external workers take their own `worker join --tls-ca`).
+    #[arg(long, env = "TRAINER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten)]
@@ -143,17 +156,40 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     trainer_core::cli::seconds_flag(flag, value).map_err(|e| anyhow!(Usage(e)))
 }
 
-/// The job secret: TRAINER_JOB_SECRET when set (required with --external-workers), else a
-/// fresh random one for this job.
+/// The gRPC server, with TLS when --tls-cert and --tls-key are given (read now, so that a
+/// bad file is refused before the corpus loads).
+fn grpc_server(args: &TrainArgs, local_workers: bool) -> anyhow::Result<(tonic::transport::Server, bool)> {
+    let builder = tonic::transport::Server::builder();
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok((builder, false));
+    };
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path)
+            .map_err(|e| anyhow!(Usage(format!("{flag}: cannot read {}: {e}", path.display()))))
+    };
+    let identity = tonic::transport::Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?);
+    if local_workers && args.tls_ca.is_none() {
+        return Err(anyhow!(Usage(
+            "--tls-cert with local workers needs --tls-ca, the CA they verify the server with".into()
+        )));
+    }
+    let server =
+        builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity)).map_err(|e| {
+            anyhow!(Usage(format!("--tls-cert/--tls-key ({}, {}): {e}", cert.display(), key.display())))
+        })?;
+    Ok((server, true))
+}
+
+/// The job secret: TRAINER_JOB_SECRET or the file TRAINER_JOB_SECRET_FILE names (required
+/// with --external-workers), else a fresh random one for this job.
 fn job_secret(external: bool) -> anyhow::Result<JobSecret> {
-    match std::env::var(JOB_SECRET_ENV) {
-        Ok(s) if !s.is_empty() => {
-            JobSecret::new(&s).with_context(|| format!("{JOB_SECRET_ENV} is not a usable secret"))
-        }
-        _ if external => {
-            bail!("--external-workers needs the job secret in {JOB_SECRET_ENV}, shared with the workers")
-        }
-        _ => {
+    match JobSecret::from_env().map_err(|e| anyhow!(Usage(e.to_string())))? {
+        Some(secret) => Ok(secret),
+        None if external => Err(anyhow!(Usage(format!(
+            "--external-workers needs the job secret shared with the workers, in {JOB_SECRET_ENV} \
+             or in a file named by {JOB_SECRET_FILE_ENV}"
+        )))),
+        None => {
             let bytes: [u8; 32] = rand::random();
             Ok(JobSecret::new(&hex::encode(bytes))?)
         }
@@ -186,6 +222,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         (Some(bin), false) => Some(bin.clone()),
         (None, false) => Some(default_worker_bin()?),
     };
+    let (server, tls) = grpc_server(&args, worker_bin.is_some())?;
     if let Some(bin) = &worker_bin {
         if !bin.is_file() {
             bail!(
@@ -236,8 +273,20 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let job =
-        Job { args, data, timing, register_timeout, secret, worker_bin, devices, run_dir, output, fault };
+    let job = Job {
+        args,
+        data,
+        timing,
+        register_timeout,
+        secret,
+        worker_bin,
+        devices,
+        run_dir,
+        output,
+        fault,
+        server,
+        tls,
+    };
     // Dropping the runtime drops the launcher's tasks, whose children are killed on drop.
     runtime.block_on(job.run())
 }
@@ -254,10 +303,13 @@ struct Job {
     run_dir: RunDir,
     output: Output,
     fault: FaultTolerance,
+    /// The gRPC server builder (with its TLS configuration, if any).
+    server: tonic::transport::Server,
+    tls: bool,
 }
 
 impl Job {
-    async fn run(self) -> anyhow::Result<()> {
+    async fn run(mut self) -> anyhow::Result<()> {
         let listener = TcpListener::bind(self.args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", self.args.listen))?;
@@ -281,23 +333,25 @@ impl Job {
         );
         shared.begin_attempt(0, resume_file);
 
-        // The gRPC server: health + coordinator, all behind the job secret.
+        // The gRPC server: the coordinator behind the job secret, and the standard health
+        // service without it (it reveals nothing, and the kubelet's `grpc:` probe cannot
+        // send metadata).
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
         let service = CoordinatorServer::new(CoordinatorService::new(Arc::clone(&shared)))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service = InterceptedService::new(service, ServerAuth::new(self.secret.clone()));
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .layer(tonic::service::InterceptorLayer::new(ServerAuth::new(self.secret.clone())))
-                .add_service(health_service)
-                .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            self.server.add_service(health_service).add_service(service).serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                async {
                     let _ = server_stopped.await;
-                }),
+                },
+            ),
         );
-        tracing::info!(listen = %local, advertise = %advertise, "coordinator listening");
+        tracing::info!(listen = %local, advertise = %advertise, tls = self.tls, "coordinator listening");
 
         // Prometheus: same lifetime as the gRPC server.
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -324,7 +378,8 @@ impl Job {
                 tracing::info!(workers = self.data.world_size, threads, bin = %bin.display(), "starting local workers");
                 let launch = WorkerLaunch {
                     worker_bin: bin.clone(),
-                    coordinator_addr: format!("http://{advertise}"),
+                    coordinator_addr: format!("{}://{advertise}", if self.tls { "https" } else { "http" }),
+                    tls_ca: self.args.tls_ca.clone(),
                     secret: self.secret.clone(),
                     threads,
                     devices: self.devices.clone(),

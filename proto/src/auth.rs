@@ -21,6 +21,10 @@ pub enum AuthError {
     TooLong,
     #[error("the job secret may only contain visible ASCII characters (no spaces)")]
     BadCharacters,
+    #[error("cannot read the job secret from {path}: {message}")]
+    File { path: String, message: String },
+    #[error("both TRAINER_JOB_SECRET and TRAINER_JOB_SECRET_FILE are set; set only one")]
+    Ambiguous,
 }
 
 /// The job secret. `Debug` prints `JobSecret(<redacted>)`.
@@ -39,6 +43,28 @@ impl JobSecret {
             return Err(AuthError::BadCharacters);
         }
         Ok(Self(secret.into()))
+    }
+
+    /// Reads the secret from a file, such as a mounted Kubernetes Secret. One trailing
+    /// newline (`\n` or `\r\n`) is trimmed, since `echo` and editors add one.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, AuthError> {
+        let file_error = |message: String| AuthError::File { path: path.display().to_string(), message };
+        let bytes = std::fs::read(path).map_err(|e| file_error(e.to_string()))?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| file_error("it is not UTF-8 text".into()))?;
+        let text = text.strip_suffix('\n').map_or(text, |t| t.strip_suffix('\r').unwrap_or(t));
+        Self::new(text).map_err(|e| file_error(e.to_string()))
+    }
+
+    /// The secret from the environment: `TRAINER_JOB_SECRET`, or the file that
+    /// `TRAINER_JOB_SECRET_FILE` names; `Ok(None)` when neither is set (or both are empty).
+    pub fn from_env() -> Result<Option<Self>, AuthError> {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        match (var(crate::JOB_SECRET_ENV), var(crate::JOB_SECRET_FILE_ENV)) {
+            (Some(_), Some(_)) => Err(AuthError::Ambiguous),
+            (Some(value), None) => Self::new(&value.to_string_lossy()).map(Some),
+            (None, Some(path)) => Self::from_file(std::path::Path::new(&path)).map(Some),
+            (None, None) => Ok(None),
+        }
     }
 
     /// The secret itself, for handing it to a child process's environment. Never log it.
@@ -164,6 +190,24 @@ mod tests {
         let mut no_scheme = Request::new(());
         no_scheme.metadata_mut().insert(HEADER, MetadataValue::from_static("s3cr3t-token"));
         assert_eq!(server.check(&no_scheme).unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn a_secret_file_loses_one_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("secret-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        for (content, expected) in [("abc\n", "abc"), ("abc", "abc"), ("abc\r\n", "abc")] {
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(JobSecret::from_file(&path).unwrap().expose(), expected, "{content:?}");
+        }
+        // Two newlines: only one goes, and the second makes it a bad secret, said clearly.
+        std::fs::write(&path, "abc\n\n").unwrap();
+        let e = JobSecret::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()) && e.contains("visible ASCII"), "{e}");
+        let missing = JobSecret::from_file(&dir.join("missing")).unwrap_err().to_string();
+        assert!(missing.contains("missing"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

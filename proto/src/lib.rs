@@ -19,6 +19,15 @@ pub const PROTOCOL_VERSION: u32 = 3;
 pub const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";
 /// Env var with the per-job secret.
 pub const JOB_SECRET_ENV: &str = "TRAINER_JOB_SECRET";
+/// Env var naming a file that holds the per-job secret (a mounted Kubernetes Secret).
+pub const JOB_SECRET_FILE_ENV: &str = "TRAINER_JOB_SECRET_FILE";
+/// Env var naming the PEM CA certificate that workers verify the coordinator's TLS
+/// certificate with (`worker join --tls-ca`, `coordinator --tls-ca` for local workers).
+pub const TLS_CA_ENV: &str = "TRAINER_TLS_CA";
+/// Env var with the rank a worker asks for (`worker join --rank`).
+pub const RANK_ENV: &str = "TRAINER_RANK";
+/// Set by a Kubernetes Indexed Job in every pod: the rank hint when TRAINER_RANK is unset.
+pub const JOB_COMPLETION_INDEX_ENV: &str = "JOB_COMPLETION_INDEX";
 /// Env var with the compute threads a local worker should use (the worker's `--threads`).
 pub const THREADS_ENV: &str = "WORKER_THREADS";
 /// The collective a local worker should prepare for: `auto`, `nccl` or `ring`.

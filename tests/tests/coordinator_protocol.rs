@@ -49,6 +49,7 @@ fn register_request(version: u32, pid: u32) -> RegisterRequest {
         hostname: "test-host".into(),
         pid,
         devices: vec![],
+        rank_hint: None,
     }
 }
 
@@ -61,22 +62,25 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
     let mut coord = start_coordinator(2, &["--register-timeout", "120", "--rendezvous-timeout", "20"]);
     let url = format!("http://{}", coord.addr());
 
-    // Health: SERVING with the secret; nothing without it or with a wrong one.
-    let mut health = HealthClient::with_interceptor(
-        channel(&url).await,
-        ClientAuth::new(&JobSecret::new(SECRET).unwrap()),
-    );
+    // Health: SERVING to a plain client without any secret (the kubelet's `grpc:` probe
+    // sends none), and with one; it reveals nothing else.
+    let mut health = HealthClient::new(channel(&url).await);
     let reply = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
     let reply = health.check(HealthCheckRequest { service: "trainer.v1.Coordinator".into() }).await.unwrap();
     assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
-    let e = HealthClient::new(channel(&url).await)
-        .check(HealthCheckRequest { service: String::new() })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = health.check(HealthCheckRequest { service: "no.such.Service".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let reply = HealthClient::with_interceptor(
+        channel(&url).await,
+        ClientAuth::new(&JobSecret::new("not-the-secret").unwrap()),
+    )
+    .check(HealthCheckRequest { service: String::new() })
+    .await
+    .unwrap();
+    assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
 
-    // Coordinator RPCs: missing and wrong secrets.
+    // Coordinator RPCs: missing and wrong secrets, on every method.
     let e = CoordinatorClient::new(channel(&url).await)
         .register(register_request(PROTOCOL_VERSION, 1))
         .await
@@ -89,6 +93,11 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(!e.message().contains(SECRET));
+    let e = CoordinatorClient::new(channel(&url).await)
+        .fetch_shard(ShardRequest { worker: None, split: Split::Train as i32, epoch: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
 
     let mut c = client(&url, SECRET).await;
     // Another protocol version: refused, and the message states both.
@@ -222,6 +231,47 @@ async fn the_grpc_surface_checks_secrets_versions_ranks_and_input() {
     coord.kill();
     coord.wait(Duration::from_secs(10));
     assert!(!coord.stderr().contains(SECRET), "the secret leaked into the coordinator's log");
+}
+
+/// Rank hints: a hinted worker gets its rank whatever the order; an unhinted one the lowest
+/// free rank; a duplicate in the same attempt is refused naming the rank (and who holds
+/// it); a hint beyond the world size is refused naming the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rank_hints_are_honoured_and_duplicates_refused() {
+    let mut coord = start_coordinator(3, &["--register-timeout", "60"]);
+    let url = format!("http://{}", coord.addr());
+    let mut c = client(&url, SECRET).await;
+    let hinted = |hint: u32, pid: u32| RegisterRequest {
+        rank_hint: Some(hint),
+        ..register_request(PROTOCOL_VERSION, pid)
+    };
+
+    let r2 = c.register(hinted(2, 200)).await.unwrap().into_inner();
+    assert_eq!((r2.rank, r2.world_size), (2, 3));
+    let e = c.register(hinted(2, 201)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(
+        e.message().contains("rank 2 is already taken") && e.message().contains("pid 200"),
+        "{}",
+        e.message()
+    );
+    let e = c.register(hinted(3, 202)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("rank hint 3 is out of range") && e.message().contains("0 to 2"),
+        "{}",
+        e.message()
+    );
+    // Without a hint: the lowest free rank.
+    let r0 = c.register(register_request(PROTOCOL_VERSION, 203)).await.unwrap().into_inner();
+    assert_eq!(r0.rank, 0);
+    let e = c.register(hinted(0, 204)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let r1 = c.register(hinted(1, 205)).await.unwrap().into_inner();
+    assert_eq!(r1.rank, 1);
+    let e = c.register(register_request(PROTOCOL_VERSION, 206)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    coord.kill();
 }
 
 fn toml_config(text: &str) -> trainer_core::JobConfig {

@@ -37,6 +37,7 @@ mod tests;
 mod trainer_replica;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +55,10 @@ use trainer_proto::v1::{
     CoordinatorMessage, Device, EpochDone, EvalResult, Heartbeat, Hello, Ready, RegisterRequest,
     RendezvousRequest, ShardRequest, Split, StepMetrics, WorkerError, WorkerIdentity, WorkerMessage,
 };
-use trainer_proto::{ClientAuth, JobSecret, ARTIFACT_CHUNK_BYTES, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use trainer_proto::{
+    ClientAuth, JobSecret, ARTIFACT_CHUNK_BYTES, COORDINATOR_ADDR_ENV, JOB_COMPLETION_INDEX_ENV,
+    JOB_SECRET_ENV, JOB_SECRET_FILE_ENV, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
+};
 
 use crate::collective::nccl::NcclCollective;
 use crate::collective::ring::{RingCollective, RingListener, RingOptions};
@@ -67,24 +71,43 @@ pub use trainer_replica::TrainerReplica;
 /// `worker join`: where the coordinator is and how to prove membership of the job.
 #[derive(Debug, Clone, Args)]
 pub struct JoinArgs {
-    /// The coordinator's gRPC address (`host:port` or `http://host:port`).
+    /// The coordinator's gRPC address (`host:port` or `http://host:port`)
+    /// [default: MASTER_ADDR:MASTER_PORT, as Kubeflow's PyTorchJob sets them].
     #[arg(long, env = "COORDINATOR_ADDR")]
-    pub coordinator: String,
-    /// The per-job secret (prefer the env var: command lines are visible to other users).
+    pub coordinator: Option<String>,
+    /// The per-job secret (prefer the env var or a file: command lines are visible to other
+    /// users).
     #[arg(long, env = "TRAINER_JOB_SECRET", hide_env_values = true)]
-    pub secret: JobSecret,
+    pub secret: Option<JobSecret>,
+    /// A file that holds the job secret (a mounted Kubernetes Secret); one trailing newline
+    /// is trimmed.
+    #[arg(long, env = "TRAINER_JOB_SECRET_FILE", conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
+    /// The rank this worker asks for, so that pod i is rank i [default: JOB_COMPLETION_INDEX
+    /// (a Kubernetes Indexed Job), else the coordinator's next free rank]. Every worker of a
+    /// job needs its own; the coordinator refuses a duplicate or one beyond the world size.
+    #[arg(long, env = "TRAINER_RANK")]
+    pub rank: Option<u32>,
+    /// PEM CA certificate to verify the coordinator's TLS certificate with: the channel is
+    /// then TLS (`https://`), and a coordinator whose certificate this CA did not sign is
+    /// refused.
+    #[arg(long, env = "TRAINER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Where this rank's ring listener binds (port 0 picks a free port).
     #[arg(long, env = "WORKER_RING_LISTEN", default_value = "127.0.0.1:0")]
     pub ring_listen: SocketAddr,
-    /// Host name or IP the other ranks dial for this rank's ring listener
-    /// [default: the listen IP, or this host's name when listening on 0.0.0.0].
-    #[arg(long, env = "WORKER_RING_ADVERTISE_HOST")]
+    /// Host name or IP the other ranks dial for this rank's ring listener [default: the
+    /// listen IP; when listening on 0.0.0.0, POD_IP (the downward API's status.podIP), else
+    /// this host's name].
+    #[arg(long = "advertise-host", alias = "ring-advertise-host", env = "WORKER_ADVERTISE_HOST")]
     pub ring_advertise_host: Option<String>,
     /// Seconds a ring transfer may stall before the step fails.
     #[arg(long, env = "WORKER_RING_TIMEOUT", default_value_t = 30.0)]
     pub ring_timeout: f64,
-    /// Seconds to keep trying to reach the coordinator at start-up.
-    #[arg(long, env = "WORKER_CONNECT_TIMEOUT", default_value_t = 30.0)]
+    /// Seconds to keep trying to reach the coordinator and register at start-up: while its
+    /// name does not resolve yet, nothing listens, or this rank is still held by the
+    /// worker this one replaces. On a cluster, minutes of start-up skew are normal.
+    #[arg(long, env = "WORKER_CONNECT_TIMEOUT", default_value_t = 600.0)]
     pub connect_timeout: f64,
     /// The device this rank trains on instead of the job's (`cpu`, `cuda`, `cuda:N`); local
     /// workers get `cuda:i` from the coordinator.
@@ -98,6 +121,90 @@ pub struct JoinArgs {
     /// the rendezvous; `nccl` makes a missing NCCL library an error at start).
     #[arg(long, env = "TRAINER_BACKEND", default_value = "auto", value_parser = ["auto", "nccl", "ring"])]
     pub backend: String,
+}
+
+impl JoinArgs {
+    /// The coordinator's address: --coordinator / COORDINATOR_ADDR, else
+    /// MASTER_ADDR:MASTER_PORT (PyTorchJob's Master is the coordinator).
+    pub fn coordinator_addr(&self) -> anyhow::Result<String> {
+        coordinator_addr(self.coordinator.as_deref(), |name| std::env::var(name).ok())
+    }
+
+    /// The job secret: --secret / TRAINER_JOB_SECRET, else the file of --secret-file /
+    /// TRAINER_JOB_SECRET_FILE.
+    pub fn job_secret(&self) -> anyhow::Result<JobSecret> {
+        match (&self.secret, &self.secret_file) {
+            (Some(secret), _) => Ok(secret.clone()),
+            (None, Some(path)) => {
+                JobSecret::from_file(path).map_err(|e| anyhow!(trainer_core::exit::Usage(e.to_string())))
+            }
+            (None, None) => Err(anyhow!(trainer_core::exit::Usage(format!(
+                "no job secret: set {JOB_SECRET_ENV} or {JOB_SECRET_FILE_ENV} (a mounted Secret), \
+                 or pass --secret-file"
+            )))),
+        }
+    }
+
+    /// The rank to ask for: --rank / TRAINER_RANK, else JOB_COMPLETION_INDEX.
+    pub fn rank_hint(&self) -> anyhow::Result<Option<u32>> {
+        rank_hint(self.rank, |name| std::env::var(name).ok())
+    }
+
+    /// The host other ranks dial for this rank's ring listener bound at `bound`.
+    fn advertise_host(&self, bound: SocketAddr) -> String {
+        advertise_host(self.ring_advertise_host.as_deref(), bound, |name| std::env::var(name).ok())
+    }
+}
+
+fn coordinator_addr(flag: Option<&str>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<String> {
+    let set = |name: &str| env(name).filter(|v| !v.is_empty());
+    if let Some(addr) = flag.filter(|a| !a.is_empty()) {
+        return Ok(addr.to_string());
+    }
+    match (set("MASTER_ADDR"), set("MASTER_PORT")) {
+        (Some(host), Some(port)) => {
+            let port: u16 = port.parse().map_err(|_| {
+                anyhow!(trainer_core::exit::Usage(format!("MASTER_PORT must be a port number, got {port:?}")))
+            })?;
+            Ok(if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            })
+        }
+        (Some(_), None) => Err(anyhow!(trainer_core::exit::Usage(
+            "MASTER_ADDR is set but MASTER_PORT is not; set both, or COORDINATOR_ADDR".into()
+        ))),
+        _ => Err(anyhow!(trainer_core::exit::Usage(format!(
+            "no coordinator address: pass --coordinator or set {COORDINATOR_ADDR_ENV} (or MASTER_ADDR \
+             and MASTER_PORT, as PyTorchJob does)"
+        )))),
+    }
+}
+
+fn rank_hint(flag: Option<u32>, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<Option<u32>> {
+    if flag.is_some() {
+        return Ok(flag);
+    }
+    match env(JOB_COMPLETION_INDEX_ENV).filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(index) => index.trim().parse().map(Some).map_err(|_| {
+            anyhow!(trainer_core::exit::Usage(format!(
+                "{JOB_COMPLETION_INDEX_ENV} must be a rank (0, 1, ...), got {index:?}"
+            )))
+        }),
+    }
+}
+
+fn advertise_host(flag: Option<&str>, bound: SocketAddr, env: impl Fn(&str) -> Option<String>) -> String {
+    if let Some(host) = flag.filter(|h| !h.is_empty()) {
+        return host.to_string();
+    }
+    if !bound.ip().is_unspecified() {
+        return bound.ip().to_string();
+    }
+    // A pod's own host name does not resolve in other pods; its IP always works.
+    env("POD_IP").filter(|ip| !ip.is_empty()).unwrap_or_else(hostname)
 }
 
 /// What this process can offer the collective, found once at start.
@@ -335,11 +442,23 @@ fn status_error(what: &str, status: tonic::Status) -> anyhow::Error {
     anyhow!("{what}: {} ({:?})", status.message(), status.code())
 }
 
-fn endpoint_uri(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// The coordinator's URI: `https://` with TLS, `http://` without; a scheme that
+/// contradicts --tls-ca is refused rather than silently downgraded.
+fn endpoint_uri(addr: &str, tls: bool) -> anyhow::Result<String> {
+    let usage = |m: String| anyhow!(trainer_core::exit::Usage(m));
+    match (addr.split_once("://").map(|(scheme, _)| scheme), tls) {
+        (None, false) => Ok(format!("http://{addr}")),
+        (None, true) => Ok(format!("https://{addr}")),
+        (Some("http"), false) | (Some("https"), true) => Ok(addr.to_string()),
+        (Some("http"), true) => {
+            Err(usage(format!("--tls-ca is set but the coordinator address {addr} is http://")))
+        }
+        (Some("https"), false) => {
+            Err(usage(format!("the coordinator address {addr} is https://: pass --tls-ca (TRAINER_TLS_CA)")))
+        }
+        (Some(other), _) => {
+            Err(usage(format!("the coordinator address {addr} has an unknown scheme {other}://")))
+        }
     }
 }
 
@@ -378,60 +497,127 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     trainer_core::cli::seconds_flag(flag, value).map_err(anyhow::Error::msg)
 }
 
+/// An error with its causes, `a: b: c` (a transport error says little on its own; the
+/// cause says whether the name did not resolve or the port refused).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Why a registration will be tried again.
+struct Retry {
+    why: String,
+    /// The coordinator answered that the rank (or every rank) is taken.
+    rank_taken: bool,
+}
+
+/// A refused registration: `Ok` when trying again may work, the error to exit with
+/// otherwise.
+fn register_retry(s: tonic::Status) -> anyhow::Result<Retry> {
+    use tonic::Code;
+    let code = s.code();
+    let e = status_error("the coordinator refused the registration", s);
+    match code {
+        Code::Unavailable => Ok(Retry { why: format!("{e:#}"), rank_taken: false }),
+        // A rank still held by the worker this one replaces, or every rank taken while the
+        // group restarts.
+        Code::AlreadyExists | Code::ResourceExhausted => {
+            Ok(Retry { why: format!("{e:#}"), rank_taken: true })
+        }
+        Code::Unauthenticated => Err(anyhow!(trainer_core::exit::AuthFailed(format!("{e:#}")))),
+        Code::InvalidArgument => Err(anyhow!(trainer_core::exit::Usage(format!("{e:#}")))),
+        _ => Err(e),
+    }
+}
+
 impl Agent {
     /// Connects (retrying while the coordinator starts) and registers.
     async fn join(args: &JoinArgs) -> anyhow::Result<Self> {
         let connect_timeout = seconds("connect-timeout", args.connect_timeout)?;
-        let uri = endpoint_uri(&args.coordinator);
-        let endpoint = Endpoint::from_shared(uri.clone())
-            .with_context(|| format!("bad coordinator address {:?}", args.coordinator))?
+        let coordinator = args.coordinator_addr()?;
+        let secret = args.job_secret()?;
+        let rank_hint = args.rank_hint()?;
+        let uri = endpoint_uri(&coordinator, args.tls_ca.is_some())?;
+        let mut endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| {
+                anyhow!(trainer_core::exit::Usage(format!("bad coordinator address {coordinator:?}: {e}")))
+            })?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
+        if let Some(ca) = &args.tls_ca {
+            let pem = std::fs::read(ca).map_err(|e| {
+                anyhow!(trainer_core::exit::Usage(format!("--tls-ca: cannot read {}: {e}", ca.display())))
+            })?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                anyhow!(trainer_core::exit::Usage(format!("--tls-ca {}: {}", ca.display(), chain(&e))))
+            })?;
+        }
         let deadline = Instant::now() + connect_timeout;
-        let channel = loop {
-            match endpoint.connect().await {
-                Ok(c) => break c,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(error = %e, "coordinator not reachable yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => {
-                    return Err(anyhow!(trainer_core::exit::Lost(format!(
-                        "cannot reach the coordinator at {uri} within {:.0} s: {e}",
-                        connect_timeout.as_secs_f64()
-                    ))))
-                }
-            }
-        };
-        let mut client = CoordinatorClient::with_interceptor(channel, ClientAuth::new(&args.secret))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let request = RegisterRequest {
             protocol_version: PROTOCOL_VERSION,
             build_version: env!("CARGO_PKG_VERSION").to_string(),
             hostname: hostname(),
             pid: std::process::id(),
             devices: devices(),
+            rank_hint,
         };
-        let reply = loop {
-            match client.register(request.clone()).await {
-                Ok(reply) => break reply.into_inner(),
-                // A replacement that comes before the coordinator has noticed the worker it
-                // replaces finds every rank taken: the group is about to restart, so wait.
-                Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {
-                    tracing::info!(reason = %s.message(), "no free rank yet; retrying while the group restarts");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+        // Retry until the deadline: the name may not resolve yet (a pod not yet created), the
+        // port may not listen yet, and a hinted rank may still be held by the worker this one
+        // replaces until the coordinator declares it lost and restarts the group.
+        let mut last_warning: Option<Instant> = None;
+        let (client, reply) = loop {
+            let retry = match endpoint.connect().await {
+                // A certificate this CA did not sign (or that does not name the address) will
+                // not change by waiting.
+                Err(e) if chain(&e).contains("certificate") => {
+                    return Err(anyhow!(trainer_core::exit::AuthFailed(format!(
+                        "the coordinator at {uri} is not trusted: {}",
+                        chain(&e)
+                    ))))
                 }
-                Err(s) => {
-                    let unauthenticated = s.code() == tonic::Code::Unauthenticated;
-                    let e = status_error("the coordinator refused the registration", s);
-                    return Err(if unauthenticated {
-                        anyhow!(trainer_core::exit::AuthFailed(format!("{e:#}")))
-                    } else {
-                        e
-                    });
+                Err(e) => Retry {
+                    why: format!("cannot reach the coordinator at {uri}: {}", chain(&e)),
+                    rank_taken: false,
+                },
+                Ok(channel) => {
+                    let mut client = CoordinatorClient::with_interceptor(channel, ClientAuth::new(&secret))
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                    match client.register(request.clone()).await {
+                        Ok(reply) => break (client, reply.into_inner()),
+                        Err(s) => register_retry(s)?,
+                    }
                 }
+            };
+            let why = &retry.why;
+            if Instant::now() >= deadline {
+                let e = format!(
+                    "{why} (gave up after {:.0} s, --connect-timeout)",
+                    connect_timeout.as_secs_f64()
+                );
+                // A rank that stays taken is a configuration mistake; an absent coordinator
+                // may come back.
+                return Err(if retry.rank_taken {
+                    anyhow!(trainer_core::exit::Usage(e))
+                } else {
+                    anyhow!(trainer_core::exit::Lost(e))
+                });
             }
+            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!("{why}; retrying");
+                last_warning = Some(Instant::now());
+            } else {
+                tracing::debug!("{why}; retrying");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         };
         let mut config: JobConfig = toml::from_str(&reply.job_config_toml)
             .context("the coordinator sent a job config this worker cannot read")?;
@@ -439,6 +625,13 @@ impl Agent {
         config.validate().context("the job config (with this worker's device) is invalid")?;
         if reply.world_size == 0 || reply.rank >= reply.world_size {
             bail!("the coordinator assigned rank {} of world size {}", reply.rank, reply.world_size);
+        }
+        if rank_hint.is_some_and(|hint| hint != reply.rank) {
+            bail!(
+                "asked for rank {} but the coordinator assigned rank {} (a coordinator that predates rank hints?)",
+                rank_hint.unwrap_or_default(),
+                reply.rank
+            );
         }
         let ms = |v: u32| Duration::from_millis(u64::from(v.max(1)));
         let job = JobInfo {
@@ -636,11 +829,7 @@ impl Agent {
         let listener = RingListener::bind(args.ring_listen)
             .with_context(|| format!("cannot bind the ring listener on {}", args.ring_listen))?;
         let bound = listener.local_addr();
-        let host = match &args.ring_advertise_host {
-            Some(h) => h.clone(),
-            None if bound.ip().is_unspecified() => hostname(),
-            None => bound.ip().to_string(),
-        };
+        let host = args.advertise_host(bound);
         let advertised = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]:{}", bound.port())
         } else {

@@ -1,0 +1,611 @@
+#!/usr/bin/env python3
+"""Runs the pods of the rendered deploy/overlays/cpu as real processes, one network
+namespace per pod, as a cluster would run them (no cluster needed; root needed).
+
+For N workers (--workers, default 2) it renders overlays/cpu with N and the job config
+replaced by configs/test-tiny.toml, then for every pod of both Jobs:
+  * a network namespace with its own IP on a private bridge, which itself lives in a
+    namespace of its own: nothing touches the host's network, and traffic stays inside;
+  * an /etc/hosts holding what cluster DNS would serve (<pod host>.<subdomain> for every
+    pod), an empty resolv.conf, and the pod's host name (a UTS namespace);
+  * the environment as the kubelet builds it: literal values, fieldRef (pod IP, name,
+    completion index annotation), secretKeyRef and configMapKeyRef, resourceFieldRef, then
+    `$(VAR)` expansion in env values and args, plus the Job controller's
+    JOB_COMPLETION_INDEX;
+  * a read-only root (a tmpfs root, remounted read-only, with the host's /usr, /lib and
+    /etc bound read-only, the image's /usr/local/bin/{coordinator,worker} mapped to the
+    built binaries and libtorch at the path their RUNPATH names), the pod's volumes
+    (ConfigMap and Secret files read-only, emptyDirs writable and owned by fsGroup), all
+    in a private mount namespace that dies with the pod;
+  * runAsUser/runAsGroup/fsGroup, no_new_privs and no capabilities through setpriv.
+The corpus is the one thing added: there is no internet here, so the coordinator pod gets
+IMDB_DATA and the shared corpus bound read-only at /corpus (a cluster downloads it).
+
+Then it asserts that the coordinator pod exits 0 and that summary.json shows the world size
+and equal replica checksums; with --kill-worker, worker pod 1 is killed (SIGKILL) once a
+checkpoint is committed (the test config checkpoints every 3 steps) and a new pod 1 is
+started (a new IP, as the Job controller would): the job must finish through a restart of
+the group from that checkpoint, bitwise equal to the uninterrupted run. Every namespace, process and folder is
+removed on exit, also on failure or Ctrl-C.
+
+With --image-bundle (an unpacked OCI image, as `make image` makes), the pods run from the
+image instead: its folders are the read-only root and its environment comes first.
+
+Skips (exit 0, with a line saying why) when not root or a tool is missing.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import yaml
+except ImportError:
+    yaml = None
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEPLOY = os.path.join(REPO, "deploy")
+NET_NS = "ddp-net"  # holds the bridge
+BRIDGE = "ddpbr0"
+SUBNET = "10.244.77"
+CLUSTER_DOMAIN = "cluster.local"
+NAMESPACE = "default"
+CORPUS_MOUNT = "/corpus/aclImdb.tar.gz"
+
+
+def log(msg):
+    print(f"pods: {msg}", flush=True)
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(list(args), check=check, **kw)
+
+
+class Cluster:
+    """The namespaces, processes and folders of one run; `close` removes all of them."""
+
+    def __init__(self, work, tag):
+        self.work = work
+        self.tag = tag
+        self.namespaces = []
+        self.procs = {}
+        self.next_ip = 10
+        self.bridge_ready = False
+
+    def ns_name(self, pod):
+        return f"ddp{self.tag}-{pod}"[:60]
+
+    def setup_bridge(self):
+        self.bridge_ns = f"{NET_NS}{self.tag}"
+        sh("ip", "netns", "add", self.bridge_ns)
+        self.namespaces.append(self.bridge_ns)
+        sh("ip", "-n", self.bridge_ns, "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "-n", self.bridge_ns, "link", "set", BRIDGE, "up")
+        sh("ip", "-n", self.bridge_ns, "link", "set", "lo", "up")
+        self.bridge_ready = True
+
+    def add_pod_network(self, pod):
+        """A namespace with eth0 on the bridge; returns (namespace, IP)."""
+        ns = self.ns_name(pod)
+        ip = f"{SUBNET}.{self.next_ip}"
+        veth = f"v{self.tag}{self.next_ip}"
+        self.next_ip += 1
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "-n", self.bridge_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("ip", "-n", self.bridge_ns, "link", "set", veth, "master", BRIDGE, "up")
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "-n", ns, "route", "add", "default", "dev", "eth0")
+        return ns, ip
+
+    def remove_namespace(self, ns):
+        sh("ip", "netns", "del", ns, check=False, stderr=subprocess.DEVNULL)
+        if ns in self.namespaces:
+            self.namespaces.remove(ns)
+
+    def close(self):
+        for name, p in list(self.procs.items()):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for ns in list(reversed(self.namespaces)):
+            self.remove_namespace(ns)
+        # Every mount was made in a pod's private mount namespace, gone with its processes.
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def render(workers, work):
+    """overlays/cpu with N workers and configs/test-tiny.toml as the job config."""
+    overlay = os.path.join(work, "overlay")
+    os.makedirs(overlay)
+    with open(os.path.join(REPO, "configs", "test-tiny.toml")) as f:
+        config = f.read()
+    # Checkpoints every 3 steps, so that a killed pod's group resumes mid-epoch.
+    with open(os.path.join(overlay, "job.toml"), "w") as f:
+        f.write(config + "\n[checkpoint]\nevery_steps = 3\nevery_seconds = 0\n")
+    shutil.copy(os.path.join(DEPLOY, "overlays", "cpu", "world-size.yaml"), overlay)
+    cpu = os.path.relpath(os.path.join(DEPLOY, "overlays", "cpu"), overlay)
+    with open(os.path.join(overlay, "kustomization.yaml"), "w") as f:
+        f.write(
+            f"""apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {cpu}
+configMapGenerator:
+  - name: imdb-ddp-config
+    behavior: replace
+    files:
+      - job.toml
+patches:
+  - target:
+      kind: Job
+      name: imdb-ddp-workers
+    patch: |-
+      - op: replace
+        path: /spec/completions
+        value: {workers}
+replacements:
+  - path: world-size.yaml
+"""
+        )
+    out = sh("kubectl", "kustomize", overlay, capture_output=True, text=True)
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    with open(os.path.join(work, "rendered.yaml"), "w") as f:
+        f.write(out.stdout)
+    return docs
+
+
+def quantity(value, divisor="1"):
+    """A resource quantity over a divisor, rounded up, as resourceFieldRef gives it."""
+
+    def parse(q):
+        q = str(q)
+        units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+        for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
+            if q.endswith(u):
+                return float(q[: -len(u)]) * f
+        return float(q)
+
+    return str(max(1, math.ceil(parse(value) / parse(divisor))))
+
+
+def expand(text, env):
+    """Kubernetes' $(VAR) expansion: $$ escapes, unknown references stay as written."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        text,
+    )
+
+
+class Pod:
+    def __init__(self, job, index, docs, secrets):
+        self.job = job
+        self.index = index
+        self.spec = job["spec"]["template"]["spec"]
+        self.container = self.spec["containers"][0]
+        self.hostname = f"{job['metadata']['name']}-{index}"
+        self.name = f"{self.hostname}-{os.urandom(3).hex()}"
+        self.configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+        self.secrets = secrets
+        self.annotations = {"batch.kubernetes.io/job-completion-index": str(index)}
+
+    def environment(self, ip):
+        """The container's environment, as the kubelet builds it."""
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOSTNAME": self.hostname,
+            # Set by the Job controller in every pod of an Indexed Job.
+            "JOB_COMPLETION_INDEX": str(self.index),
+        }
+        for e in self.container.get("env", []):
+            if "value" in e:
+                env[e["name"]] = expand(e["value"], env)
+                continue
+            src = e["valueFrom"]
+            if "fieldRef" in src:
+                path = src["fieldRef"]["fieldPath"]
+                m = re.fullmatch(r"metadata\.annotations\['(.+)'\]", path)
+                value = {
+                    "status.podIP": ip,
+                    "metadata.name": self.name,
+                    "metadata.namespace": NAMESPACE,
+                    "spec.nodeName": "node-0",
+                }.get(path)
+                if m:
+                    value = self.annotations.get(m.group(1), "")
+                if value is None:
+                    raise SystemExit(f"pods: unsupported fieldRef {path}")
+            elif "secretKeyRef" in src:
+                ref = src["secretKeyRef"]
+                value = self.secrets[ref["name"]][ref["key"]]
+            elif "configMapKeyRef" in src:
+                ref = src["configMapKeyRef"]
+                value = self.configmaps[ref["name"]]["data"][ref["key"]]
+            elif "resourceFieldRef" in src:
+                ref = src["resourceFieldRef"]
+                kind, res = ref["resource"].split(".", 1)
+                value = quantity(self.container["resources"][kind][res], ref.get("divisor", "1"))
+            else:
+                raise SystemExit(f"pods: unsupported env source {src}")
+            env[e["name"]] = value
+        return env
+
+    def command(self, env):
+        return [expand(a, env) for a in self.container.get("command", []) + self.container.get("args", [])]
+
+
+def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus, image=None):
+    """The files and a shell script that builds the pod's mount namespace and runs it."""
+    d = os.path.join(cluster.work, pod.name)
+    os.makedirs(d)
+    sc = pod.spec.get("securityContext", {})
+    uid, gid = sc.get("runAsUser", 0), sc.get("runAsGroup", 0)
+    fs_group = sc.get("fsGroup")
+    with open(os.path.join(d, "hosts"), "w") as f:
+        f.write(f"127.0.0.1 localhost\n{hosts}")
+    with open(os.path.join(d, "resolv.conf"), "w") as f:
+        f.write(f"search {NAMESPACE}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\noptions ndots:5 attempts:1 timeout:1\n")
+    # Volumes: ConfigMap and Secret files (read-only), emptyDirs (writable, fsGroup).
+    binds = []  # (host path, path in the pod, read-only)
+    volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
+    for m in pod.container.get("volumeMounts", []):
+        v = volumes[m["name"]]
+        src = os.path.join(d, "volumes", m["name"])
+        os.makedirs(src, exist_ok=True)
+        if "configMap" in v:
+            for k, text in pod.configmaps[v["configMap"]["name"]]["data"].items():
+                with open(os.path.join(src, k), "w") as f:
+                    f.write(text)
+        elif "secret" in v:
+            mode = v["secret"].get("defaultMode", 0o644)
+            for k, value in pod.secrets[v["secret"]["secretName"]].items():
+                path = os.path.join(src, k)
+                with open(path, "w") as f:
+                    f.write(value)
+                os.chown(path, 0, fs_group if fs_group is not None else 0)
+                os.chmod(path, mode)
+        elif "emptyDir" in v:
+            os.chown(src, uid, fs_group if fs_group is not None else gid)
+            os.chmod(src, 0o2775)
+        else:
+            raise SystemExit(f"pods: unsupported volume {v}")
+        os.chmod(os.path.join(d, "volumes"), 0o755)
+        binds.append((src, m["mountPath"], bool(m.get("readOnly")) or "configMap" in v or "secret" in v))
+    os.chmod(d, 0o755)
+    if image is None:
+        for image_path, host_path in binaries.items():
+            binds.append((host_path, image_path, True))
+        libtorch = os.path.realpath(os.path.join(REPO, ".libtorch"))
+        # The binaries' RUNPATH names <repo>/.libtorch/torch/lib (the image puts libtorch at
+        # the path its binaries name, too).
+        binds.append((libtorch, os.path.join(REPO, ".libtorch"), True))
+    if corpus:
+        binds.append((corpus, CORPUS_MOUNT, True))
+    binds.append((os.path.join(d, "hosts"), "/etc/hosts", True))
+    binds.append((os.path.join(d, "resolv.conf"), "/etc/resolv.conf", True))
+
+    root = os.path.join(d, "root")
+    os.makedirs(root)
+    lines = [
+        "set -eu",
+        "mount --make-rprivate /",
+        f"hostname {pod.hostname}",
+        f"mount -t tmpfs -o mode=755 rootfs {root}",
+    ]
+    # The image's folders (an unpacked OCI bundle), else the host's system folders, read-only.
+    base = image["rootfs"] if image else "/"
+    entries = sorted(os.listdir(base)) if image else ["usr", "bin", "sbin", "lib", "lib64", "etc"]
+    for entry in entries:
+        src = os.path.join(base, entry)
+        if entry in ("proc", "dev", "sys", "tmp"):
+            continue
+        if os.path.islink(src):
+            lines.append(f"ln -s {os.readlink(src)} {root}/{entry}")
+        elif os.path.isdir(src):
+            lines += [f"mkdir -p {root}/{entry}", f"mount --rbind -o ro=recursive {src} {root}/{entry}"]
+    lines += [
+        f"mkdir -p {root}/proc {root}/dev {root}/sys {root}/tmp",
+        f"mount -t proc proc {root}/proc",
+        f"mount --rbind /dev {root}/dev",
+        f"mount --rbind -o ro=recursive /sys {root}/sys",
+    ]
+    for src, dst, ro in binds:
+        if image:
+            # Inside the image's (read-only) folders: /var/run is a link to /run, say. Resolve
+            # links within the image and make the mount point in the unpacked copy, as a
+            # runtime makes it in the container's layer.
+            dst = resolve_in_root(image["rootfs"], dst)
+            host_target = image["rootfs"] + dst
+            if os.path.isdir(src):
+                os.makedirs(host_target, exist_ok=True)
+            elif not os.path.exists(host_target):
+                os.makedirs(os.path.dirname(host_target), exist_ok=True)
+                open(host_target, "a").close()
+        target = root + dst
+        if os.path.isdir(src):
+            lines.append(f"mkdir -p {target}")
+        else:
+            lines.append(f"mkdir -p {os.path.dirname(target)} && touch {target}")
+        lines.append(f"mount --bind {src} {target}")
+        if ro:
+            lines.append(f"mount -o remount,bind,ro {target}")
+    # The root itself read-only, after every mount point exists.
+    lines.append(f"mount -o remount,ro {root}")
+    groups = ",".join(str(g) for g in sorted({gid, fs_group} - {None}))
+    env = pod.environment(ip)
+    if image:
+        # The runtime starts from the image's environment; the pod's entries override it.
+        env = {**image["env"], **env}
+    if corpus and pod.container["name"] == "coordinator":
+        env["IMDB_DATA"] = CORPUS_MOUNT
+    cmd = pod.command(env)
+    envargs = " ".join(shlex(f"{k}={v}") for k, v in env.items())
+    lines.append(
+        f"exec chroot {root} setpriv --reuid={uid} --regid={gid} --groups={groups} --no-new-privs "
+        f"--inh-caps=-all --bounding-set=-all --reset-env env -i {envargs} {' '.join(shlex(a) for a in cmd)}"
+    )
+    script = os.path.join(d, "start.sh")
+    with open(script, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return script
+
+
+def resolve_in_root(rootfs, path):
+    """`path` inside `rootfs` with every symbolic link followed within it."""
+    parts = [p for p in path.split("/") if p]
+    out = []
+    for _ in range(40):
+        if not parts:
+            return "/" + "/".join(out)
+        part = parts.pop(0)
+        candidate = os.path.join(rootfs, *out, part)
+        if os.path.islink(candidate):
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                out = []
+            parts = [p for p in link.split("/") if p] + parts
+        elif part == "..":
+            out = out[:-1]
+        elif part != ".":
+            out.append(part)
+    raise SystemExit(f"pods: too many links in {path}")
+
+
+def shlex(s):
+    import shlex as _shlex
+
+    return _shlex.quote(s)
+
+
+def start_pod(cluster, pod, hosts, binaries, corpus, ns, ip):
+    script = prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus, IMAGE)
+    logf = open(os.path.join(cluster.work, pod.name + ".log"), "w")
+    p = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "unshare", "--mount", "--uts", "--propagation", "private", "sh", script],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    cluster.procs[pod.name] = p
+    log(f"pod {pod.name} ({pod.hostname}, {ip}) started: {' '.join(pod.command(pod.environment(ip)))}")
+    return p
+
+
+def check_isolation(pod, pid, ip):
+    """What the pod's process really runs as: its user, no privileges, a read-only root,
+    its own network namespace and IP, and its host name."""
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    uid = pod.spec["securityContext"]["runAsUser"]
+    problems = []
+    if status["Uid"].split()[0] != str(uid):
+        problems.append(f"uid {status['Uid'].split()}")
+    if status.get("NoNewPrivs", "").strip() != "1":
+        problems.append("no_new_privs is off")
+    if int(status["CapEff"], 16) != 0 or int(status["CapBnd"], 16) != 0:
+        problems.append(f"capabilities {status['CapEff'].strip()}/{status['CapBnd'].strip()}")
+    with open(f"/proc/{pid}/mountinfo") as f:
+        root = [line.split() for line in f if line.split()[4] == "/"]
+    if not root or "ro" not in root[0][5].split(","):
+        problems.append(f"root mount {root}")
+    if os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        problems.append("runs in the host's network namespace")
+    with open(f"/proc/{pid}/net/fib_trie") as f:
+        if ip not in f.read():
+            problems.append(f"has no {ip}")
+    if problems:
+        raise SystemExit(f"FAIL: pod {pod.name} (pid {pid}): {'; '.join(problems)}")
+    log(f"ok: pod {pod.name}: uid {uid}, no privileges, read-only root, its own network with {ip}")
+
+
+def read_log(cluster, pod):
+    with open(os.path.join(cluster.work, pod.name + ".log")) as f:
+        return f.read()
+
+
+def run(args, workers, kill_worker):
+    tag = f"{os.getpid() % 10000}{workers}{'k' if kill_worker else ''}"
+    work = tempfile.mkdtemp(prefix=f"pods-{tag}-")
+    os.chmod(work, 0o755)
+    cluster = Cluster(work, tag)
+
+    def on_signal(signum, frame):
+        cluster.close()
+        sys.exit(128 + signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run_in(cluster, args, workers, kill_worker)
+    finally:
+        cluster.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_in(cluster, args, workers, kill_worker):
+    what = f"overlays/cpu, N = {workers}" + (", worker pod 1 killed after a checkpoint and replaced" if kill_worker else "")
+    log(f"--- {what}")
+    docs = render(workers, cluster.work)
+    jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
+    svc = next(d for d in docs if d["kind"] == "Service")
+    coord_job, worker_job = jobs["imdb-ddp-coordinator"], jobs["imdb-ddp-workers"]
+    n = worker_job["spec"]["completions"]
+    assert n == workers, f"rendered {n} workers, expected {workers}"
+    secrets = {"imdb-ddp-job-secret": {"job-secret": os.urandom(16).hex() + "\n"}}
+    binaries = {
+        "/usr/local/bin/coordinator": os.path.join(args.bin_dir, "coordinator"),
+        "/usr/local/bin/worker": os.path.join(args.bin_dir, "worker"),
+    }
+    pods = [Pod(coord_job, 0, docs, secrets)] + [Pod(worker_job, i, docs, secrets) for i in range(n)]
+    cluster.setup_bridge()
+    nets = {p.hostname: cluster.add_pod_network(p.hostname) for p in pods}
+
+    def hosts_file():
+        # What cluster DNS serves for the headless Service: <hostname>.<subdomain>[.<ns>.svc...]
+        lines = []
+        for p in pods:
+            sub = p.spec.get("subdomain")
+            names = [p.hostname]
+            if sub:
+                fq = f"{p.hostname}.{sub}"
+                names = [fq, f"{fq}.{NAMESPACE}.svc.{CLUSTER_DOMAIN}"] + names
+            lines.append(f"{nets[p.hostname][1]} {' '.join(names)}\n")
+        return "".join(lines)
+
+    hosts = hosts_file()
+    assert svc["spec"]["clusterIP"] == "None"
+    start = time.time()
+    coordinator = pods[0]
+    procs = {p.hostname: start_pod(cluster, p, hosts, binaries, args.corpus, *nets[p.hostname]) for p in pods}
+    deadline = time.time() + 300
+    # Killed once a checkpoint is committed: the restart then resumes from it.
+    while ("checkpoint committed" if kill_worker else "epoch started") not in read_log(cluster, coordinator):
+        if procs[coordinator.hostname].poll() is not None or time.time() > deadline:
+            raise SystemExit(f"FAIL: training never started:\n{read_log(cluster, coordinator)}")
+        time.sleep(0.05)
+    for p in pods[:2]:
+        check_isolation(p, procs[p.hostname].pid, nets[p.hostname][1])
+    if kill_worker:
+        victim = pods[2]
+        procs[victim.hostname].kill()
+        code = procs[victim.hostname].wait()
+        log(f"pod {victim.name} killed (exit {code}); the Job controller starts a new pod for index {victim.index}")
+        cluster.remove_namespace(nets[victim.hostname][0])
+        replacement = Pod(worker_job, victim.index, docs, secrets)
+        nets[replacement.hostname] = cluster.add_pod_network(replacement.hostname + "b")
+        pods[2] = replacement
+        procs[replacement.hostname] = start_pod(cluster, replacement, hosts_file(), binaries, args.corpus, *nets[replacement.hostname])
+    try:
+        code = procs[coordinator.hostname].wait(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    clog = read_log(cluster, coordinator)
+    worker_codes = {}
+    for p in pods[1:]:
+        try:
+            worker_codes[p.name] = procs[p.hostname].wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker_codes[p.name] = None
+    if code != 0 or any(c != 0 for c in worker_codes.values()):
+        for p in pods[1:]:
+            print(f"--- {p.name} (exit {worker_codes[p.name]}):\n{read_log(cluster, p)[-3000:]}")
+        raise SystemExit(f"FAIL: {what}: coordinator exit {code}, workers {worker_codes}\n{clog[-6000:]}")
+    run_dir = os.path.join(cluster.work, coordinator.name, "volumes", "run", "run")
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    sums = summary.get("replica_checksums", [])
+    ok = summary.get("world_size") == n and len(sums) == n and len(set(sums)) == 1
+    restarts = summary.get("restarts")
+    resumed = None
+    if kill_worker:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        resumed = next((r["resumed_from_global_step"] for r in records if r.get("type") == "restart"), None)
+        ok = ok and restarts == 1 and bool(resumed)
+    if not ok:
+        raise SystemExit(f"FAIL: {what}: summary {json.dumps(summary)}\n{clog[-4000:]}")
+    ranks = re.findall(r"worker registered rank=(\d+) hostname=(\S+)", clog)
+    for rank, host in ranks:
+        if host != f"imdb-ddp-workers-{rank}":
+            raise SystemExit(f"FAIL: {what}: rank {rank} registered from pod {host}:\n{clog[-4000:]}")
+    log(
+        f"ok: {what}: coordinator exit 0 in {time.time() - start:.0f} s, world_size {n}, "
+        f"replica checksums equal ({sums[0]}), restarts {restarts}"
+        + (f" (resumed at step {resumed})" if resumed else "")
+        + ", pod i = rank i "
+        f"({len(ranks)} registrations), test accuracy {summary.get('test_accuracy')}"
+    )
+    return summary
+
+
+IMAGE = None
+
+
+def load_image(bundle):
+    """An unpacked OCI image (`umoci unpack`): its root folder and its environment."""
+    with open(os.path.join(bundle, "config.json")) as f:
+        config = json.load(f)
+    env = dict(e.split("=", 1) for e in config["process"].get("env", []))
+    return {"rootfs": os.path.join(bundle, config["root"]["path"]), "env": env}
+
+
+def main():
+    global IMAGE
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workers", type=int, action="append", help="N (repeatable; default 2)")
+    parser.add_argument("--kill-worker", action="store_true", help="also run with worker pod 1 killed and replaced")
+    parser.add_argument("--bin-dir", default=os.path.join(REPO, "target", "debug"))
+    parser.add_argument("--corpus", default=os.environ.get("IMDB_DATA"))
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument(
+        "--image-bundle", help="run the pods from this unpacked OCI image (umoci unpack) instead of the built binaries"
+    )
+    args = parser.parse_args()
+    missing = [t for t in ["kubectl", "ip", "unshare", "setpriv", "chroot", "mount"] if shutil.which(t) is None]
+    if os.geteuid() != 0:
+        print("skipped: the pods in network namespaces need root (ip netns, mount, setpriv)")
+        return 0
+    if missing or yaml is None:
+        print(f"skipped: pods in network namespaces: missing {missing or ['PyYAML']}")
+        return 0
+    if not args.corpus or not os.path.exists(args.corpus):
+        print("skipped: pods in network namespaces: IMDB_DATA not set (there is no internet to download it)")
+        return 0
+    args.corpus = os.path.realpath(args.corpus)
+    if args.image_bundle:
+        IMAGE = load_image(os.path.realpath(args.image_bundle))
+        log(f"pods run from the image at {args.image_bundle}")
+    for b in [] if args.image_bundle else ["coordinator", "worker"]:
+        if not os.path.isfile(os.path.join(args.bin_dir, b)):
+            print(f"skipped: {args.bin_dir}/{b} is not built (cargo build --workspace --bins)")
+            return 0
+    try:
+        sh("ip", "netns", "list", capture_output=True)
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"skipped: network namespaces unavailable: {e}")
+        return 0
+    for n in args.workers or [2]:
+        whole = run(args, n, False)
+        if args.kill_worker:
+            restarted = run(args, n, True)
+            # On the CPU a run restarted from its checkpoint ends bitwise equal.
+            a, b = whole["final_parameter_checksum"], restarted["final_parameter_checksum"]
+            if a != b:
+                raise SystemExit(f"FAIL: N = {n}: the restarted run ended with {b}, the whole run with {a}")
+            log(f"ok: N = {n}: the restarted run ends bitwise equal to the whole run ({a})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

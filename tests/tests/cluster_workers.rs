@@ -1,0 +1,270 @@
+//! Workers started the way a cluster starts them, as real processes on 127.0.0.1: an
+//! external coordinator with its secret in a file (a mounted Secret), workers that find it
+//! through MASTER_ADDR/MASTER_PORT or COORDINATOR_ADDR, ask for their rank with
+//! JOB_COMPLETION_INDEX or TRAINER_RANK, advertise their ring address from POD_IP, and a
+//! worker "pod" that is killed and started again by its supervisor: the group restarts and
+//! the replacement gets the same rank.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Three epochs of 25 steps per rank (2 ranks, batch 16) and a checkpoint every 10 steps.
+const JOB: &str = r#"
+[data]
+max_vocab = 2000
+max_len = 64
+val_fraction = 0.2
+train_subset = 1000
+test_subset = 200
+
+[model]
+embed_dim = 8
+hidden = 8
+layers = 1
+dropout = 0.3
+
+[train]
+batch_size = 16
+epochs = 3
+lr = 0.01
+batch_order = "bucketed"
+bucket_pool = 4
+bptt = 16
+seed = 5
+device = "cpu"
+log_every = 5
+eval_batch_size = 100
+
+[checkpoint]
+every_steps = 10
+every_seconds = 0
+"#;
+
+/// Lines of a child's stderr, read on a thread.
+fn lines_of(child: &mut Child) -> Receiver<String> {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+struct Log {
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Log {
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.seen.push(line.clone());
+                if pred(&line) {
+                    return line;
+                }
+            }
+        }
+        panic!("no {what} within 120 s:\n{}", self.seen.join("\n"));
+    }
+
+    fn drain(&mut self) -> String {
+        self.seen.extend(self.lines.try_iter());
+        self.seen.join("\n")
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key))
+}
+
+/// `worker join` with only the variables a pod would have (plus the test marker).
+fn worker_pod(marker: &str, env: &[(&str, String)]) -> Child {
+    let mut cmd = scrubbed(Command::new(bin("worker")), marker);
+    for var in [
+        "TRAINER_JOB_SECRET_FILE",
+        "TRAINER_RANK",
+        "JOB_COMPLETION_INDEX",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "POD_IP",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.arg("join")
+        .args(["--ring-listen", "0.0.0.0:0"])
+        .env("WORKER_THREADS", "1")
+        .env("WORKER_RING_TIMEOUT", "3")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a worker")
+}
+
+#[test]
+fn hinted_workers_keep_their_ranks_through_a_replaced_pod() {
+    let Some(data) = imdb_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), JOB);
+    let out = dir.path().join("run");
+    let secret_file = dir.path().join("job-secret");
+    // As `kubectl create secret --from-file` of a file written by echo: a trailing newline.
+    std::fs::write(&secret_file, "cluster-test-secret-0badf00d\n").unwrap();
+    let marker = format!("cluster-{}", std::process::id());
+
+    let mut coordinator = scrubbed(Command::new(bin("coordinator")), &marker)
+        .args(["--workers", "2", "--external-workers", "--listen", "127.0.0.1:0"])
+        .arg("--config")
+        .arg(&config)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args(["--heartbeat-timeout", "3", "--register-timeout", "120"])
+        .env("TRAINER_JOB_SECRET_FILE", &secret_file)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the coordinator");
+    let mut log = Log { lines: lines_of(&mut coordinator), seen: Vec::new() };
+    let line = log.wait_for("the advertised address", |l| l.contains("advertise="));
+    let addr = field(&line, "advertise=").expect("advertise=").to_string();
+    let port = addr.rsplit(':').next().unwrap().to_string();
+
+    let secret = secret_file.display().to_string();
+    // Pod 1 of an Indexed Job, found through PyTorchJob's variables; started first, so that
+    // registration order alone would make it rank 0.
+    let pod1_env = [
+        ("JOB_COMPLETION_INDEX", "1".to_string()),
+        ("MASTER_ADDR", "127.0.0.1".to_string()),
+        ("MASTER_PORT", port.clone()),
+        ("TRAINER_JOB_SECRET_FILE", secret.clone()),
+        ("POD_IP", "127.0.0.1".to_string()),
+    ];
+    let mut pod1 = worker_pod(&marker, &pod1_env);
+    let first = log.wait_for("pod 1's registration", |l| l.contains("worker registered"));
+    assert_eq!(field(&first, "rank="), Some("1"), "{first}");
+    assert_eq!(field(&first, "pid="), Some(pod1.id().to_string().as_str()), "{first}");
+    let pod0_env = [
+        ("TRAINER_RANK", "0".to_string()),
+        ("COORDINATOR_ADDR", addr.clone()),
+        ("TRAINER_JOB_SECRET_FILE", secret.clone()),
+        ("POD_IP", "127.0.0.1".to_string()),
+    ];
+    let mut pod0 = worker_pod(&marker, &pod0_env);
+
+    // Both advertise the pod IP, not a host name, for ring listeners bound to 0.0.0.0.
+    for _ in 0..2 {
+        let report = log.wait_for("a rendezvous report", |l| l.contains("rendezvous report"));
+        assert!(field(&report, "address=").is_some_and(|a| a.starts_with("127.0.0.1:")), "{report}");
+    }
+    log.wait_for("a checkpoint in epoch 2", |l| {
+        l.contains("checkpoint committed") && l.contains("epoch 2, step")
+    });
+    // The supervisor's view: pod 1 is killed (a node lost) and a new pod 1 is started.
+    send_signal(pod1.id(), libc::SIGKILL);
+    let status = pod1.wait().expect("reap pod 1");
+    assert_eq!(status.code(), None, "killed");
+    let mut pod1b = worker_pod(&marker, &pod1_env);
+    let again = log.wait_for("the new pod 1's registration", |l| {
+        l.contains("worker registered") && l.contains(&format!("pid={}", pod1b.id()))
+    });
+    assert_eq!(field(&again, "rank="), Some("1"), "{again}");
+    assert!(again.contains("attempt=1"), "{again}");
+
+    let status = wait_exit(&mut coordinator, Duration::from_secs(180));
+    let text = log.drain();
+    assert!(status.success(), "coordinator: {status}\n{text}");
+    // Pod 0 restarted in place (it re-executes itself) and kept rank 0.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("worker registered") && l.contains(" rank=0 ") && l.contains("attempt=1")),
+        "{text}"
+    );
+    for pod in [&mut pod0, &mut pod1b] {
+        let status = wait_exit(pod, Duration::from_secs(30));
+        assert!(status.success(), "a worker pod ended with {status}\n{text}");
+    }
+    let s = summary(&out);
+    assert_eq!(s["world_size"], 2, "{s}");
+    assert_eq!(s["restarts"], 1, "{s}");
+    let sums = s["replica_checksums"].as_array().expect("replica_checksums");
+    assert!(sums.len() == 2 && sums[0] == sums[1], "{sums:?}");
+    assert_none_left(&marker);
+}
+
+/// A pod whose secret file is missing, or whose rank hint is beyond the world size, exits at
+/// once with the usage code (2): a podFailurePolicy fails the job instead of retrying.
+#[test]
+fn a_bad_secret_file_or_rank_hint_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("cluster-bad-{}", std::process::id());
+    let secret = "cluster-test-secret-abc";
+    let coord = trainer_tests::ExternalCoordinator::start(
+        &bin("coordinator"),
+        2,
+        secret,
+        (40, 10),
+        &["--batch-size", "4", "--epochs", "1", "--register-timeout", "60"],
+    );
+    let addr = coord.addr().to_string();
+    let missing = dir.path().join("no-such-secret");
+    let mut pod = worker_pod(
+        &marker,
+        &[("COORDINATOR_ADDR", addr.clone()), ("TRAINER_JOB_SECRET_FILE", missing.display().to_string())],
+    );
+    assert_eq!(wait_exit(&mut pod, Duration::from_secs(30)).code(), Some(2));
+
+    let file = dir.path().join("secret");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let mut pod = worker_pod(
+        &marker,
+        &[
+            ("COORDINATOR_ADDR", addr.clone()),
+            ("TRAINER_JOB_SECRET_FILE", file.display().to_string()),
+            ("TRAINER_RANK", "5".to_string()),
+        ],
+    );
+    assert_eq!(wait_exit(&mut pod, Duration::from_secs(30)).code(), Some(2));
+    // No address at all: neither COORDINATOR_ADDR nor MASTER_ADDR.
+    let mut pod = worker_pod(&marker, &[("TRAINER_JOB_SECRET_FILE", file.display().to_string())]);
+    assert_eq!(wait_exit(&mut pod, Duration::from_secs(30)).code(), Some(2));
+    let stderr = coord.stderr();
+    assert!(!stderr.contains("worker registered"), "{stderr}");
+    assert_none_left(&marker);
+}
+
+/// A coordinator name that does not resolve yet (its pod is not created) is retried, not
+/// fatal, until --connect-timeout; then the worker exits 75 (retryable) naming the address.
+#[test]
+fn an_unresolvable_coordinator_is_retried_until_the_connect_timeout() {
+    let marker = format!("cluster-dns-{}", std::process::id());
+    let start = Instant::now();
+    let mut cmd = scrubbed(Command::new(bin("worker")), &marker);
+    let out = cmd
+        .args(["join", "--connect-timeout", "3"])
+        .env("COORDINATOR_ADDR", "job-coordinator-0.no-such-service.invalid:50051")
+        .env("TRAINER_JOB_SECRET", "s3cret")
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("run the worker");
+    let waited = start.elapsed();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(75), "{text}");
+    assert!(waited >= Duration::from_secs(3), "gave up after {waited:?}\n{text}");
+    assert!(text.contains("no-such-service.invalid:50051") && text.contains("retrying"), "{text}");
+}

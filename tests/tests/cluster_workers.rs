@@ -7,58 +7,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Three epochs of 25 steps per rank (2 ranks, batch 16) and a checkpoint every 10 steps.
-const JOB: &str = r#"
-[data]
-max_vocab = 2000
-max_len = 64
-val_fraction = 0.2
-train_subset = 1000
-test_subset = 200
-
-[model]
-embed_dim = 8
-hidden = 8
-layers = 1
-dropout = 0.3
-
-[train]
-batch_size = 16
-epochs = 3
-lr = 0.01
-batch_order = "bucketed"
-bucket_pool = 4
-bptt = 16
-seed = 5
-device = "cpu"
-log_every = 5
-eval_batch_size = 100
-
-[checkpoint]
-every_steps = 10
-every_seconds = 0
-"#;
-
-/// Lines of a child's stderr, read on a thread.
-fn lines_of(child: &mut Child) -> Receiver<String> {
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
 
 struct Log {
     lines: Receiver<String>,
@@ -118,7 +71,7 @@ fn worker_pod(marker: &str, env: &[(&str, String)]) -> Child {
 fn hinted_workers_keep_their_ranks_through_a_replaced_pod() {
     let Some(data) = imdb_data() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), JOB);
+    let config = write_config(dir.path(), RESTARTABLE_JOB);
     let out = dir.path().join("run");
     let secret_file = dir.path().join("job-secret");
     // As `kubectl create secret --from-file` of a file written by echo: a trailing newline.

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -69,15 +69,7 @@ fn a_running_job_serves_metrics_and_status() {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn coordinator");
-    let pipe = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = lines_of(&mut child);
     // The two addresses from the log, then the first training progress line.
     let (mut grpc, mut metrics, mut training) = (None, None, false);
     let mut log = Vec::new();

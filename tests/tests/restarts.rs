@@ -9,46 +9,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Three epochs of 25 steps per rank (2 ranks, batch 16), a checkpoint every 10 steps, and
-/// dropout on, so that a resumed run must also replay the dropout masks exactly.
-const JOB: &str = r#"
-[data]
-max_vocab = 2000
-max_len = 64
-val_fraction = 0.2
-train_subset = 1000
-test_subset = 200
-
-[model]
-embed_dim = 8
-hidden = 8
-layers = 1
-dropout = 0.3
-
-[train]
-batch_size = 16
-epochs = 3
-lr = 0.01
-batch_order = "bucketed"
-bucket_pool = 4
-bptt = 16
-seed = 5
-device = "cpu"
-log_every = 5
-eval_batch_size = 100
-
-[checkpoint]
-every_steps = 10
-every_seconds = 0
-"#;
 
 /// Heartbeats and the ring give up after 3 s, so that failures are seen quickly.
 const FAST_FAILURE: [&str; 4] = ["--heartbeat-timeout", "3", "--register-timeout", "60"];
@@ -86,15 +52,7 @@ impl Job {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn coordinator");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = lines_of(&mut child);
         Job { child, lines, log: Vec::new() }
     }
 
@@ -157,8 +115,8 @@ fn assert_same_result(out: &Path, expected: &(String, f64), log: &str) {
 fn a_killed_or_stalled_worker_costs_a_restart_and_the_run_ends_bitwise_equal() {
     let Some(data) = imdb_data() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let expected = reference(dir.path(), &data, JOB);
-    let config = write_config(dir.path(), JOB);
+    let expected = reference(dir.path(), &data, RESTARTABLE_JOB);
+    let config = write_config(dir.path(), RESTARTABLE_JOB);
 
     for (signal, name) in [(libc::SIGKILL, "killed"), (libc::SIGSTOP, "stalled")] {
         let out = dir.path().join(name);
@@ -192,8 +150,8 @@ fn a_killed_or_stalled_worker_costs_a_restart_and_the_run_ends_bitwise_equal() {
 fn a_dead_or_terminated_coordinator_resumes_bitwise_equal() {
     let Some(data) = imdb_data() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let expected = reference(dir.path(), &data, JOB);
-    let config = write_config(dir.path(), JOB);
+    let expected = reference(dir.path(), &data, RESTARTABLE_JOB);
+    let config = write_config(dir.path(), RESTARTABLE_JOB);
 
     for (signal, name) in [(libc::SIGKILL, "sigkill"), (libc::SIGTERM, "sigterm")] {
         let out = dir.path().join(name);
@@ -220,7 +178,7 @@ fn a_dead_or_terminated_coordinator_resumes_bitwise_equal() {
         assert!(stderr(&refused).contains("pass --resume"), "{}", stderr(&refused));
         // Another job's config is refused with the difference named.
         let other = dir.path().join("other.toml");
-        std::fs::write(&other, JOB.replace("seed = 5", "seed = 6")).unwrap();
+        std::fs::write(&other, RESTARTABLE_JOB.replace("seed = 5", "seed = 6")).unwrap();
         let refused = run(coordinator(2, &other, &out, &data, &marker).args(["--resume"]));
         assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
         assert!(stderr(&refused).contains("train.seed: 6 vs 5"), "{}", stderr(&refused));
@@ -239,7 +197,7 @@ fn a_dead_or_terminated_coordinator_resumes_bitwise_equal() {
 fn restarts_used_up_end_the_job_with_the_last_cause() {
     let Some(data) = imdb_data() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &JOB.replace("epochs = 3", "epochs = 30"));
+    let config = write_config(dir.path(), &RESTARTABLE_JOB.replace("epochs = 3", "epochs = 30"));
     let out = dir.path().join("run");
     let marker = format!("used-up-{}", std::process::id());
     let mut job = Job::start(&config, &out, &data, &marker, &["--max-restarts", "1"]);
@@ -328,7 +286,9 @@ fn a_worker_killed_during_a_checkpoint_upload_leaves_the_last_checkpoint_current
     let Some(data) = imdb_data() else { return };
     // A bigger embedding (20,000 x 96 with Adam's two moments: a 23 MB checkpoint) takes
     // long enough to stream that a kill at its first chunk lands inside it.
-    let job = JOB.replace("max_vocab = 2000", "max_vocab = 20000").replace("embed_dim = 8", "embed_dim = 96");
+    let job = RESTARTABLE_JOB
+        .replace("max_vocab = 2000", "max_vocab = 20000")
+        .replace("embed_dim = 8", "embed_dim = 96");
     let dir = tempfile::tempdir().unwrap();
     let expected = reference(dir.path(), &data, &job);
     let config = write_config(dir.path(), &job);

@@ -2,11 +2,13 @@
 //! synthetic corpora, and a one-file HTTP server on 127.0.0.1.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -260,4 +262,51 @@ pub fn send_signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) with a pid this test started; no memory is shared.
     let rc = unsafe { libc::kill(pid as i32, signal) };
     assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// Three epochs of 25 steps per rank (2 ranks, batch 16), a checkpoint every 10 steps, and
+/// dropout on, so that a resumed run must also replay the dropout masks exactly.
+pub const RESTARTABLE_JOB: &str = r#"
+[data]
+max_vocab = 2000
+max_len = 64
+val_fraction = 0.2
+train_subset = 1000
+test_subset = 200
+
+[model]
+embed_dim = 8
+hidden = 8
+layers = 1
+dropout = 0.3
+
+[train]
+batch_size = 16
+epochs = 3
+lr = 0.01
+batch_order = "bucketed"
+bucket_pool = 4
+bptt = 16
+seed = 5
+device = "cpu"
+log_every = 5
+eval_batch_size = 100
+
+[checkpoint]
+every_steps = 10
+every_seconds = 0
+"#;
+
+/// Lines of a child's stderr, read on a thread.
+pub fn lines_of(child: &mut Child) -> Receiver<String> {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }

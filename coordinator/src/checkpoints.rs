@@ -13,7 +13,7 @@
 //! resume from the same global step once the step-to-sample mapping is made world-size
 //! independent (elastic resizing, not built yet).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -167,9 +167,9 @@ pub fn commit(dir: &Path, pointer: &JobCheckpoint) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The path of the current checkpoint file.
-pub fn current_file(dir: &Path, pointer: &JobCheckpoint) -> PathBuf {
-    dir.join(&pointer.file)
+/// What the workers of an attempt restore: the current file of `pointer`, in `dir`.
+pub fn resume_from(dir: &Path, pointer: &JobCheckpoint) -> crate::service::ResumeFrom {
+    crate::service::ResumeFrom { file: dir.join(&pointer.file), global_step: pointer.global_step }
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use crate::checkpoints::{self, JobCheckpoint, JobIdentity, JobProgress};
 use crate::launcher::{LocalWorkers, WorkerLaunch};
 use crate::progress::{Output, Progress};
 use crate::run_dir::{checksum_hex, EpochRecord, RunDir, Summary};
-use crate::service::{Event, ResumeFrom, Shared};
+use crate::service::{Event, Shared};
 use crate::telemetry::JobState;
 use crate::views::RunViews;
 
@@ -624,10 +624,7 @@ impl Driver {
         self.shared.telemetry.begin_attempt(self.attempt, restarts);
         self.shared.begin_attempt(
             self.attempt,
-            resumed.as_ref().map(|c| ResumeFrom {
-                file: checkpoints::current_file(self.run_dir.path(), c),
-                global_step: c.global_step,
-            }),
+            resumed.as_ref().map(|c| checkpoints::resume_from(self.run_dir.path(), c)),
         );
         self.rank_of_pid.clear();
         self.registered = 0;

@@ -149,6 +149,7 @@ impl Shared {
         out_dir: PathBuf,
         backend: BackendChoice,
         events: mpsc::UnboundedSender<Event>,
+        resume: Option<ResumeFrom>,
     ) -> Arc<Self> {
         let world = data.world_size;
         let config_toml = data.config.to_toml();
@@ -160,7 +161,7 @@ impl Shared {
             out_dir,
             backend,
             config_toml,
-            state: Mutex::new(State::fresh(world, 0, None)),
+            state: Mutex::new(State::fresh(world, 0, resume)),
             events,
             rendezvous_done: watch::channel(None).0,
         })

@@ -26,7 +26,7 @@ use crate::job::JobData;
 use crate::launcher::{default_worker_bin, threads_per_worker, LocalWorkers, WorkerLaunch};
 use crate::progress::{Output, Progress};
 use crate::run_dir::RunDir;
-use crate::service::{CoordinatorService, Event, ResumeFrom, Shared, Timing};
+use crate::service::{CoordinatorService, Event, Shared, Timing};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -320,18 +320,15 @@ impl Job {
             None => local.to_string(),
         };
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let resume_file = self.fault.resume.as_ref().map(|c| ResumeFrom {
-            file: checkpoints::current_file(self.run_dir.path(), c),
-            global_step: c.global_step,
-        });
+        let resume = self.fault.resume.as_ref().map(|c| checkpoints::resume_from(self.run_dir.path(), c));
         let shared = Shared::new(
             Arc::clone(&self.data),
             self.timing,
             self.run_dir.path().to_path_buf(),
             self.args.backend,
             events_tx.clone(),
+            resume,
         );
-        shared.begin_attempt(0, resume_file);
 
         // The gRPC server: the coordinator behind the job secret, and the standard health
         // service without it (it reveals nothing, and the kubelet's `grpc:` probe cannot

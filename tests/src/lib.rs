@@ -20,11 +20,8 @@ pub fn built_binary_path(name: &str) -> PathBuf {
 /// names it; None when no checkpoint was committed.
 pub fn current_checkpoint(run_dir: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(run_dir.join("checkpoint.json")).ok()?;
-    // The record is JSON with a top-level "file": a plain scan keeps this crate dependency-free.
-    let key = "\"file\": \"";
-    let start = text.find(key)? + key.len();
-    let end = start + text[start..].find('"')?;
-    Some(run_dir.join(&text[start..end]))
+    let record: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(run_dir.join(record["file"].as_str()?))
 }
 
 /// Writes `train_per_label` train and `test_per_label` test reviews per label under

@@ -8,39 +8,9 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-struct Log {
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Log {
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                self.seen.push(line.clone());
-                if pred(&line) {
-                    return line;
-                }
-            }
-        }
-        panic!("no {what} within 120 s:\n{}", self.seen.join("\n"));
-    }
-
-    fn drain(&mut self) -> String {
-        self.seen.extend(self.lines.try_iter());
-        self.seen.join("\n")
-    }
-}
-
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key))
-}
 
 /// `worker join` with only the variables a pod would have (plus the test marker).
 fn worker_pod(marker: &str, env: &[(&str, String)]) -> Child {
@@ -93,7 +63,7 @@ fn hinted_workers_keep_their_ranks_through_a_replaced_pod() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the coordinator");
-    let mut log = Log { lines: lines_of(&mut coordinator), seen: Vec::new() };
+    let mut log = LogLines::of(&mut coordinator, Duration::from_secs(120));
     let line = log.wait_for("the advertised address", |l| l.contains("advertise="));
     let addr = field(&line, "advertise=").expect("advertise=").to_string();
     let port = addr.rsplit(':').next().unwrap().to_string();

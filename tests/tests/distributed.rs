@@ -254,10 +254,8 @@ fn start_long_job(
     while (ranks.len() < 2 || !steps_seen) && Instant::now() < deadline {
         let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
         if line.contains("worker registered") {
-            let field = |key: &str| -> Option<u64> {
-                line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok())
-            };
-            if let (Some(rank), Some(pid)) = (field("rank="), field("pid=")) {
+            let number = |key: &str| field(&line, key).and_then(|v| v.parse::<u64>().ok());
+            if let (Some(rank), Some(pid)) = (number("rank="), number("pid=")) {
                 ranks.push((rank as usize, pid as u32));
             }
         }

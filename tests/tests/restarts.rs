@@ -11,7 +11,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -36,8 +35,7 @@ fn reference(dir: &Path, data: &Path, job: &str) -> (String, f64) {
 /// A running coordinator and its stderr lines.
 struct Job {
     child: Child,
-    lines: Receiver<String>,
-    log: Vec<String>,
+    log: LogLines,
 }
 
 impl Job {
@@ -52,22 +50,12 @@ impl Job {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn coordinator");
-        let lines = lines_of(&mut child);
-        Job { child, lines, log: Vec::new() }
+        let log = LogLines::of(&mut child, Duration::from_secs(90));
+        Job { child, log }
     }
 
-    /// Waits for a log line that `pred` accepts and returns it.
     fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while Instant::now() < deadline {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                self.log.push(line.clone());
-                if pred(&line) {
-                    return line;
-                }
-            }
-        }
-        panic!("no {what} within 90 s:\n{}", self.log.join("\n"));
+        self.log.wait_for(what, pred)
     }
 
     /// The pid of `rank` from the "worker registered" line of the attempt under way.
@@ -75,18 +63,13 @@ impl Job {
         let line = self.wait_for("registration", |l| {
             l.contains("worker registered") && l.contains(&format!(" rank={rank} "))
         });
-        field(&line, "pid=").expect("pid in the registration line")
+        field(&line, "pid=").and_then(|p| p.parse().ok()).expect("pid in the registration line")
     }
 
     fn finish(mut self, within: Duration) -> (std::process::ExitStatus, String) {
         let status = wait_exit(&mut self.child, within);
-        self.log.extend(self.lines.try_iter());
-        (status, self.log.join("\n"))
+        (status, self.log.drain())
     }
-}
-
-fn field(line: &str, key: &str) -> Option<u32> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok())
 }
 
 /// A mid-epoch checkpoint of epoch 2 was committed.
@@ -99,7 +82,7 @@ fn epoch_two_checkpoint(line: &str) -> bool {
 fn workers_restored_a_checkpoint(log: &str, after: u32) -> bool {
     log.lines()
         .filter(|l| l.contains("resuming from the job's checkpoint"))
-        .filter_map(|l| field(l, "global_step="))
+        .filter_map(|l| field(l, "global_step=").and_then(|v| v.parse::<u32>().ok()))
         .any(|step| step > after)
 }
 

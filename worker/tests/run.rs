@@ -46,7 +46,8 @@ fn fails(out: Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn train(data: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+/// `worker train` of the tiny config on `data` into `out`, with `extra` flags.
+fn train_output(data: &Path, out: &Path, extra: &[&str]) -> Output {
     let config = tiny_config();
     let mut args = vec![
         "train",
@@ -58,7 +59,11 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
         out.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    serde_json::from_str(&ok(worker(&args))).expect("train prints its summary as JSON")
+    worker(&args)
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(train_output(data, out, extra))).expect("train prints its summary as JSON")
 }
 
 fn summary(dir: &Path) -> serde_json::Value {
@@ -152,18 +157,7 @@ fn two_epochs_straight_equal_one_epoch_then_resume_bitwise() {
 fn profile_steps_prints_every_bucket_and_changes_nothing() {
     let Some(data) = imdb_data() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_config();
-    let out = worker(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        dir.path().to_str().unwrap(),
-        "--profile-steps",
-        "3",
-    ]);
+    let out = train_output(&data, dir.path(), &["--profile-steps", "3"]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let summary: serde_json::Value = serde_json::from_str(&ok(out)).expect("stdout is still the summary");
     for bucket in worker::profile::BUCKETS.iter().map(|b| b.name()).chain(["other (host, untimed)", "step"]) {

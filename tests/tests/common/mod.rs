@@ -310,3 +310,42 @@ pub fn lines_of(child: &mut Child) -> Receiver<String> {
     });
     rx
 }
+
+/// A child's stderr lines as they arrive, and all seen so far (for failure messages).
+pub struct LogLines {
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    /// How long [`LogLines::wait_for`] waits before it fails the test.
+    within: Duration,
+}
+
+impl LogLines {
+    pub fn of(child: &mut Child, within: Duration) -> Self {
+        Self { lines: lines_of(child), seen: Vec::new(), within }
+    }
+
+    /// Waits for a line that `pred` accepts and returns it; panics with everything seen.
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + self.within;
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.seen.push(line.clone());
+                if pred(&line) {
+                    return line;
+                }
+            }
+        }
+        panic!("no {what} within {:?}:\n{}", self.within, self.seen.join("\n"));
+    }
+
+    /// Everything seen, with what arrived since the last wait.
+    pub fn drain(&mut self) -> String {
+        self.seen.extend(self.lines.try_iter());
+        self.seen.join("\n")
+    }
+}
+
+/// The value after `key` (`rank=`, `pid=`) in a log line's `key=value` fields.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key))
+}

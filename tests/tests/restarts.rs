@@ -307,3 +307,34 @@ fn a_worker_killed_during_a_checkpoint_upload_leaves_the_last_checkpoint_current
     }
     panic!("in 3 runs, no kill landed inside a checkpoint upload");
 }
+
+/// `--resume` with nothing to resume, and a damaged `checkpoint.json`, are refused with a
+/// message that names the file, before any worker starts.
+#[test]
+fn resume_refuses_an_empty_folder_and_a_damaged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = trainer_tests::write_synthetic_corpus(dir.path(), 20, 5);
+    let config = write_config(
+        dir.path(),
+        "[model]\nembed_dim = 8\nhidden = 8\nlayers = 1\n\n[train]\nbatch_size = 4\n",
+    );
+    let out = dir.path().join("run");
+    let marker = format!("resume-flags-{}", std::process::id());
+    let start =
+        |extra: &[&str]| run(coordinator(2, &config, &out, &data, &marker).arg("--no-cache").args(extra));
+
+    let empty = start(&["--resume"]);
+    assert_eq!(empty.status.code(), Some(2), "{}", stderr(&empty));
+    assert!(stderr(&empty).contains("holds no checkpoint of a job"), "{}", stderr(&empty));
+
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("checkpoint.json"), b"{ not json").unwrap();
+    let damaged = start(&["--resume=auto"]);
+    assert!(!damaged.status.success());
+    assert!(
+        stderr(&damaged).contains("checkpoint.json is not a checkpoint record of this trainer"),
+        "{}",
+        stderr(&damaged)
+    );
+    assert_none_left(&marker);
+}

@@ -64,6 +64,9 @@ pub enum Optimizer {
     /// `torch.optim.Adam` (eps 1e-8), with `beta1`, `beta2` and `weight_decay`.
     #[default]
     Adam,
+    /// `torch.optim.AdamW`: Adam with decoupled weight decay, `p *= 1 - lr * weight_decay`
+    /// before the update, instead of adding `weight_decay * p` to the gradient.
+    AdamW,
     /// `torch.optim.SGD` without momentum: `p -= lr * (g + weight_decay * p)`. Its update is
     /// linear in the gradient, so runs that differ only in float summation order stay close
     /// (the equivalence tests of different world sizes use it).
@@ -75,6 +78,7 @@ impl Optimizer {
     pub fn name(self) -> &'static str {
         match self {
             Self::Adam => "adam",
+            Self::AdamW => "adamw",
             Self::Sgd => "sgd",
         }
     }
@@ -118,13 +122,37 @@ pub struct ModelConfig {
     pub embed_dim: usize,
     pub hidden: usize,
     pub layers: usize,
+    /// Dropout on the features that the linear head reads.
     pub dropout: f64,
     pub head: Head,
+    /// A bidirectional LSTM (`nn.LSTM(bidirectional=True)`, parameters `*_reverse`): the
+    /// head reads both directions. Needs one window per batch (`train.bptt = 0`), since the
+    /// reverse direction starts at each review's end.
+    pub bidirectional: bool,
+    /// Word dropout (AWD-LSTM's embedding dropout): each batch drops whole rows of the
+    /// embedding matrix with this probability, so a dropped word is zero everywhere in it.
+    pub embedding_dropout: f64,
+    /// Variational (locked) dropout: one mask per review, the same at every time step, on
+    /// the LSTM's input and between its layers.
+    pub variational_dropout: f64,
+    /// DropConnect on the hidden-to-hidden weights (AWD-LSTM's weight drop): one mask per
+    /// batch, applied to `weight_hh` before the fused LSTM call.
+    pub weight_drop: f64,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { embed_dim: 128, hidden: 256, layers: 2, dropout: 0.5, head: Head::Last }
+        Self {
+            embed_dim: 128,
+            hidden: 256,
+            layers: 2,
+            dropout: 0.5,
+            head: Head::Last,
+            bidirectional: false,
+            embedding_dropout: 0.0,
+            variational_dropout: 0.0,
+            weight_drop: 0.0,
+        }
     }
 }
 
@@ -140,6 +168,8 @@ pub struct TrainConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub weight_decay: f64,
+    /// Label smoothing of the cross-entropy (`nn.CrossEntropyLoss(label_smoothing=...)`).
+    pub label_smoothing: f64,
     /// Clip gradients to this global L2 norm; 0 disables clipping.
     pub clip_norm: f64,
     /// Linear warm-up steps before the schedule.
@@ -178,6 +208,7 @@ impl Default for TrainConfig {
             beta1: 0.9,
             beta2: 0.999,
             weight_decay: 0.0,
+            label_smoothing: 0.0,
             clip_norm: 0.0,
             warmup_steps: 0,
             schedule: Schedule::Constant,
@@ -328,7 +359,29 @@ impl JobConfig {
         check((1..=8192).contains(&m.hidden), "model.hidden", "1..=8192", m.hidden)?;
         check((1..=16).contains(&m.layers), "model.layers", "1..=16", m.layers)?;
         check((0.0..1.0).contains(&m.dropout), "model.dropout", "0 <= x < 1", m.dropout)?;
+        for (field, p) in [
+            ("model.embedding_dropout", m.embedding_dropout),
+            ("model.variational_dropout", m.variational_dropout),
+            ("model.weight_drop", m.weight_drop),
+        ] {
+            check((0.0..1.0).contains(&p), field, "0 <= x < 1", p)?;
+        }
         let t = &self.train;
+        if m.bidirectional && t.bptt != 0 && (self.data.max_len == 0 || t.bptt < self.data.max_len) {
+            return Err(ConfigError::OutOfRange {
+                field: "train.bptt",
+                allowed: "0 (or at least data.max_len) with model.bidirectional = true: the reverse \
+                          direction starts at each review's end, so a batch runs in one window"
+                    .to_string(),
+                value: t.bptt.to_string(),
+            });
+        }
+        check(
+            (0.0..1.0).contains(&t.label_smoothing),
+            "train.label_smoothing",
+            "0 <= x < 1",
+            t.label_smoothing,
+        )?;
         check((1..=65536).contains(&t.batch_size), "train.batch_size", "1..=65536", t.batch_size)?;
         check((1..=10000).contains(&t.epochs), "train.epochs", "1..=10000", t.epochs)?;
         check(t.lr > 0.0 && t.lr < 10.0, "train.lr", "0 < x < 10", t.lr)?;
@@ -372,11 +425,42 @@ mod tests {
     }
 
     #[test]
-    fn the_optimizer_is_adam_or_sgd() {
+    fn the_optimizer_is_adam_adamw_or_sgd() {
         let c: JobConfig = toml::from_str("[train]\noptimizer = \"sgd\"\n").unwrap();
         assert_eq!(c.train.optimizer, Optimizer::Sgd);
-        let e = toml::from_str::<JobConfig>("[train]\noptimizer = \"adamw\"\n").unwrap_err().to_string();
-        assert!(e.contains("adam") && e.contains("sgd"), "{e}");
+        let c: JobConfig = toml::from_str("[train]\noptimizer = \"adamw\"\n").unwrap();
+        assert_eq!(c.train.optimizer, Optimizer::AdamW);
+        let e = toml::from_str::<JobConfig>("[train]\noptimizer = \"lamb\"\n").unwrap_err().to_string();
+        assert!(e.contains("adamw") && e.contains("sgd"), "{e}");
+    }
+
+    #[test]
+    fn regularisers_are_off_by_default_and_checked() {
+        let c = JobConfig::default();
+        assert!(!c.model.bidirectional);
+        assert_eq!(
+            (c.model.embedding_dropout, c.model.variational_dropout, c.model.weight_drop),
+            (0.0, 0.0, 0.0)
+        );
+        assert_eq!(c.train.label_smoothing, 0.0);
+        let mut bad = JobConfig::default();
+        bad.model.weight_drop = 1.0;
+        assert!(bad.validate().unwrap_err().to_string().contains("model.weight_drop"));
+        let mut bad = JobConfig::default();
+        bad.train.label_smoothing = -0.1;
+        assert!(bad.validate().unwrap_err().to_string().contains("train.label_smoothing"));
+    }
+
+    #[test]
+    fn a_bidirectional_model_needs_one_window_per_batch() {
+        let mut c = JobConfig::default();
+        c.model.bidirectional = true;
+        c.validate().unwrap();
+        c.train.bptt = 100;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("train.bptt") && e.contains("bidirectional"), "{e}");
+        c.data.max_len = 100;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -296,7 +296,9 @@ impl Checkpoint {
         };
         let weights = named("model.")?;
         let moments = match ours {
-            config::Optimizer::Adam => Some((named("adam.exp_avg.")?, named("adam.exp_avg_sq.")?)),
+            config::Optimizer::Adam | config::Optimizer::AdamW => {
+                Some((named("adam.exp_avg.")?, named("adam.exp_avg_sq.")?))
+            }
             config::Optimizer::Sgd => None,
         };
         let source = path.display().to_string();
@@ -394,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_restored_checkpoint_continues_exactly() {
-        for optimizer in [config::Optimizer::Adam, config::Optimizer::Sgd] {
+        for optimizer in [config::Optimizer::Adam, config::Optimizer::AdamW, config::Optimizer::Sgd] {
             restored_checkpoint_continues_exactly(optimizer);
         }
     }
@@ -434,7 +436,7 @@ mod tests {
         assert_eq!(b.optimizer().steps(), 4);
         // SGD has no moments to store.
         let adam_tensors = checkpoint.tensors.keys().filter(|k| k.starts_with("adam.")).count();
-        let per_parameter = if optimizer == config::Optimizer::Adam { 2 } else { 0 };
+        let per_parameter = if optimizer == config::Optimizer::Sgd { 0 } else { 2 };
         assert_eq!(adam_tensors, per_parameter * a.model().parameters().len());
     }
 

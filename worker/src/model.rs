@@ -1,6 +1,8 @@
 //! The tutorial's classifier: Embedding → multi-layer LSTM (batch-first) → Dropout → Linear(2)
 //! on the last layer's final hidden state; or ULMFiT's concat pooling head, which feeds
-//! `[last state, max over time, mean over time]` to the linear layer.
+//! `[last state, max over time, mean over time]` to the linear layer. Optionally
+//! bidirectional (the head reads both directions' features) and with AWD-LSTM's
+//! regularisers ([`Dropouts`]), all off by default.
 //!
 //! The parameters are plain leaf tensors in a fixed order, named as PyTorch names them
 //! (`embedding.weight`, `lstm.weight_ih_l0`, ..., `fc.weight`), so that the exported
@@ -24,6 +26,9 @@ pub struct ModelShape {
     pub hidden: usize,
     pub layers: usize,
     pub head: Head,
+    /// Files written before the option have no such field: unidirectional.
+    #[serde(default)]
+    pub bidirectional: bool,
 }
 
 impl ModelShape {
@@ -34,27 +39,42 @@ impl ModelShape {
             hidden: config.hidden,
             layers: config.layers,
             head: config.head,
+            bidirectional: config.bidirectional,
+        }
+    }
+
+    /// 2 for a bidirectional LSTM, else 1.
+    pub fn directions(&self) -> usize {
+        if self.bidirectional {
+            2
+        } else {
+            1
         }
     }
 
     /// Width of the features that the linear layer reads.
     pub fn head_inputs(&self) -> usize {
-        match self.head {
+        let per_direction = match self.head {
             Head::Last => self.hidden,
             Head::ConcatPool => 3 * self.hidden,
-        }
+        };
+        per_direction * self.directions()
     }
 
-    /// (name, shape) of every parameter, in the canonical order.
+    /// (name, shape) of every parameter, in the canonical order: `nn.LSTM`'s, layer by
+    /// layer, the reverse direction (`*_reverse`) after the forward one.
     pub fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
         let (v, e, h) = (self.vocab_size as i64, self.embed_dim as i64, self.hidden as i64);
         let mut out = vec![("embedding.weight".to_string(), vec![v, e])];
+        let suffixes: &[&str] = if self.bidirectional { &["", "_reverse"] } else { &[""] };
         for layer in 0..self.layers {
-            let input = if layer == 0 { e } else { h };
-            out.push((format!("lstm.weight_ih_l{layer}"), vec![4 * h, input]));
-            out.push((format!("lstm.weight_hh_l{layer}"), vec![4 * h, h]));
-            out.push((format!("lstm.bias_ih_l{layer}"), vec![4 * h]));
-            out.push((format!("lstm.bias_hh_l{layer}"), vec![4 * h]));
+            let input = if layer == 0 { e } else { h * self.directions() as i64 };
+            for suffix in suffixes {
+                out.push((format!("lstm.weight_ih_l{layer}{suffix}"), vec![4 * h, input]));
+                out.push((format!("lstm.weight_hh_l{layer}{suffix}"), vec![4 * h, h]));
+                out.push((format!("lstm.bias_ih_l{layer}{suffix}"), vec![4 * h]));
+                out.push((format!("lstm.bias_hh_l{layer}{suffix}"), vec![4 * h]));
+            }
         }
         out.push(("fc.weight".to_string(), vec![NUM_CLASSES, self.head_inputs() as i64]));
         out.push(("fc.bias".to_string(), vec![NUM_CLASSES]));
@@ -83,7 +103,34 @@ impl ModelShape {
         if self.head != other.head {
             diffs.push(format!("head {:?} vs {:?}", self.head, other.head));
         }
+        if self.bidirectional != other.bidirectional {
+            diffs.push(format!("bidirectional {} vs {}", self.bidirectional, other.bidirectional));
+        }
         diffs.join(", ")
+    }
+}
+
+/// The dropout probabilities of training (none of them changes a parameter's shape).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Dropouts {
+    /// On the head's input features (`model.dropout`).
+    pub head: f64,
+    /// Whole embedding rows per batch (`model.embedding_dropout`).
+    pub embedding: f64,
+    /// Locked masks on the LSTM's input and between layers (`model.variational_dropout`).
+    pub variational: f64,
+    /// DropConnect on `weight_hh` (`model.weight_drop`).
+    pub weight: f64,
+}
+
+impl Dropouts {
+    pub fn from_config(config: &ModelConfig) -> Self {
+        Self {
+            head: config.dropout,
+            embedding: config.embedding_dropout,
+            variational: config.variational_dropout,
+            weight: config.weight_drop,
+        }
     }
 }
 
@@ -91,7 +138,7 @@ impl ModelShape {
 #[derive(Debug)]
 pub struct LstmClassifier {
     shape: ModelShape,
-    dropout: f64,
+    dropouts: Dropouts,
     device: Device,
     params: Vec<(String, Tensor)>,
 }
@@ -100,7 +147,7 @@ impl LstmClassifier {
     /// A freshly initialised model, with PyTorch's default initialisation: embedding
     /// N(0, 1); LSTM weights and biases U(-1/√hidden, 1/√hidden); linear U(-1/√in, 1/√in).
     /// Seed libtorch (`tch::manual_seed`) first for reproducible weights.
-    pub fn new(shape: ModelShape, dropout: f64, device: Device) -> Result<Self> {
+    pub fn new(shape: ModelShape, dropouts: Dropouts, device: Device) -> Result<Self> {
         if shape.vocab_size < 2 {
             return Err(WorkerError::Invalid(format!(
                 "vocabulary of {} entries: needs at least <pad> and <unk>",
@@ -130,7 +177,7 @@ impl LstmClassifier {
             touch = touch.f_add(&p.f_sum(Kind::Float)?.f_mul_scalar(0.0)?)?;
         }
         touch.f_backward()?;
-        Ok(Self { shape, dropout, device, params })
+        Ok(Self { shape, dropouts, device, params })
     }
 
     pub fn shape(&self) -> &ModelShape {
@@ -141,8 +188,8 @@ impl LstmClassifier {
         self.device
     }
 
-    pub fn dropout(&self) -> f64 {
-        self.dropout
+    pub fn dropouts(&self) -> Dropouts {
+        self.dropouts
     }
 
     /// (name, tensor) in the canonical order.
@@ -154,10 +201,11 @@ impl LstmClassifier {
         &self.params[0].1
     }
 
-    /// The LSTM's flat weight list as `Tensor::lstm` expects it: per layer
+    /// The LSTM's flat weight list as `Tensor::lstm` expects it: per layer and direction
     /// `[w_ih, w_hh, b_ih, b_hh]`.
     pub fn lstm_weights(&self) -> Vec<&Tensor> {
-        self.params[1..1 + 4 * self.shape.layers].iter().map(|(_, t)| t).collect()
+        let n = 4 * self.shape.layers * self.shape.directions();
+        self.params[1..1 + n].iter().map(|(_, t)| t).collect()
     }
 
     pub fn fc(&self) -> (&Tensor, &Tensor) {

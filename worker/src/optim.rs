@@ -2,7 +2,8 @@
 //!
 //! Adam is written out (rather than tch's optimizer) so that its state can be saved in a
 //! checkpoint and restored bit for bit. It follows `torch.optim.Adam` (eps 1e-8, weight
-//! decay added to the gradient, bias correction), step for step. SGD follows
+//! decay added to the gradient, bias correction), step for step, or `torch.optim.AdamW`
+//! (decoupled weight decay) with the same state. SGD follows
 //! `torch.optim.SGD` with momentum 0, which has no state besides the step count.
 
 use tch::{Kind, Tensor};
@@ -18,11 +19,20 @@ pub struct AdamConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// AdamW: decay the parameters (`p *= 1 - lr * weight_decay`) instead of adding
+    /// `weight_decay * p` to the gradient.
+    pub decoupled: bool,
 }
 
 impl AdamConfig {
     pub fn from_train(t: &TrainConfig) -> Self {
-        Self { beta1: t.beta1, beta2: t.beta2, eps: ADAM_EPS, weight_decay: t.weight_decay }
+        Self {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: ADAM_EPS,
+            weight_decay: t.weight_decay,
+            decoupled: t.optimizer == config::Optimizer::AdamW,
+        }
     }
 }
 
@@ -50,7 +60,7 @@ impl Adam {
     pub fn step(&mut self, params: &[&Tensor], lr: f64) -> Result<()> {
         let _guard = tch::no_grad_guard();
         self.steps += 1;
-        let AdamConfig { beta1, beta2, eps, weight_decay } = self.config;
+        let AdamConfig { beta1, beta2, eps, weight_decay, decoupled } = self.config;
         let t = self.steps as i32;
         let bias1 = 1.0 - beta1.powi(t);
         let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
@@ -59,15 +69,19 @@ impl Adam {
             if !grad.defined() {
                 continue;
             }
+            let mut param = param.shallow_clone();
             if weight_decay != 0.0 {
-                grad = grad.f_add(&param.f_mul_scalar(weight_decay)?)?;
+                if decoupled {
+                    let _ = param.f_mul_scalar_(1.0 - lr * weight_decay)?;
+                } else {
+                    grad = grad.f_add(&param.f_mul_scalar(weight_decay)?)?;
+                }
             }
             let _ = m.f_lerp_(&grad, 1.0 - beta1)?;
             let _ = v.f_mul_scalar_(beta2)?;
             let _ = v.f_add_(&grad.f_mul(&grad)?.f_mul_scalar(1.0 - beta2)?)?;
             let denom = v.f_sqrt()?.f_div_scalar(bias2_sqrt)?.f_add_scalar(eps)?;
             let update = m.f_div(&denom)?.f_mul_scalar(lr / bias1)?;
-            let mut param = param.shallow_clone();
             let _ = param.f_sub_(&update)?;
         }
         Ok(())
@@ -117,7 +131,9 @@ pub enum Optimizer {
 impl Optimizer {
     pub fn new(params: &[&Tensor], train: &TrainConfig) -> Result<Self> {
         Ok(match train.optimizer {
-            config::Optimizer::Adam => Self::Adam(Adam::new(params, AdamConfig::from_train(train))?),
+            config::Optimizer::Adam | config::Optimizer::AdamW => {
+                Self::Adam(Adam::new(params, AdamConfig::from_train(train))?)
+            }
             config::Optimizer::Sgd => Self::Sgd(Sgd::new(train.weight_decay)),
         })
     }
@@ -125,6 +141,7 @@ impl Optimizer {
     /// Which one this is, as the config names it.
     pub fn kind(&self) -> config::Optimizer {
         match self {
+            Self::Adam(adam) if adam.config.decoupled => config::Optimizer::AdamW,
             Self::Adam(_) => config::Optimizer::Adam,
             Self::Sgd(_) => config::Optimizer::Sgd,
         }
@@ -221,13 +238,29 @@ mod tests {
         // With a constant gradient g, Adam's first step is -lr * sign(g) (up to eps) and
         // weight decay adds wd * p to the gradient.
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-        let cfg = AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let cfg = AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false };
         let mut adam = Adam::new(&[&p], cfg).unwrap();
         (&p * Tensor::from_slice(&[3.0f32, -0.5])).sum(Kind::Float).backward();
         adam.step(&[&p], 0.1).unwrap();
         let v: Vec<f32> = Vec::try_from(&p.detach()).unwrap();
         assert!((v[0] - 0.9).abs() < 1e-6 && (v[1] + 1.9).abs() < 1e-6, "{v:?}");
         assert_eq!(adam.steps, 1);
+    }
+
+    #[test]
+    fn adamw_decays_the_parameter_not_the_gradient() {
+        // With a zero gradient Adam's update is 0, so AdamW moves p by exactly -lr*wd*p,
+        // while Adam's coupled decay turns wd*p into a gradient (a full -lr*sign step).
+        let run = |decoupled| {
+            let p = Tensor::from_slice(&[2.0f32]).set_requires_grad(true);
+            let cfg = AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.5, decoupled };
+            let mut adam = Adam::new(&[&p], cfg).unwrap();
+            (&p * 0.0).sum(Kind::Float).backward();
+            adam.step(&[&p], 0.1).unwrap();
+            p.detach().double_value(&[0])
+        };
+        assert!((run(true) - 2.0 * (1.0 - 0.1 * 0.5)).abs() < 1e-6);
+        assert!((run(false) - 1.9).abs() < 1e-5);
     }
 
     #[test]

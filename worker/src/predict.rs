@@ -13,7 +13,7 @@ use trainer_core::Vocab;
 
 use crate::checkpoint::{load_model_weights, MODEL_FILE};
 use crate::error::{Result, WorkerError};
-use crate::model::{LstmClassifier, ModelShape};
+use crate::model::{Dropouts, LstmClassifier, ModelShape};
 use crate::run::{CONFIG_FILE, VOCAB_FILE};
 use crate::tbptt::PassOptions;
 use crate::trainer::positive_probabilities;
@@ -64,7 +64,7 @@ impl Predictor {
         config.validate()?;
         let vocab = Vocab::load(&vocab_path)?;
         let shape = ModelShape::new(&config.model, vocab.len());
-        let mut model = LstmClassifier::new(shape, config.model.dropout, device)?;
+        let mut model = LstmClassifier::new(shape, Dropouts::from_config(&config.model), device)?;
         load_model_weights(&mut model, &model_path)?;
         Ok(Self { model, vocab, config, tokenizer: Tokenizer::new() })
     }

@@ -78,18 +78,20 @@ impl LstmKernel {
 }
 
 /// How to run a pass: the TBPTT window, the arithmetic and the LSTM kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PassOptions {
     /// Window in time steps; 0 is one window over the whole batch (full BPTT).
     pub bptt: usize,
     pub precision: Precision,
     pub kernel: LstmKernel,
+    /// Label smoothing of the training loss (evaluation reports the plain cross-entropy).
+    pub label_smoothing: f64,
 }
 
 impl PassOptions {
-    /// f32, the device's kernel.
+    /// f32, the device's kernel, no label smoothing.
     pub fn new(bptt: usize, device: Device) -> Self {
-        Self { bptt, precision: Precision::F32, kernel: LstmKernel::for_device(device) }
+        Self { bptt, precision: Precision::F32, kernel: LstmKernel::for_device(device), label_smoothing: 0.0 }
     }
 }
 
@@ -221,6 +223,7 @@ pub fn run_windows(
     let _no_grad = (!train).then(tch::no_grad_guard);
     let shape = model.shape();
     let (layers, hidden) = (shape.layers as i64, shape.hidden as i64);
+    let directions = shape.directions() as i64;
     let device = model.device();
     let kind = match options.precision {
         Precision::F32 => Kind::Float,
@@ -230,14 +233,28 @@ pub fn run_windows(
         0 => batch.max_len,
         k => k.min(batch.max_len),
     };
+    // The reverse direction starts at each row's own end: one chunk over whole rows.
+    let kernel = if shape.bidirectional {
+        if window < batch.max_len {
+            return Err(WorkerError::Invalid(format!(
+                "a bidirectional model runs a batch in one window, but train.bptt = {} is \
+                 shorter than this batch ({} steps); set train.bptt = 0",
+                options.bptt, batch.max_len
+            )));
+        }
+        LstmKernel::Packed
+    } else {
+        options.kernel
+    };
     let size = batch.size as i64;
     let pool = shape.head == Head::ConcatPool;
     let weights: Vec<Tensor> =
         model.lstm_weights().into_iter().map(|w| cast(w, kind)).collect::<Result<_>>()?;
+    let masks = if train { Masks::draw(model, size, device)? } else { Masks::default() };
     let (fc_w, fc_b) = model.fc();
     let lengths = &batch.lengths;
 
-    let zeros = || Tensor::f_zeros([layers, size, hidden], (Kind::Float, device));
+    let zeros = || Tensor::f_zeros([layers * directions, size, hidden], (Kind::Float, device));
     let mut carried = Carried { h: zeros()?, c: zeros()?, pool: None };
     let mut logits_by_chunk: Vec<Tensor> = Vec::new();
     let mut chunk_losses: Vec<Tensor> = Vec::new();
@@ -247,6 +264,9 @@ pub fn run_windows(
     while t0 < batch.max_len && rows_longer_than(lengths, t0) > 0 {
         let t1 = (t0 + window).min(batch.max_len);
         let mut window_loss: Option<Tensor> = None;
+        // DropConnect: this window's graph multiplies the batch's masks in anew, since
+        // each window's backward frees the graph of the one before.
+        let weights = masks.drop_weights(&weights)?;
         // Chunks of the window: the whole window (packed), or the stretches between row ends.
         let mut s0 = t0;
         loop {
@@ -254,14 +274,14 @@ pub fn run_windows(
             if active == 0 || s0 >= t1 {
                 break;
             }
-            let s1 = match options.kernel {
+            let s1 = match kernel {
                 LstmKernel::Packed => t1,
                 LstmKernel::Segmented => (lengths[active - 1] as usize).min(t1),
             };
             let ends: Vec<i64> =
                 lengths[..active].iter().map(|&l| (l as usize).min(s1) as i64 - s0 as i64).collect();
-            let (out, h_n, c_n) =
-                run_chunk(model, batch, &carried, &weights, active, s0, &ends, kind, train, pool)?;
+            let chunk = Chunk { active, s0, ends: &ends, kind, train, want_outputs: pool };
+            let (out, h_n, c_n) = run_chunk(model, batch, &carried, &weights, &masks, &chunk)?;
             let (active_i, still) = (active as i64, rows_longer_than(lengths, s1));
             let still_i = still as i64;
 
@@ -291,7 +311,9 @@ pub fn run_windows(
             // Rows ending in this chunk: loss from the state at their own last token.
             let ending = active_i - still_i;
             if ending > 0 {
-                let last = h_n.f_select(0, layers - 1)?.f_narrow(0, still_i, ending)?;
+                // The last layer's final state, of each direction (`h_n[-2:]` in PyTorch).
+                let last_layer = h_n.f_narrow(0, (layers - 1) * directions, directions)?;
+                let last = Tensor::f_cat(&last_layer.f_unbind(0)?, 1)?.f_narrow(0, still_i, ending)?;
                 let features = match &pooled {
                     Some((mx, sm)) => {
                         let lens: Vec<f32> = lengths[still..active].iter().map(|&l| l as f32).collect();
@@ -301,9 +323,11 @@ pub fn run_windows(
                     }
                     None => last,
                 };
-                let logits = features.f_dropout(model.dropout(), train)?.f_linear(fc_w, Some(fc_b))?;
+                let logits = features.f_dropout(model.dropouts().head, train)?.f_linear(fc_w, Some(fc_b))?;
                 let labels = batch.labels.f_narrow(0, still_i, ending)?;
-                let loss = logits.f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, 0.0)?;
+                let smoothing = if train { options.label_smoothing } else { 0.0 };
+                let loss =
+                    logits.f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Sum, -100, smoothing)?;
                 chunk_losses.push(loss.f_detach()?);
                 window_loss = Some(match window_loss {
                     Some(w) => w.f_add(&loss)?,
@@ -350,39 +374,168 @@ pub fn run_windows(
     Ok(PassOutput { loss_sum, logits, windows })
 }
 
+/// The batch's dropout masks for one training pass (all `None` in evaluation or when the
+/// option is 0). Drawn once per batch, so a review sees the same masks in every window.
+#[derive(Debug, Default)]
+struct Masks {
+    /// `vocab x 1`, scaled: keeps or drops each word everywhere in the batch.
+    embedding_rows: Option<Tensor>,
+    /// `batch x features`, scaled: the LSTM's input, then the input of each later layer.
+    layer_inputs: Vec<Tensor>,
+    /// Per layer and direction, `4·hidden x hidden`, scaled, for `weight_hh`.
+    weight_hh: Vec<Tensor>,
+}
+
+/// A `dims` mask of 0 and `1 / (1 - p)`, as dropout scales the units it keeps.
+fn dropout_mask(dims: &[i64], p: f64, device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_ones(dims, (Kind::Float, device))?.f_dropout(p, true)?)
+}
+
+impl Masks {
+    fn draw(model: &LstmClassifier, size: i64, device: Device) -> Result<Self> {
+        let (shape, p) = (model.shape(), model.dropouts());
+        let (e, h) = (shape.embed_dim as i64, shape.hidden as i64);
+        let directions = shape.directions();
+        let mut masks = Self::default();
+        if p.embedding > 0.0 {
+            masks.embedding_rows = Some(dropout_mask(&[shape.vocab_size as i64, 1], p.embedding, device)?);
+        }
+        if p.variational > 0.0 {
+            for layer in 0..shape.layers {
+                let width = if layer == 0 { e } else { h * directions as i64 };
+                masks.layer_inputs.push(dropout_mask(&[size, width], p.variational, device)?);
+            }
+        }
+        if p.weight > 0.0 {
+            for _ in 0..shape.layers * directions {
+                masks.weight_hh.push(dropout_mask(&[4 * h, h], p.weight, device)?);
+            }
+        }
+        Ok(masks)
+    }
+
+    /// The LSTM weights with DropConnect on every `weight_hh` (index 1 of each group of 4).
+    fn drop_weights(&self, weights: &[Tensor]) -> Result<Vec<Tensor>> {
+        if self.weight_hh.is_empty() {
+            return Ok(weights.iter().map(Tensor::shallow_clone).collect());
+        }
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| match (i % 4, self.weight_hh.get(i / 4)) {
+                (1, Some(mask)) => Ok(w.f_mul(&mask.f_to_kind(w.kind())?)?),
+                _ => Ok(w.shallow_clone()),
+            })
+            .collect()
+    }
+
+    /// `x` (`active x steps x features`) times this layer's locked mask, if any.
+    fn locked(&self, layer: usize, x: Tensor, active: i64) -> Result<Tensor> {
+        match self.layer_inputs.get(layer) {
+            Some(mask) => Ok(x.f_mul(&mask.f_narrow(0, 0, active)?.f_unsqueeze(1)?.f_to_kind(x.kind())?)?),
+            None => Ok(x),
+        }
+    }
+}
+
+/// Which rows and steps a chunk runs, and how.
+struct Chunk<'a> {
+    /// Rows `0..active` run.
+    active: usize,
+    /// First time step.
+    s0: usize,
+    /// Steps each row runs (`ends[0]` is the chunk's width).
+    ends: &'a [i64],
+    kind: Kind,
+    train: bool,
+    /// Return the last layer's outputs too (for pooling).
+    want_outputs: bool,
+}
+
 /// The LSTM over steps `s0..s0 + ends[0]` of rows `0..active`, each row stopping after
 /// `ends[i]` steps: dense when all rows run the whole chunk, packed otherwise. Returns the
 /// last layer's outputs (f32, padded with zeros; only when `want_outputs`) and the final
 /// (h, c) of every row at its own last step, in f32.
-#[allow(clippy::too_many_arguments)]
 fn run_chunk(
     model: &LstmClassifier,
     batch: &DeviceBatch,
     carried: &Carried,
     weights: &[Tensor],
-    active: usize,
-    s0: usize,
-    ends: &[i64],
-    kind: Kind,
-    train: bool,
+    masks: &Masks,
+    chunk: &Chunk,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let shape = model.shape();
+    let (active_i, width) = (chunk.active as i64, chunk.ends[0]);
+    let ids = batch.tokens.f_narrow(0, 0, active_i)?.f_narrow(1, chunk.s0 as i64, width)?;
+    let mut x = Tensor::f_embedding(model.embedding_weight(), &ids, -1, false, false)?;
+    if let Some(rows) = &masks.embedding_rows {
+        x = x.f_mul(&Tensor::f_embedding(rows, &ids, -1, false, false)?)?;
+    }
+    let x = cast(&x, chunk.kind)?;
+    let state = |t: &Tensor| cast(&t.f_narrow(1, 0, active_i)?.f_contiguous()?, chunk.kind);
+    let hx = [state(&carried.h)?, state(&carried.c)?];
+    let (out, h_n, c_n) = if masks.layer_inputs.is_empty() {
+        lstm_call(x, &hx, weights, shape.layers, shape.bidirectional, chunk, chunk.want_outputs)?
+    } else {
+        // Locked dropout between layers: one layer per call, the mask in between.
+        let directions = shape.directions() as i64;
+        let per_layer = 4 * shape.directions();
+        let (mut input, mut out, mut hs, mut cs) = (Some(x), None, Vec::new(), Vec::new());
+        for layer in 0..shape.layers {
+            let x =
+                input.take().ok_or_else(|| WorkerError::Invalid("internal: a layer had no input".into()))?;
+            let x = masks.locked(layer, x, active_i)?;
+            let layer_hx = [
+                hx[0].f_narrow(0, layer as i64 * directions, directions)?,
+                hx[1].f_narrow(0, layer as i64 * directions, directions)?,
+            ];
+            let layer_weights = &weights[layer * per_layer..(layer + 1) * per_layer];
+            let last = layer + 1 == shape.layers;
+            let want = !last || chunk.want_outputs;
+            let (layer_out, h, c) =
+                lstm_call(x, &layer_hx, layer_weights, 1, shape.bidirectional, chunk, want)?;
+            hs.push(h);
+            cs.push(c);
+            if last {
+                out = layer_out;
+            } else {
+                input = layer_out.map(|o| cast(&o, chunk.kind)).transpose()?;
+            }
+        }
+        (out, Tensor::f_cat(&hs, 0)?, Tensor::f_cat(&cs, 0)?)
+    };
+    Ok((out, h_n, c_n))
+}
+
+/// One fused LSTM call of `layers` layers over the chunk's rows; outputs (f32) only when
+/// `want_outputs`, final states in f32.
+fn lstm_call(
+    x: Tensor,
+    hx: &[Tensor; 2],
+    weights: &[Tensor],
+    layers: usize,
+    bidirectional: bool,
+    chunk: &Chunk,
     want_outputs: bool,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-    let layers = model.shape().layers as i64;
-    let (active_i, width) = (active as i64, ends[0]);
-    let ids = batch.tokens.f_narrow(0, 0, active_i)?.f_narrow(1, s0 as i64, width)?;
-    let x = cast(&Tensor::f_embedding(model.embedding_weight(), &ids, -1, false, false)?, kind)?;
-    let hx = [
-        cast(&carried.h.f_narrow(1, 0, active_i)?.f_contiguous()?, kind)?,
-        cast(&carried.c.f_narrow(1, 0, active_i)?.f_contiguous()?, kind)?,
-    ];
-    let (out, h_n, c_n) = if ends[active - 1] == width {
-        let (out, h_n, c_n) = x.f_lstm(&hx, weights, true, layers, 0.0, train, false, true)?;
+    let (ends, width, layers) = (chunk.ends, chunk.ends[0], layers as i64);
+    let (out, h_n, c_n) = if ends[chunk.active - 1] == width {
+        let (out, h_n, c_n) = x.f_lstm(hx, weights, true, layers, 0.0, chunk.train, bidirectional, true)?;
         (want_outputs.then_some(out), h_n, c_n)
     } else {
         let lengths = Tensor::f_from_slice(ends)?;
         let (data, batch_sizes) = x.f_internal_pack_padded_sequence(&lengths, true)?;
-        let (out_data, h_n, c_n) =
-            Tensor::f_lstm_data(&data, &batch_sizes, &hx, weights, true, layers, 0.0, train, false)?;
+        let (out_data, h_n, c_n) = Tensor::f_lstm_data(
+            &data,
+            &batch_sizes,
+            hx,
+            weights,
+            true,
+            layers,
+            0.0,
+            chunk.train,
+            bidirectional,
+        )?;
         let out = if want_outputs {
             let (padded, _) =
                 Tensor::f_internal_pad_packed_sequence(&out_data, &batch_sizes, true, 0.0, width)?;

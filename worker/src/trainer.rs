@@ -10,7 +10,7 @@ use trainer_core::EncodedSplit;
 
 use crate::collective::Collective;
 use crate::error::{Result, WorkerError};
-use crate::model::{LstmClassifier, ModelShape};
+use crate::model::{Dropouts, LstmClassifier, ModelShape};
 use crate::optim::{clip_global_norm_on_device, lr_at, Optimizer};
 use crate::profile::{self, Bucket};
 use crate::tbptt::{run_windows, DeviceBatch, LstmKernel, Pass, PassOptions, Precision};
@@ -171,7 +171,7 @@ impl Trainer {
         // Bijective u64 -> i64, so that different seeds give different weights.
         tch::manual_seed(config.train.seed as i64);
         let shape = ModelShape::new(&config.model, vocab_size);
-        let model = LstmClassifier::new(shape.clone(), config.model.dropout, device)?;
+        let model = LstmClassifier::new(shape.clone(), Dropouts::from_config(&config.model), device)?;
         let params: Vec<&Tensor> = model.parameters().iter().map(|(_, t)| t).collect();
         let optimizer = Optimizer::new(&params, &config.train)?;
         let flat_grad = Tensor::f_zeros([shape.num_parameters() as i64], (Kind::Float, device))?;
@@ -184,6 +184,7 @@ impl Trainer {
                 bptt: config.train.bptt,
                 precision,
                 kernel: LstmKernel::for_device(device),
+                label_smoothing: config.train.label_smoothing,
             },
             global_step: 0,
             total_steps: 0,

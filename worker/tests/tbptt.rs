@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Reduction, Tensor};
 use trainer_core::batch::Batch;
 use trainer_core::config::{Head, ModelConfig};
-use worker::model::{LstmClassifier, ModelShape};
+use worker::model::{Dropouts, LstmClassifier, ModelShape};
 use worker::predict::batch_of;
 use worker::tbptt::{run_windows, DeviceBatch, LstmKernel, Pass, PassOptions, Precision};
 
@@ -16,8 +16,9 @@ const VOCAB: usize = 40;
 fn model(head: Head, layers: usize, seed: i64) -> LstmClassifier {
     tch::set_num_threads(1);
     tch::manual_seed(seed);
-    let config = ModelConfig { embed_dim: 8, hidden: 12, layers, dropout: 0.0, head };
-    LstmClassifier::new(ModelShape::new(&config, VOCAB), 0.0, Device::Cpu).unwrap()
+    let config =
+        ModelConfig { embed_dim: 8, hidden: 12, layers, dropout: 0.0, head, ..ModelConfig::default() };
+    LstmClassifier::new(ModelShape::new(&config, VOCAB), Dropouts::default(), Device::Cpu).unwrap()
 }
 
 /// Rows of pseudo-random ids with the given lengths, labels alternating.
@@ -36,7 +37,7 @@ fn labelled(rows: &[Vec<u32>]) -> Batch {
 }
 
 fn options(bptt: usize, kernel: LstmKernel) -> PassOptions {
-    PassOptions { bptt, precision: Precision::F32, kernel }
+    PassOptions { bptt, precision: Precision::F32, kernel, label_smoothing: 0.0 }
 }
 
 fn logits(model: &LstmClassifier, batch: &Batch, bptt: usize, kernel: LstmKernel) -> Tensor {
@@ -272,4 +273,208 @@ fn bad_batches_are_refused_with_a_message() {
     assert!(DeviceBatch::new(&b, VOCAB, Device::Cpu).is_err());
     let empty = batch_of(&[]);
     assert!(DeviceBatch::new(&empty, VOCAB, Device::Cpu).is_err());
+}
+
+fn bidirectional_model(head: Head, layers: usize, seed: i64) -> LstmClassifier {
+    tch::set_num_threads(1);
+    tch::manual_seed(seed);
+    let config = ModelConfig {
+        embed_dim: 8,
+        hidden: 12,
+        layers,
+        dropout: 0.0,
+        head,
+        bidirectional: true,
+        ..ModelConfig::default()
+    };
+    LstmClassifier::new(ModelShape::new(&config, VOCAB), Dropouts::default(), Device::Cpu).unwrap()
+}
+
+/// One LSTM direction written out step by step over `xs` (one `1 x in` tensor per step),
+/// with the weights named as `nn.LSTM` names them; returns the outputs in `xs`'s order.
+fn reference_direction(model: &LstmClassifier, xs: &[Tensor], layer: usize, suffix: &str) -> Vec<Tensor> {
+    let param = |what: &str| {
+        let name = format!("lstm.{what}_l{layer}{suffix}");
+        let (_, t) = model.parameters().iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("{name}"));
+        t.shallow_clone()
+    };
+    let (w_ih, w_hh, b_ih, b_hh) =
+        (param("weight_ih"), param("weight_hh"), param("bias_ih"), param("bias_hh"));
+    let hidden = model.shape().hidden as i64;
+    let mut h = Tensor::zeros([1, hidden], (Kind::Float, Device::Cpu));
+    let mut c = h.zeros_like();
+    let mut out = Vec::new();
+    for x in xs {
+        let gates = x.matmul(&w_ih.tr()) + &b_ih + h.matmul(&w_hh.tr()) + &b_hh;
+        let g = gates.chunk(4, 1);
+        let (i, f, gg, o) = (g[0].sigmoid(), g[1].sigmoid(), g[2].tanh(), g[3].sigmoid());
+        c = &f * &c + &i * &gg;
+        h = &o * c.tanh();
+        out.push(h.shallow_clone());
+    }
+    out
+}
+
+/// The bidirectional classifier, one review at a time, by hand: each layer runs forward
+/// over the review and backward from its last token; the next layer reads both outputs.
+/// The head reads `[h_fwd(last token), h_bwd(first token)]` (then max and mean over time
+/// of the last layer's outputs). Returns the summed loss, backpropagates the mean.
+fn reference_bidirectional_backward(model: &LstmClassifier, rows: &[Vec<u32>], labels: &[i64]) -> f64 {
+    let shape = model.shape();
+    let emb = &model.parameters()[0].1;
+    let (fc_w, fc_b) = model.fc();
+    let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
+    for (row, &label) in rows.iter().zip(labels) {
+        let mut xs: Vec<Tensor> = row.iter().map(|&id| emb.get(i64::from(id)).unsqueeze(0)).collect();
+        let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+        for layer in 0..shape.layers {
+            fwd = reference_direction(model, &xs, layer, "");
+            let reversed: Vec<Tensor> = xs.iter().rev().map(Tensor::shallow_clone).collect();
+            bwd = reference_direction(model, &reversed, layer, "_reverse");
+            bwd.reverse();
+            xs = fwd.iter().zip(&bwd).map(|(f, b)| Tensor::cat(&[f, b], 1)).collect();
+        }
+        let last = Tensor::cat(&[fwd[row.len() - 1].shallow_clone(), bwd[0].shallow_clone()], 1);
+        let features = match shape.head {
+            Head::Last => last,
+            Head::ConcatPool => {
+                let outputs = Tensor::cat(&xs, 0);
+                let max = outputs.amax([0i64].as_slice(), true);
+                let mean = outputs.mean_dim([0i64].as_slice(), true, Kind::Float);
+                Tensor::cat(&[last, max, mean], 1)
+            }
+        };
+        let logits = features.matmul(&fc_w.tr()) + fc_b;
+        total += logits.cross_entropy_loss::<Tensor>(
+            &Tensor::from_slice(&[label]),
+            None,
+            Reduction::Sum,
+            -100,
+            0.0,
+        );
+    }
+    let sum = total.double_value(&[]);
+    (total / rows.len() as f64).backward();
+    sum
+}
+
+#[test]
+fn a_bidirectional_lstm_is_named_as_pytorch_names_it() {
+    let m = bidirectional_model(Head::ConcatPool, 2, 5);
+    let names: Vec<&str> = m.parameters().iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        &names[1..5],
+        ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0"]
+    );
+    assert_eq!(names[5], "lstm.weight_ih_l0_reverse");
+    assert_eq!(names[9], "lstm.weight_ih_l1");
+    // Layer 1 reads both directions of layer 0; the head reads 3 features of 2 directions.
+    assert_eq!(m.parameters()[9].1.size(), vec![48, 24]);
+    assert_eq!(m.fc().0.size(), vec![2, 3 * 2 * 12]);
+}
+
+#[test]
+fn a_bidirectional_pass_equals_both_directions_written_out_by_hand() {
+    for (head, layers) in [(Head::Last, 1), (Head::ConcatPool, 1), (Head::ConcatPool, 2)] {
+        let m = bidirectional_model(head, layers, 6);
+        let rs = rows(&[9, 4, 14, 1, 14, 6]);
+        let batch = labelled(&rs);
+        zero_grads(&m);
+        let loss_ref = reference_bidirectional_backward(&m, &rs, &batch.labels);
+        let reference = grads_of(&m);
+        // Whatever kernel is asked for, and K = 0 or K >= the longest review: one window.
+        for kernel in KERNELS {
+            for k in [0, 14, 100] {
+                let what = format!("{kernel:?} {head:?} L={layers} K={k}");
+                let (loss, g) = windowed_grads(&m, &batch, k, kernel);
+                assert!(rel_diff_scalar(loss, loss_ref) <= RTOL, "{what}: loss {loss} vs {loss_ref}");
+                assert_grads_close(&g, &reference, &m, &what);
+            }
+        }
+        // A shorter window cannot run the reverse direction: refused, not wrong.
+        let db = DeviceBatch::new(&batch, VOCAB, Device::Cpu).unwrap();
+        let e = run_windows(&m, &db, Pass::Eval, options(5, LstmKernel::Segmented)).unwrap_err().to_string();
+        assert!(e.contains("bidirectional") && e.contains("train.bptt"), "{e}");
+    }
+}
+
+fn regularised_model(dropouts: Dropouts, seed: i64) -> LstmClassifier {
+    tch::set_num_threads(1);
+    tch::manual_seed(seed);
+    let config = ModelConfig {
+        embed_dim: 8,
+        hidden: 12,
+        layers: 2,
+        dropout: 0.0,
+        head: Head::ConcatPool,
+        ..ModelConfig::default()
+    };
+    LstmClassifier::new(ModelShape::new(&config, VOCAB), dropouts, Device::Cpu).unwrap()
+}
+
+#[test]
+fn the_regularisers_change_training_passes_only_and_survive_windows() {
+    let rs = rows(&[11, 3, 16, 1, 7, 16, 8]);
+    let batch = labelled(&rs);
+    let plain = regularised_model(Dropouts::default(), 7);
+    let options_of = [
+        Dropouts { embedding: 0.3, ..Dropouts::default() },
+        Dropouts { variational: 0.3, ..Dropouts::default() },
+        Dropouts { weight: 0.3, ..Dropouts::default() },
+        // (Head dropout draws per chunk, so the two kernels draw it differently.)
+        Dropouts { embedding: 0.2, variational: 0.2, weight: 0.2, head: 0.0 },
+    ];
+    for dropouts in options_of {
+        let m = regularised_model(dropouts, 7);
+        // Evaluation ignores them: the same logits as the model without.
+        let d = rel_diff(
+            &logits(&m, &batch, 4, LstmKernel::Segmented),
+            &logits(&plain, &batch, 4, LstmKernel::Segmented),
+        );
+        assert_eq!(d, 0.0, "{dropouts:?}: evaluation changed");
+        // Training with several windows (each window's backward frees the graph of the one
+        // before, so the masks must be multiplied in anew) works, is seeded, and differs.
+        let mut runs = Vec::new();
+        for kernel in KERNELS {
+            for _ in 0..2 {
+                tch::manual_seed(11);
+                let (loss, g) = windowed_grads(&m, &batch, 4, kernel);
+                assert!(g.iter().all(|t| t.isfinite().all().int64_value(&[]) == 1), "{dropouts:?}");
+                runs.push((loss, g));
+            }
+        }
+        assert_eq!(runs[0].0.to_bits(), runs[1].0.to_bits(), "{dropouts:?}: the same seed, another loss");
+        assert_grads_close(&runs[0].1, &runs[1].1, &m, &format!("{dropouts:?} reseeded"));
+        assert_grads_close(&runs[2].1, &runs[0].1, &m, &format!("{dropouts:?} kernels"));
+        tch::manual_seed(11);
+        let (_, plain_grads) = windowed_grads(&plain, &batch, 4, LstmKernel::Segmented);
+        // The recurrent weights' gradient (index 2) moves by far more than float order.
+        let d = rel_diff(&runs[0].1[2], &plain_grads[2]);
+        assert!(d > 100.0 * RTOL, "{dropouts:?}: no effect on training ({d:.2e})");
+    }
+}
+
+#[test]
+fn embedding_dropout_drops_whole_words() {
+    // One word everywhere: the rows of a batch are all the same word, so with word dropout
+    // either every row sees it (the mask keeps it) or none does; per-token dropout would
+    // give rows different inputs, hence different logits.
+    let m = regularised_model(Dropouts { embedding: 0.5, ..Dropouts::default() }, 8);
+    let rs: Vec<Vec<u32>> = (0..6).map(|_| vec![5; 4]).collect();
+    let batch = labelled(&rs);
+    let mut firsts: Vec<f64> = Vec::new();
+    for seed in 0..8 {
+        tch::manual_seed(seed);
+        let db = DeviceBatch::new(&batch, VOCAB, Device::Cpu).unwrap();
+        let out = run_windows(&m, &db, Pass::Train, options(0, LstmKernel::Segmented)).unwrap();
+        let first = out.logits.get(0);
+        for r in 1..6 {
+            assert_eq!(rel_diff(&out.logits.get(r), &first), 0.0, "seed {seed}: row {r}");
+        }
+        firsts.push(first.double_value(&[0]));
+    }
+    // And the word is dropped in some batches, kept in others.
+    firsts.sort_by(f64::total_cmp);
+    firsts.dedup();
+    assert_eq!(firsts.len(), 2, "{firsts:?}");
 }

@@ -66,6 +66,7 @@ pub enum Optimizer {
     Adam,
     /// `torch.optim.AdamW`: Adam with decoupled weight decay, `p *= 1 - lr * weight_decay`
     /// before the update, instead of adding `weight_decay * p` to the gradient.
+    #[serde(rename = "adamw")]
     AdamW,
     /// `torch.optim.SGD` without momentum: `p -= lr * (g + weight_decay * p)`. Its update is
     /// linear in the gradient, so runs that differ only in float summation order stay close

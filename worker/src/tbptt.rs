@@ -234,18 +234,14 @@ pub fn run_windows(
         k => k.min(batch.max_len),
     };
     // The reverse direction starts at each row's own end: one chunk over whole rows.
-    let kernel = if shape.bidirectional {
-        if window < batch.max_len {
-            return Err(WorkerError::Invalid(format!(
-                "a bidirectional model runs a batch in one window, but train.bptt = {} is \
-                 shorter than this batch ({} steps); set train.bptt = 0",
-                options.bptt, batch.max_len
-            )));
-        }
-        LstmKernel::Packed
-    } else {
-        options.kernel
-    };
+    if shape.bidirectional && window < batch.max_len {
+        return Err(WorkerError::Invalid(format!(
+            "a bidirectional model runs a batch in one window, but train.bptt = {} is \
+             shorter than this batch ({} steps); set train.bptt = 0",
+            options.bptt, batch.max_len
+        )));
+    }
+    let kernel = options.kernel;
     let size = batch.size as i64;
     let pool = shape.head == Head::ConcatPool;
     let weights: Vec<Tensor> =
@@ -275,12 +271,14 @@ pub fn run_windows(
                 break;
             }
             let s1 = match kernel {
+                // Bidirectional: one chunk of whole rows (the segments are cut inside).
+                _ if shape.bidirectional => t1,
                 LstmKernel::Packed => t1,
                 LstmKernel::Segmented => (lengths[active - 1] as usize).min(t1),
             };
             let ends: Vec<i64> =
                 lengths[..active].iter().map(|&l| (l as usize).min(s1) as i64 - s0 as i64).collect();
-            let chunk = Chunk { active, s0, ends: &ends, kind, train, want_outputs: pool };
+            let chunk = Chunk { active, s0, ends: &ends, kind, train, want_outputs: pool, kernel };
             let (out, h_n, c_n) = run_chunk(model, batch, &carried, &weights, &masks, &chunk)?;
             let (active_i, still) = (active as i64, rows_longer_than(lengths, s1));
             let still_i = still as i64;
@@ -450,6 +448,7 @@ struct Chunk<'a> {
     train: bool,
     /// Return the last layer's outputs too (for pooling).
     want_outputs: bool,
+    kernel: LstmKernel,
 }
 
 /// The LSTM over steps `s0..s0 + ends[0]` of rows `0..active`, each row stopping after
@@ -474,7 +473,9 @@ fn run_chunk(
     let x = cast(&x, chunk.kind)?;
     let state = |t: &Tensor| cast(&t.f_narrow(1, 0, active_i)?.f_contiguous()?, chunk.kind);
     let hx = [state(&carried.h)?, state(&carried.c)?];
-    let (out, h_n, c_n) = if masks.layer_inputs.is_empty() {
+    let (out, h_n, c_n) = if shape.bidirectional && chunk.kernel == LstmKernel::Segmented {
+        bidirectional_by_segments(x, &hx, weights, masks, shape.layers, chunk)?
+    } else if masks.layer_inputs.is_empty() {
         lstm_call(x, &hx, weights, shape.layers, shape.bidirectional, chunk, chunk.want_outputs)?
     } else {
         // Locked dropout between layers: one layer per call, the mask in between.
@@ -505,6 +506,93 @@ fn run_chunk(
         (out, Tensor::f_cat(&hs, 0)?, Tensor::f_cat(&cs, 0)?)
     };
     Ok((out, h_n, c_n))
+}
+
+/// A bidirectional LSTM over whole rows, layer by layer, each direction as dense calls over
+/// the stretches in which no row ends (libtorch's packed LSTM runs step by step on the CPU,
+/// about 15 times slower here). The reverse direction is the forward machinery run on each
+/// row reversed within its own length, its outputs reversed back. Same results as the packed
+/// bidirectional call; `hx` holds each layer's and direction's initial state.
+fn bidirectional_by_segments(
+    x: Tensor,
+    hx: &[Tensor; 2],
+    weights: &[Tensor],
+    masks: &Masks,
+    layers: usize,
+    chunk: &Chunk,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let ends = &chunk.ends[..chunk.active];
+    let device = x.device();
+    let (rows, width) = (ends.len() as i64, chunk.ends[0]);
+    // reverse[b][t] = ends[b] - 1 - t inside the row, t on its padding (an involution).
+    let reverse: Vec<i64> =
+        ends.iter().flat_map(|&len| (0..width).map(move |t| if t < len { len - 1 - t } else { t })).collect();
+    let reverse = host_to_device(Tensor::f_from_slice(&reverse)?.f_view([rows, width, 1])?, device)?;
+    let flip = |t: &Tensor| -> Result<Tensor> {
+        let index = reverse.f_expand([rows, width, t.size()[2]], false)?;
+        Ok(t.f_gather(1, &index, false)?)
+    };
+    let (mut input, mut hs, mut cs) = (x, Vec::new(), Vec::new());
+    for layer in 0..layers {
+        let x = masks.locked(layer, input, rows)?;
+        let mut outputs = Vec::new();
+        for direction in 0..2 {
+            let group = 2 * layer + direction;
+            let w = &weights[4 * group..4 * (group + 1)];
+            let state = [hx[0].f_narrow(0, group as i64, 1)?, hx[1].f_narrow(0, group as i64, 1)?];
+            let seq = if direction == 0 { x.shallow_clone() } else { flip(&x)? };
+            let (out, h, c) = direction_by_segments(&seq, &state, w, ends, chunk.train)?;
+            outputs.push(if direction == 0 { out } else { flip(&out)? });
+            hs.push(h);
+            cs.push(c);
+        }
+        input = Tensor::f_cat(&outputs, 2)?;
+    }
+    let out = if chunk.want_outputs { Some(input.f_to_kind(Kind::Float)?) } else { None };
+    Ok((out, Tensor::f_cat(&hs, 0)?.f_to_kind(Kind::Float)?, Tensor::f_cat(&cs, 0)?.f_to_kind(Kind::Float)?))
+}
+
+/// One direction of one layer over rows sorted by length (longest first), `ends[b]` steps
+/// each: a dense call per stretch in which no row ends, the state carried between them.
+/// Returns the outputs (zero on padding) and every row's (h, c) at its own last step.
+fn direction_by_segments(
+    x: &Tensor,
+    hx: &[Tensor; 2],
+    weights: &[Tensor],
+    ends: &[i64],
+    train: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let rows = ends.len();
+    let (mut h, mut c) = (hx[0].shallow_clone(), hx[1].shallow_clone());
+    let (mut pieces, mut h_ends, mut c_ends) = (Vec::new(), Vec::new(), Vec::new());
+    let mut s0 = 0i64;
+    let mut active = rows;
+    while active > 0 {
+        let s1 = ends[active - 1];
+        let active_i = active as i64;
+        let seq = x.f_narrow(0, 0, active_i)?.f_narrow(1, s0, s1 - s0)?;
+        let state = [h.f_narrow(1, 0, active_i)?, c.f_narrow(1, 0, active_i)?];
+        let (out, h_n, c_n) = seq.f_lstm(&state, weights, true, 1, 0.0, train, false, true)?;
+        // Padding rows below the active ones, so every piece has all rows.
+        let missing = rows as i64 - active_i;
+        pieces.push(if missing > 0 {
+            let zeros = Tensor::f_zeros([missing, s1 - s0, out.size()[2]], (out.kind(), out.device()))?;
+            Tensor::f_cat(&[out, zeros], 0)?
+        } else {
+            out
+        });
+        let still = ends[..active].partition_point(|&l| l > s1);
+        let ending = active_i - still as i64;
+        h_ends.push(h_n.f_narrow(1, still as i64, ending)?);
+        c_ends.push(c_n.f_narrow(1, still as i64, ending)?);
+        (h, c) = (h_n, c_n);
+        active = still;
+        s0 = s1;
+    }
+    // Rows end from the shortest up: reversed, the pieces are in row order.
+    h_ends.reverse();
+    c_ends.reverse();
+    Ok((Tensor::f_cat(&pieces, 1)?, Tensor::f_cat(&h_ends, 1)?, Tensor::f_cat(&c_ends, 1)?))
 }
 
 /// One fused LSTM call of `layers` layers over the chunk's rows; outputs (f32) only when

@@ -398,7 +398,7 @@ fn a_bidirectional_pass_equals_both_directions_written_out_by_hand() {
     }
 }
 
-fn regularised_model(dropouts: Dropouts, seed: i64) -> LstmClassifier {
+fn regularised_model(dropouts: Dropouts, seed: i64, bidirectional: bool) -> LstmClassifier {
     tch::set_num_threads(1);
     tch::manual_seed(seed);
     let config = ModelConfig {
@@ -407,6 +407,7 @@ fn regularised_model(dropouts: Dropouts, seed: i64) -> LstmClassifier {
         layers: 2,
         dropout: 0.0,
         head: Head::ConcatPool,
+        bidirectional,
         ..ModelConfig::default()
     };
     LstmClassifier::new(ModelShape::new(&config, VOCAB), dropouts, Device::Cpu).unwrap()
@@ -414,44 +415,52 @@ fn regularised_model(dropouts: Dropouts, seed: i64) -> LstmClassifier {
 
 #[test]
 fn the_regularisers_change_training_passes_only_and_survive_windows() {
-    let rs = rows(&[11, 3, 16, 1, 7, 16, 8]);
-    let batch = labelled(&rs);
-    let plain = regularised_model(Dropouts::default(), 7);
-    let options_of = [
+    let batch = labelled(&rows(&[11, 3, 16, 1, 7, 16, 8]));
+    for dropouts in [
         Dropouts { embedding: 0.3, ..Dropouts::default() },
         Dropouts { variational: 0.3, ..Dropouts::default() },
         Dropouts { weight: 0.3, ..Dropouts::default() },
-        // (Head dropout draws per chunk, so the two kernels draw it differently.)
-        Dropouts { embedding: 0.2, variational: 0.2, weight: 0.2, head: 0.0 },
-    ];
-    for dropouts in options_of {
-        let m = regularised_model(dropouts, 7);
-        // Evaluation ignores them: the same logits as the model without.
-        let d = rel_diff(
-            &logits(&m, &batch, 4, LstmKernel::Segmented),
-            &logits(&plain, &batch, 4, LstmKernel::Segmented),
-        );
-        assert_eq!(d, 0.0, "{dropouts:?}: evaluation changed");
-        // Training with several windows (each window's backward frees the graph of the one
-        // before, so the masks must be multiplied in anew) works, is seeded, and differs.
-        let mut runs = Vec::new();
-        for kernel in KERNELS {
-            for _ in 0..2 {
-                tch::manual_seed(11);
-                let (loss, g) = windowed_grads(&m, &batch, 4, kernel);
-                assert!(g.iter().all(|t| t.isfinite().all().int64_value(&[]) == 1), "{dropouts:?}");
-                runs.push((loss, g));
-            }
-        }
-        assert_eq!(runs[0].0.to_bits(), runs[1].0.to_bits(), "{dropouts:?}: the same seed, another loss");
-        assert_grads_close(&runs[0].1, &runs[1].1, &m, &format!("{dropouts:?} reseeded"));
-        assert_grads_close(&runs[2].1, &runs[0].1, &m, &format!("{dropouts:?} kernels"));
-        tch::manual_seed(11);
-        let (_, plain_grads) = windowed_grads(&plain, &batch, 4, LstmKernel::Segmented);
-        // The recurrent weights' gradient (index 2) moves by far more than float order.
-        let d = rel_diff(&runs[0].1[2], &plain_grads[2]);
-        assert!(d > 100.0 * RTOL, "{dropouts:?}: no effect on training ({d:.2e})");
+    ] {
+        regularisers_apply(&batch, dropouts, false);
     }
+    // (Head dropout draws per chunk, so the two kernels draw it differently.)
+    let all = Dropouts { embedding: 0.2, variational: 0.2, weight: 0.2, head: 0.0 };
+    for bidirectional in [false, true] {
+        regularisers_apply(&batch, all, bidirectional);
+    }
+}
+
+/// Evaluation ignores `dropouts`; training with them is seeded, the same with either
+/// kernel, and differs from training without them.
+fn regularisers_apply(batch: &Batch, dropouts: Dropouts, bidirectional: bool) {
+    let what = format!("{dropouts:?} bidirectional={bidirectional}");
+    // Several windows of 4 steps (each window's backward frees the graph of the one before,
+    // so the masks must be multiplied in anew); a bidirectional model runs one.
+    let k = if bidirectional { 0 } else { 4 };
+    let plain = regularised_model(Dropouts::default(), 7, bidirectional);
+    let m = regularised_model(dropouts, 7, bidirectional);
+    let d = rel_diff(
+        &logits(&m, batch, k, LstmKernel::Segmented),
+        &logits(&plain, batch, k, LstmKernel::Segmented),
+    );
+    assert_eq!(d, 0.0, "{what}: evaluation changed");
+    let mut runs = Vec::new();
+    for kernel in KERNELS {
+        for _ in 0..2 {
+            tch::manual_seed(11);
+            let (loss, g) = windowed_grads(&m, batch, k, kernel);
+            assert!(g.iter().all(|t| t.isfinite().all().int64_value(&[]) == 1), "{what}");
+            runs.push((loss, g));
+        }
+    }
+    assert_eq!(runs[0].0.to_bits(), runs[1].0.to_bits(), "{what}: the same seed, another loss");
+    assert_grads_close(&runs[0].1, &runs[1].1, &m, &format!("{what} reseeded"));
+    assert_grads_close(&runs[2].1, &runs[0].1, &m, &format!("{what} kernels"));
+    tch::manual_seed(11);
+    let (_, plain_grads) = windowed_grads(&plain, batch, k, LstmKernel::Segmented);
+    // The recurrent weights' gradient (index 2) moves by far more than float order.
+    let d = rel_diff(&runs[0].1[2], &plain_grads[2]);
+    assert!(d > 100.0 * RTOL, "{what}: no effect on training ({d:.2e})");
 }
 
 #[test]
@@ -459,7 +468,7 @@ fn embedding_dropout_drops_whole_words() {
     // One word everywhere: the rows of a batch are all the same word, so with word dropout
     // either every row sees it (the mask keeps it) or none does; per-token dropout would
     // give rows different inputs, hence different logits.
-    let m = regularised_model(Dropouts { embedding: 0.5, ..Dropouts::default() }, 8);
+    let m = regularised_model(Dropouts { embedding: 0.5, ..Dropouts::default() }, 8, false);
     let rs: Vec<Vec<u32>> = (0..6).map(|_| vec![5; 4]).collect();
     let batch = labelled(&rs);
     let mut firsts: Vec<f64> = Vec::new();

@@ -8,6 +8,14 @@
 //! on at the step the checkpoint was taken. A restart is a transition of the driver's state
 //! (attempt, resume point, coordinator progress from the checkpoint), not a second code path.
 //! Everything else (a checksum mismatch, Ctrl-C, SIGTERM, a protocol error) ends the job.
+//!
+//! Which model is kept, the same rule as `worker train`'s: the best by validation accuracy
+//! (the first epoch of a tie). When an epoch improves on the best, every rank keeps a copy
+//! of its parameters (KeepBest; the replicas are identical), and rank 0's checkpoints carry
+//! that copy, so a restarted attempt still has it. At the end the last epoch's model is
+//! tested and exported as model-last.safetensors; then every rank switches to the kept copy
+//! (LoadBest, checked against that epoch's checksum), which is tested and exported as
+//! model.safetensors. Without a validation split the last epoch's model is the kept one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -18,13 +26,14 @@ use tokio::sync::mpsc;
 use trainer_core::exit::Lost;
 use trainer_proto::v1::{
     coordinator_message, worker_message::Body, ArtifactDone, ArtifactKind, Checkpoint, CheckpointNow,
-    CoordinatorMessage, EpochDone, Evaluate, ExportModel, Heartbeat, Split, StartEpoch, Stop,
+    CoordinatorMessage, EpochDone, Evaluate, ExportModel, Heartbeat, KeepBest, LoadBest, Split, StartEpoch,
+    Stop,
 };
 
 use crate::checkpoints::{self, JobCheckpoint, JobIdentity, JobProgress};
 use crate::launcher::{LocalWorkers, WorkerLaunch};
 use crate::progress::{Output, Progress};
-use crate::run_dir::{checksum_hex, EpochRecord, RunDir, Summary};
+use crate::run_dir::{checksum_hex, EpochRecord, EvalRecord, RunDir, Summary};
 use crate::service::{Event, Shared};
 use crate::telemetry::JobState;
 use crate::views::RunViews;
@@ -135,6 +144,9 @@ pub struct Driver {
     pub backend: String,
     /// TensorBoard events and curves.png in the run folder.
     views: RunViews,
+    /// The epoch (1-based) of the best model whose copy every replica of this attempt holds
+    /// (KeepBest, or restored with the checkpoint).
+    best_held: Option<usize>,
 }
 
 /// What a successful run produced.
@@ -152,6 +164,7 @@ fn body_name(body: &Body) -> &'static str {
         Body::Eval(_) => "evaluation result",
         Body::ArtifactDone(_) => "artifact done",
         Body::Error(_) => "error",
+        Body::BestLoaded(_) => "best model loaded",
     }
 }
 
@@ -206,6 +219,7 @@ impl Driver {
             reached_step: 0,
             terminate_by: None,
             backend: String::new(),
+            best_held: None,
         }
     }
 
@@ -525,6 +539,12 @@ impl Driver {
         self.backend = ready[0].backend.clone();
         self.shared.telemetry.set_backend(&self.backend);
         let checksums: Vec<u64> = ready.iter().map(|r| r.parameter_checksum).collect();
+        // Every rank restored the same checkpoint, so the same best model.
+        let held: Vec<Option<u64>> = ready.iter().map(|r| r.best_epoch).collect();
+        if held.windows(2).any(|w| w[0] != w[1]) {
+            bail!("the replicas restored best models of different epochs (0-based, in rank order): {held:?}");
+        }
+        self.best_held = held[0].map(|e| e as usize + 1);
         let when = if self.checkpoint.is_some() {
             "after restoring the checkpoint and the broadcast"
         } else {
@@ -560,6 +580,72 @@ impl Driver {
         let name = if split == Split::Test { "test" } else { "validation" };
         self.shared.telemetry.eval(name, eval.accuracy(), eval.mean_loss());
         Ok(eval)
+    }
+
+    /// Rank 0 uploads its parameters as `kind` (model.safetensors or model-last.safetensors).
+    async fn export(&mut self, kind: ArtifactKind, epoch: u64) -> anyhow::Result<u64> {
+        self.shared.telemetry.set_state(JobState::Checkpointing);
+        let body = coordinator_message::Body::ExportModel(ExportModel { epoch, kind: kind as i32 });
+        self.artifact(kind, body, epoch).await
+    }
+
+    /// The epoch (1-based) of the model to keep: the best by validation, when the replicas
+    /// hold its copy. None (the last epoch's model is kept) without a validation split, or
+    /// when the job resumed from a checkpoint written before best models were kept and no
+    /// later epoch did better.
+    fn kept_best(&mut self) -> Option<usize> {
+        let kept = kept_best(self.state.best, self.best_held);
+        if let (Some((_, best)), None) = (self.state.best, kept) {
+            self.progress.line(&format!(
+                "the best model by validation (epoch {best}) was not kept: the checkpoint this job \
+                 resumed from was written before best models were kept; keeping the last epoch's model"
+            ));
+        }
+        kept
+    }
+
+    /// Every rank makes its copy of the best model (of `epoch`, 1-based) its parameters; they
+    /// must be the parameters the ranks reported after that epoch.
+    async fn load_best(&mut self, epoch: usize) -> anyhow::Result<()> {
+        self.progress.status(&format!("switching to the best model (epoch {epoch})"));
+        let index = epoch.saturating_sub(1) as u64;
+        self.broadcast(coordinator_message::Body::LoadBest(LoadBest { epoch: index })).await?;
+        let ranks: Vec<usize> = (0..self.world()).collect();
+        let checksums = self
+            .collect(&ranks, "the best model loaded", |b| match b {
+                Body::BestLoaded(l) if l.epoch == index => Some(l.parameter_checksum),
+                _ => None,
+            })
+            .await?;
+        check_checksums(&checksums, &format!("after switching to the best model (epoch {epoch})"))?;
+        let reported =
+            self.state.records.iter().find(|r| r.epoch == epoch).map(|r| r.parameter_checksum.clone());
+        let loaded = checksum_hex(checksums[0]);
+        if reported.as_deref() != Some(loaded.as_str()) {
+            bail!(
+                "the best model the ranks kept of epoch {epoch} has checksum {loaded}, but after that \
+                 epoch they reported {}",
+                reported.as_deref().unwrap_or("nothing")
+            );
+        }
+        Ok(())
+    }
+
+    /// A test result in metrics.jsonl and TensorBoard: `model` is "last" or "best" (the kept
+    /// model), as `worker train` writes them.
+    fn record_test(&mut self, model: &'static str, test: &Eval) -> anyhow::Result<()> {
+        let epochs = self.state.records.len();
+        self.views.test(epochs, model, test);
+        self.run_dir.append_metrics(&EvalRecord {
+            kind: "eval",
+            split: "test",
+            model,
+            epoch: epochs,
+            accuracy: test.accuracy(),
+            loss: test.mean_loss(),
+            examples: test.total,
+            train_seconds: self.state.train_seconds,
+        })
     }
 
     async fn artifact(
@@ -627,6 +713,8 @@ impl Driver {
             resumed.as_ref().map(|c| checkpoints::resume_from(self.run_dir.path(), c)),
         );
         self.rank_of_pid.clear();
+        // The new replicas say which best model they restored (Ready).
+        self.best_held = None;
         self.registered = 0;
         self.last_seen = vec![None; self.world()];
         self.pending.clear();
@@ -717,12 +805,14 @@ impl Driver {
             st.step_seconds += s;
             st.comm_seconds += c;
             st.checksums = checksums;
-            // Early stopping on validation accuracy.
+            // Early stopping on validation accuracy; the best model is kept.
+            let mut improved = false;
             if let Some(v) = val {
                 let acc = v.accuracy();
                 if st.best.is_none_or(|(b, _)| acc > b) {
                     st.best = Some((acc, epoch as usize + 1));
                     st.epochs_without_gain = 0;
+                    improved = true;
                 } else {
                     st.epochs_without_gain += 1;
                     st.stopped_early = train.early_stopping_patience > 0
@@ -752,7 +842,12 @@ impl Driver {
                     self.state.epochs_without_gain
                 ));
             }
-            // 5. Rank 0 checkpoints; the driver commits it with the state above.
+            // 5. Every rank keeps a copy of the best model so far; rank 0's checkpoint carries it.
+            if improved {
+                self.broadcast(coordinator_message::Body::KeepBest(KeepBest { epoch })).await?;
+                self.best_held = Some(epoch as usize + 1);
+            }
+            // 6. Rank 0 checkpoints; the driver commits it with the state above.
             self.progress.status(&format!("epoch {}: checkpoint", epoch + 1));
             self.shared.telemetry.set_state(JobState::Checkpointing);
             let checkpoint_started = Instant::now();
@@ -766,19 +861,30 @@ impl Driver {
         }
 
         self.training = false;
-        // Test evaluation and the final model.
-        let last_epoch = self.state.records.len().saturating_sub(1) as u64;
-        self.progress.status("testing");
-        let test = self.evaluate(Split::Test, last_epoch).await?;
-        self.views.test(self.state.records.len(), &test);
+        let epochs = self.state.records.len();
+        let last_epoch = epochs.saturating_sub(1) as u64;
+        let (kept_model, kept_epoch) = match self.kept_best() {
+            Some(best) => ("best", best),
+            None => ("last", epochs),
+        };
+        // 1. The last epoch's model: tested, and exported as model-last.safetensors.
+        self.progress.status("testing the last epoch's model");
+        let last_test = self.evaluate(Split::Test, last_epoch).await?;
+        self.record_test("last", &last_test)?;
+        self.progress.status("exporting the last epoch's model");
+        self.export(ArtifactKind::LastModel, last_epoch).await?;
+        // 2. The kept model, exported as model.safetensors: when it is another epoch's, every
+        //    rank switches to its copy, and it is tested too.
+        let test = if kept_epoch == epochs {
+            last_test
+        } else {
+            self.load_best(kept_epoch).await?;
+            self.progress.status(&format!("testing the best model (epoch {kept_epoch})"));
+            self.evaluate(Split::Test, kept_epoch.saturating_sub(1) as u64).await?
+        };
+        self.record_test("best", &test)?;
         self.progress.status("exporting the model");
-        self.shared.telemetry.set_state(JobState::Checkpointing);
-        self.artifact(
-            ArtifactKind::Model,
-            coordinator_message::Body::ExportModel(ExportModel { epoch: last_epoch }),
-            last_epoch,
-        )
-        .await?;
+        self.export(ArtifactKind::Model, kept_epoch.saturating_sub(1) as u64).await?;
         self.finished = true;
         for rank in 0..world {
             self.shared.try_send(
@@ -795,6 +901,10 @@ impl Driver {
         let summary = Summary {
             test_accuracy: test.accuracy(),
             test_loss: test.mean_loss(),
+            kept_model: kept_model.to_string(),
+            kept_epoch,
+            last_epoch_test_accuracy: last_test.accuracy(),
+            last_epoch_test_loss: last_test.mean_loss(),
             best_val_accuracy: st.best.map(|b| b.0),
             best_epoch: st.best.map(|b| b.1),
             epochs: st.records.len(),
@@ -818,6 +928,12 @@ impl Driver {
         self.shared.telemetry.set_state(JobState::Finished);
         Ok(Outcome { summary })
     }
+}
+
+/// The epoch (1-based) of the model to keep: the best by validation (`best`: accuracy,
+/// epoch) when the replicas hold a copy of it (`held`); None keeps the last epoch's model.
+pub fn kept_best(best: Option<(f64, usize)>, held: Option<usize>) -> Option<usize> {
+    best.map(|(_, epoch)| epoch).filter(|&epoch| held == Some(epoch))
 }
 
 /// All checksums equal, or an error naming the ranks that differ from rank 0.
@@ -887,10 +1003,29 @@ pub fn render_summary(summary: &Summary, records: &[EpochRecord], run_dir: &std:
         let _ =
             writeln!(s, "  best validation accuracy: {best:.4} (epoch {})", summary.best_epoch.unwrap_or(0));
     }
+    let kept = if summary.kept_model == "best" { "the best by validation" } else { "the last epoch's" };
     let _ = writeln!(
         s,
-        "  test accuracy: {:.4} (loss {:.4}, {} reviews)",
-        summary.test_accuracy, summary.test_loss, summary.test_samples
+        "  test accuracy: {:.4} (loss {:.4}, {} reviews) with the kept model, {kept} (epoch {}): {}",
+        summary.test_accuracy,
+        summary.test_loss,
+        summary.test_samples,
+        summary.kept_epoch,
+        crate::run_dir::MODEL_FILE
+    );
+    let last = if summary.kept_epoch == summary.epochs {
+        "the same model".to_string()
+    } else {
+        format!(
+            "test accuracy {:.4} (loss {:.4})",
+            summary.last_epoch_test_accuracy, summary.last_epoch_test_loss
+        )
+    };
+    let _ = writeln!(
+        s,
+        "  last epoch's model (epoch {}): {last}: {}",
+        summary.epochs,
+        crate::run_dir::LAST_MODEL_FILE
     );
     let _ = writeln!(
         s,
@@ -905,6 +1040,16 @@ pub fn render_summary(summary: &Summary, records: &[EpochRecord], run_dir: &std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_best_model_is_kept_when_the_replicas_hold_it() {
+        assert_eq!(kept_best(Some((0.8, 3)), Some(3)), Some(3));
+        // No validation split: the last epoch's model.
+        assert_eq!(kept_best(None, None), None);
+        // Resumed from a checkpoint without the best model's copy, and nothing better since.
+        assert_eq!(kept_best(Some((0.8, 3)), None), None);
+        assert_eq!(kept_best(Some((0.8, 3)), Some(2)), None);
+    }
 
     #[test]
     fn checksum_mismatch_names_the_ranks() {

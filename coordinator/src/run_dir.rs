@@ -1,6 +1,7 @@
-//! The run folder, the same as `worker train` writes: model.safetensors, vocab.txt,
-//! config.toml, metrics.jsonl, summary.json (plus world_size and replica_checksums), and the
-//! last checkpoint. Every file is written to a temporary name and renamed, so that an
+//! The run folder, the same as `worker train` writes: model.safetensors (the kept model: the
+//! best by validation), model-last.safetensors (the last epoch's), vocab.txt, config.toml,
+//! metrics.jsonl, summary.json (plus world_size and replica_checksums), and the last
+//! checkpoint. Every file is written to a temporary name and renamed, so that an
 //! interrupted run never leaves a half-written file behind.
 
 use std::io::Write;
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use trainer_core::{JobConfig, Vocab};
 
 pub const MODEL_FILE: &str = "model.safetensors";
+pub const LAST_MODEL_FILE: &str = "model-last.safetensors";
 pub const VOCAB_FILE: &str = "vocab.txt";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -89,10 +91,37 @@ pub struct EpochRecord {
     pub parameter_checksum: String,
 }
 
+/// A line of metrics.jsonl for a test evaluation (`"type": "eval"`), as `worker train`
+/// writes them.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalRecord {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub split: &'static str,
+    /// "last" (the last epoch's model) or "best" (the kept model, see [`Summary::kept_model`]).
+    pub model: &'static str,
+    /// Epochs completed when it was evaluated.
+    pub epoch: usize,
+    pub accuracy: f64,
+    pub loss: f64,
+    pub examples: u64,
+    pub train_seconds: f64,
+}
+
+/// summary.json. The kept model and the last epoch's use the names `worker train` uses.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// The kept model's (model.safetensors) test accuracy and loss.
     pub test_accuracy: f64,
     pub test_loss: f64,
+    /// Which model is kept in model.safetensors: "best" (the best validation accuracy, the
+    /// first epoch of a tie) or "last" (no validation split).
+    pub kept_model: String,
+    /// The epoch (1-based) of the kept model.
+    pub kept_epoch: usize,
+    /// The last epoch's model (model-last.safetensors) on the test split.
+    pub last_epoch_test_accuracy: f64,
+    pub last_epoch_test_loss: f64,
     pub best_val_accuracy: Option<f64>,
     pub best_epoch: Option<usize>,
     pub epochs: usize,
@@ -112,7 +141,7 @@ pub struct Summary {
     pub restarts: u32,
     /// Optimizer steps run again because of restarts (done after the checkpoint resumed from).
     pub steps_lost: u64,
-    /// Checksum of the final parameters (hex; every rank's equals it).
+    /// Checksum of the last epoch's parameters (hex; every rank's equals it).
     pub final_parameter_checksum: String,
 }
 

@@ -612,6 +612,7 @@ impl Coordinator for CoordinatorService {
         }
         let file_name = match ArtifactKind::try_from(first.kind) {
             Ok(ArtifactKind::Model) => crate::run_dir::MODEL_FILE.to_string(),
+            Ok(ArtifactKind::LastModel) => crate::run_dir::LAST_MODEL_FILE.to_string(),
             Ok(ArtifactKind::Checkpoint) => crate::checkpoints::file_name(first.global_step, first.epoch_end),
             _ => return Err(Status::invalid_argument(format!("unknown artifact kind {}", first.kind))),
         };

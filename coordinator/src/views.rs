@@ -148,10 +148,18 @@ impl RunViews {
         );
     }
 
-    /// The test evaluation after `epochs` epochs.
-    pub fn test(&mut self, epochs: usize, test: &Eval) {
+    /// A test evaluation after `epochs` epochs of `model`: "last" (the last epoch's model,
+    /// charts `test/*`) or "best" (the kept model, `test_best/*`), as `worker train` names them.
+    pub fn test(&mut self, epochs: usize, model: &str, test: &Eval) {
         let step = epochs as u64 * self.steps_per_epoch;
-        self.write(step, &[("test/accuracy", test.accuracy()), ("test/loss", test.mean_loss())]);
+        let prefix = if model == "best" { "test_best" } else { "test" };
+        self.write(
+            step,
+            &[
+                (&format!("{prefix}/accuracy"), test.accuracy()),
+                (&format!("{prefix}/loss"), test.mean_loss()),
+            ],
+        );
     }
 
     /// Redraws curves.png from metrics.jsonl (and summary.json once there is one).

@@ -13,7 +13,7 @@ pub use auth::{AuthError, ClientAuth, JobSecret, ServerAuth};
 
 /// The protocol version a worker sends in `Register`; a coordinator refuses any other.
 /// Bump it on every change that an old peer would misread.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Env var with the coordinator's address (`http://host:port` or `host:port`).
 pub const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";

@@ -335,3 +335,72 @@ fn a_dead_coordinator_makes_workers_exit_and_ctrl_c_stops_cleanly() {
         safetensors::SafeTensors::deserialize(&bytes).expect("the checkpoint is a whole safetensors file");
     assert!(tensors.names().iter().any(|n| n.contains("embedding")), "{:?}", tensors.names());
 }
+
+/// The model kept is the best by validation, as `worker train` keeps it: model.safetensors
+/// holds exactly the parameters of the epoch with the highest validation accuracy (the
+/// first of a tie), model-last.safetensors the last epoch's, and summary.json,
+/// metrics.jsonl and the printed report give both models' test results. Without a
+/// validation split the last epoch's model is the one kept.
+#[test]
+fn the_kept_model_is_the_best_by_validation_and_the_last_is_exported_beside_it() {
+    let Some(data) = imdb_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), OVERFITTING_JOB);
+    let out = dir.path().join("run");
+    let marker = format!("kept-{}", std::process::id());
+    let run = run_ok(&mut coordinator(2, &config, &out, &data, &marker));
+    assert_none_left(&marker);
+    let s = summary(&out);
+    let epochs = epoch_records(&out);
+    assert_eq!(Some(epochs.len() as u64), s["epochs"].as_u64());
+    let val: Vec<f64> = epochs.iter().map(|r| r["val_accuracy"].as_f64().expect("val_accuracy")).collect();
+    // The first epoch of the highest validation accuracy (a later tie does not replace it).
+    let best = (0..val.len()).fold(0, |b, i| if val[i] > val[b] { i } else { b });
+    let last = epochs.len() - 1;
+    eprintln!("validation accuracy by epoch {val:?}: best epoch {}, last {}", best + 1, last + 1);
+    assert_eq!(s["kept_model"], "best", "{s}");
+    assert_eq!(s["kept_epoch"].as_u64(), Some(best as u64 + 1), "{s}");
+    assert_eq!(s["best_epoch"], s["kept_epoch"]);
+    // OVERFITTING_JOB stops early, so its last epoch is never the best (see there).
+    assert_eq!(s["stopped_early"], true, "{s}");
+    assert!(best < last, "best epoch {} is the last", best + 1);
+
+    // The files hold exactly those epochs' parameters.
+    let kept = model_checksum(&out.join("model.safetensors"));
+    let last_model = model_checksum(&out.join("model-last.safetensors"));
+    assert_eq!(kept, epochs[best]["parameter_checksum"].as_str().unwrap(), "model.safetensors");
+    assert_eq!(last_model, epochs[last]["parameter_checksum"].as_str().unwrap(), "model-last.safetensors");
+    assert_eq!(s["final_parameter_checksum"].as_str(), Some(last_model.as_str()));
+    assert_ne!(kept, last_model);
+
+    // Both test results: metrics.jsonl (worker train's records) and summary.json agree.
+    let tests = metrics_records(&out, |v| v["type"] == "eval");
+    let models: Vec<&str> = tests.iter().map(|t| t["model"].as_str().unwrap()).collect();
+    assert_eq!(models, ["last", "best"], "{tests:?}");
+    assert!(tests.iter().all(|t| t["split"] == "test" && t["examples"] == s["test_samples"]), "{tests:?}");
+    assert_eq!(tests[0]["accuracy"], s["last_epoch_test_accuracy"]);
+    assert_eq!(tests[0]["loss"], s["last_epoch_test_loss"]);
+    assert_eq!(tests[1]["accuracy"], s["test_accuracy"]);
+    assert_eq!(tests[1]["loss"], s["test_loss"]);
+    let report = stdout(&run);
+    let kept_line = format!("with the kept model, the best by validation (epoch {})", best + 1);
+    let last_line = format!(
+        "last epoch's model (epoch {}): test accuracy {:.4}",
+        last + 1,
+        s["last_epoch_test_accuracy"].as_f64().unwrap()
+    );
+    assert!(report.contains(&kept_line) && report.contains(&last_line), "{report}");
+
+    // No validation split: the last epoch's model is kept, and both files hold it.
+    let out = dir.path().join("no-val");
+    run_ok(coordinator(2, &config, &out, &data, &marker).args(["--val-fraction", "0", "--epochs", "2"]));
+    assert_none_left(&marker);
+    let s = summary(&out);
+    let epochs = epoch_records(&out);
+    assert_eq!((s["kept_model"].as_str(), s["kept_epoch"].as_u64()), (Some("last"), Some(2)), "{s}");
+    assert!(s["best_epoch"].is_null(), "{s}");
+    assert_eq!(s["test_accuracy"], s["last_epoch_test_accuracy"]);
+    let last = epochs[1]["parameter_checksum"].as_str().unwrap();
+    assert_eq!(model_checksum(&out.join("model.safetensors")), last);
+    assert_eq!(model_checksum(&out.join("model-last.safetensors")), last);
+}

@@ -5,7 +5,9 @@
 //! On the CPU the ring is deterministic and the shard plan, the dropout masks and the
 //! learning rate are functions of (seed, epoch, step), so a run that restarts from a
 //! checkpoint must end *bitwise* equal to an uninterrupted run of the same config: the same
-//! final parameter checksum and the same test accuracy. Every test holds it to that.
+//! final parameter checksum, the same kept model (the best by validation, which the
+//! checkpoints carry) and last model, byte for byte, and the same test accuracy. Every test
+//! holds it to that.
 
 mod common;
 
@@ -18,18 +20,33 @@ use common::*;
 /// Heartbeats and the ring give up after 3 s, so that failures are seen quickly.
 const FAST_FAILURE: [&str; 4] = ["--heartbeat-timeout", "3", "--register-timeout", "60"];
 
-/// (final parameter checksum, test accuracy) of an uninterrupted run of `job`.
-fn reference(dir: &Path, data: &Path, job: &str) -> (String, f64) {
+/// What an uninterrupted run of a job ends with.
+struct Reference {
+    final_checksum: String,
+    test_accuracy: f64,
+    kept_epoch: u64,
+    epochs: u64,
+    /// model.safetensors (the kept model) and model-last.safetensors.
+    model: Vec<u8>,
+    last_model: Vec<u8>,
+}
+
+/// An uninterrupted run of `job`.
+fn reference(dir: &Path, data: &Path, job: &str) -> Reference {
     let config = write_config(dir, job);
     let out = dir.join("reference");
     let marker = format!("ref-{}", std::process::id());
     run_ok(coordinator(2, &config, &out, data, &marker).args(FAST_FAILURE));
     let s = summary(&out);
     assert_eq!(s["restarts"], 0);
-    (
-        s["final_parameter_checksum"].as_str().expect("checksum").to_string(),
-        s["test_accuracy"].as_f64().unwrap(),
-    )
+    Reference {
+        final_checksum: s["final_parameter_checksum"].as_str().expect("checksum").to_string(),
+        test_accuracy: s["test_accuracy"].as_f64().unwrap(),
+        kept_epoch: s["kept_epoch"].as_u64().expect("kept_epoch"),
+        epochs: s["epochs"].as_u64().expect("epochs"),
+        model: std::fs::read(out.join("model.safetensors")).expect("model.safetensors"),
+        last_model: std::fs::read(out.join("model-last.safetensors")).expect("model-last.safetensors"),
+    }
 }
 
 /// A running coordinator and its stderr lines.
@@ -86,12 +103,18 @@ fn workers_restored_a_checkpoint(log: &str, after: u32) -> bool {
         .any(|step| step > after)
 }
 
-fn assert_same_result(out: &Path, expected: &(String, f64), log: &str) {
+fn assert_same_result(out: &Path, expected: &Reference, log: &str) {
     let s = summary(out);
-    assert_eq!(s["final_parameter_checksum"].as_str(), Some(expected.0.as_str()), "not bitwise equal\n{log}");
-    assert_eq!(s["test_accuracy"].as_f64(), Some(expected.1), "{log}");
+    let checksum = expected.final_checksum.as_str();
+    assert_eq!(s["final_parameter_checksum"].as_str(), Some(checksum), "not bitwise equal\n{log}");
+    assert_eq!(s["test_accuracy"].as_f64(), Some(expected.test_accuracy), "{log}");
     let sums = s["replica_checksums"].as_array().expect("replica_checksums");
-    assert!(sums.iter().all(|c| c.as_str() == Some(expected.0.as_str())), "{sums:?}");
+    assert!(sums.iter().all(|c| c.as_str() == Some(checksum)), "{sums:?}");
+    assert_eq!(s["kept_epoch"].as_u64(), Some(expected.kept_epoch), "{log}");
+    let model = std::fs::read(out.join("model.safetensors")).expect("model.safetensors");
+    assert!(model == expected.model, "the kept models (model.safetensors) differ\n{log}");
+    let last = std::fs::read(out.join("model-last.safetensors")).expect("model-last.safetensors");
+    assert!(last == expected.last_model, "the last models (model-last.safetensors) differ\n{log}");
 }
 
 #[test]
@@ -127,6 +150,41 @@ fn a_killed_or_stalled_worker_costs_a_restart_and_the_run_ends_bitwise_equal() {
         assert!(restart["cause"].as_str().unwrap().contains("rank"), "{restart}");
         assert_eq!(restart["steps_lost"], s["steps_lost"]);
     }
+}
+
+/// The best model by validation survives a restart: a worker killed in the epoch after the
+/// best one (the best model is then only in the replicas' memory and the checkpoints), and
+/// the job still exports that model, bitwise equal to the uninterrupted run's. The run is
+/// deterministic on one machine, so the reference says which epoch is the best.
+#[test]
+fn a_worker_killed_after_the_best_epoch_still_exports_the_best_model() {
+    let Some(data) = imdb_data() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let expected = reference(dir.path(), &data, OVERFITTING_JOB);
+    // OVERFITTING_JOB stops early, so the best epoch is never the last (see there).
+    assert!(
+        expected.kept_epoch < expected.epochs,
+        "best epoch {} of {}",
+        expected.kept_epoch,
+        expected.epochs
+    );
+    let config = write_config(dir.path(), OVERFITTING_JOB);
+    let out = dir.path().join("killed");
+    let marker = format!("after-best-{}", std::process::id());
+    let mut job = Job::start(&config, &out, &data, &marker, &[]);
+    let victim = job.wait_for_rank_pid(1);
+    let after_best = format!("epoch {}, step", expected.kept_epoch + 1);
+    job.wait_for("a checkpoint in the epoch after the best", |l| {
+        l.contains("checkpoint committed") && l.contains(&after_best)
+    });
+    send_signal(victim, libc::SIGKILL);
+    let (status, log) = job.finish(Duration::from_secs(120));
+    assert!(status.success(), "{status}\n{log}");
+    assert_none_left(&marker);
+    assert_eq!(summary(&out)["restarts"], 1, "{log}");
+    // 50 steps per epoch: the new workers restored a checkpoint taken after the best epoch.
+    assert!(workers_restored_a_checkpoint(&log, 50 * expected.kept_epoch as u32), "no resume\n{log}");
+    assert_same_result(&out, &expected, &log);
 }
 
 #[test]

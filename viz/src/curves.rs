@@ -36,7 +36,10 @@ pub struct RunCurves {
     pub tokens_per_second: Vec<(f64, f64)>,
     /// (1-based epoch, accuracy).
     pub val_accuracy: Vec<(f64, f64)>,
+    /// The test accuracy of each epoch's model, where the run measured it.
     pub test_accuracy: Vec<(f64, f64)>,
+    /// The kept model's test accuracy (summary.json's `test_accuracy`), once the run finished.
+    pub kept_test_accuracy: Option<f64>,
     /// True when `loss` comes from per-step records (false: one point per epoch).
     pub per_step: bool,
 }
@@ -145,6 +148,7 @@ impl RunCurves {
             _ => String::new(),
         };
         let epochs = num(s, "epochs");
+        self.kept_test_accuracy = num(s, "test_accuracy");
         if let (Some(epoch), Some(acc)) = (epochs, num(s, "test_accuracy")) {
             if !self.test_accuracy.iter().any(|p| p.0 == epoch) {
                 self.test_accuracy.push((epoch, acc));
@@ -451,6 +455,9 @@ fn summary_panel(area: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
     for (i, r) in runs.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         let last = |v: &[(f64, f64)]| v.last().map_or("-".to_string(), |p| format!("{:.2}%", 100.0 * p.1));
+        // The kept model's (the best by validation) once the run finished.
+        let test =
+            r.kept_test_accuracy.map_or_else(|| last(&r.test_accuracy), |a| format!("{:.2}%", 100.0 * a));
         let best = r.val_accuracy.iter().map(|p| p.1).fold(f64::NAN, f64::max);
         let tps = r.tokens_per_second.iter().map(|p| p.1).collect::<Vec<_>>();
         let mean_tps = if tps.is_empty() { f64::NAN } else { tps.iter().sum::<f64>() / tps.len() as f64 };
@@ -459,7 +466,7 @@ fn summary_panel(area: &Area<'_>, runs: &[RunCurves]) -> DrawResult {
         let lines = [
             format!(
                 "test accuracy {}   best validation {}",
-                last(&r.test_accuracy),
+                test,
                 if best.is_finite() { format!("{:.2}%", 100.0 * best) } else { "-".into() }
             ),
             format!(
@@ -534,6 +541,7 @@ mod tests {
         assert_eq!(dist.loss, vec![(10.0, 0.69), (20.0, 0.60)]);
         assert_eq!(dist.val_accuracy, vec![(1.0, 0.55), (2.0, 0.65)]);
         assert_eq!(dist.test_accuracy, vec![(2.0, 0.7)]);
+        assert_eq!(dist.kept_test_accuracy, Some(0.7));
         assert_eq!(dist.steps_per_epoch, Some(10));
 
         let w = dir.path().join("single");

@@ -9,8 +9,13 @@
 //! checkpoint or the new one. Randomness is a function of the position (the data order of
 //! (seed, epoch), the dropout masks of (seed, rank, step)), so the position is the RNG state.
 //!
+//! A distributed run's checkpoints also carry the best model by validation so far (a
+//! [`KeptModel`]): its parameters as `best.<name>`, its epoch in `best_model_epoch`.
+//! Checkpoints written before that have neither and still load, holding no best model.
+//!
 //! The exported model, `model.safetensors`, holds only the parameters under PyTorch's
-//! names, with the config in the metadata.
+//! names, with the config in the metadata: the kept model (the best by validation). Beside
+//! it, `model-last.safetensors` holds the last epoch's model, in the same format.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,12 +34,16 @@ use crate::trainer::Trainer;
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const MODEL_FILE: &str = "model.safetensors";
+/// The last epoch's model, beside the kept one.
+pub const LAST_MODEL_FILE: &str = "model-last.safetensors";
 pub const CHECKPOINT_FORMAT: &str = "imdb-ddp-checkpoint/1";
 pub const MODEL_FORMAT: &str = "imdb-ddp-model/1";
 /// The one metadata key of each file: a single key keeps the header's bytes reproducible
 /// (safetensors writes a map's keys in hash order).
 const CHECKPOINT_KEY: &str = "imdb_ddp_checkpoint";
 const MODEL_KEY: &str = "imdb_ddp_model";
+/// The kept best model's tensors in a checkpoint: `best.<parameter name>`.
+const BEST_PREFIX: &str = "best.";
 
 /// The exported model's metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +102,42 @@ pub struct CheckpointMeta {
     pub vocab_fingerprint: String,
     pub world_size: usize,
     pub loop_state: LoopState,
+    /// The epoch (0-based) whose parameters the checkpoint holds as `best.<name>`: the best
+    /// model by validation that a distributed run keeps. None when it holds none (`worker
+    /// train` keeps its best in model.safetensors; older checkpoints).
+    #[serde(default)]
+    pub best_model_epoch: Option<u64>,
+}
+
+/// A copy of the parameters, kept as the best model by validation: in host memory (one
+/// copy of the parameters, whatever the device), under the model's parameter names.
+#[derive(Debug)]
+pub struct KeptModel {
+    /// The epoch (0-based) after which they were taken.
+    pub epoch: u64,
+    parameters: Vec<(String, Tensor)>,
+}
+
+impl KeptModel {
+    /// A host copy of `model`'s parameters now.
+    pub fn of(model: &LstmClassifier, epoch: u64) -> Result<Self> {
+        let _guard = tch::no_grad_guard();
+        let parameters = model
+            .parameters()
+            .iter()
+            .map(|(name, p)| {
+                let mut copy = Tensor::f_empty(p.size(), (p.kind(), Device::Cpu))?;
+                copy.f_copy_(p)?;
+                Ok((name.clone(), copy))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { epoch, parameters })
+    }
+
+    /// Makes these the parameters of `model` (same names and shapes required).
+    pub fn load_into(&self, model: &mut LstmClassifier) -> Result<()> {
+        model.load_named(&self.parameters, &format!("the best model of epoch {}", self.epoch + 1))
+    }
 }
 
 /// A checkpoint read back from disk.
@@ -191,6 +236,18 @@ pub fn save_checkpoint(
     loop_state: &LoopState,
     vocab_fingerprint: &str,
 ) -> Result<()> {
+    save_checkpoint_keeping(trainer, path, position, loop_state, vocab_fingerprint, None)
+}
+
+/// [`save_checkpoint`], plus the best model kept so far (a distributed run's).
+pub fn save_checkpoint_keeping(
+    trainer: &Trainer,
+    path: &Path,
+    position: Position,
+    loop_state: &LoopState,
+    vocab_fingerprint: &str,
+    best: Option<&KeptModel>,
+) -> Result<()> {
     let meta = CheckpointMeta {
         format: CHECKPOINT_FORMAT.into(),
         position,
@@ -201,6 +258,7 @@ pub fn save_checkpoint(
         vocab_fingerprint: vocab_fingerprint.to_string(),
         world_size: trainer.world_size(),
         loop_state: loop_state.clone(),
+        best_model_epoch: best.map(|b| b.epoch),
     };
     let json = serde_json::to_string(&meta)
         .map_err(|e| WorkerError::Invalid(format!("cannot serialise checkpoint state: {e}")))?;
@@ -211,6 +269,9 @@ pub fn save_checkpoint(
             tensors.push((format!("adam.exp_avg.{name}"), &adam.exp_avg[i]));
             tensors.push((format!("adam.exp_avg_sq.{name}"), &adam.exp_avg_sq[i]));
         }
+    }
+    for (name, p) in best.map_or(&[][..], |b| &b.parameters[..]) {
+        tensors.push((format!("{BEST_PREFIX}{name}"), p));
     }
     write_safetensors(path, &tensors, HashMap::from([(CHECKPOINT_KEY.to_string(), json)]))
 }
@@ -318,6 +379,33 @@ impl Checkpoint {
         opt.set_steps(self.meta.optimizer_steps);
         trainer.set_global_step(self.meta.position.global_step);
         Ok(())
+    }
+
+    /// The best model this checkpoint keeps (`best.<name>`, shaped as `trainer`'s
+    /// parameters), or None when it keeps none.
+    pub fn kept_model(&self, trainer: &Trainer, path: &Path) -> Result<Option<KeptModel>> {
+        let Some(epoch) = self.meta.best_model_epoch else { return Ok(None) };
+        let bad = |message: String| WorkerError::Checkpoint { path: path.to_path_buf(), message };
+        let parameters = trainer
+            .model()
+            .parameters()
+            .iter()
+            .map(|(name, p)| {
+                let key = format!("{BEST_PREFIX}{name}");
+                let t = self.tensors.get(&key).ok_or_else(|| {
+                    bad(format!("tensor {key} is missing (best_model_epoch is {})", epoch + 1))
+                })?;
+                if t.size() != p.size() {
+                    return Err(bad(format!(
+                        "tensor {key} has shape {:?}, expected {:?}",
+                        t.size(),
+                        p.size()
+                    )));
+                }
+                Ok((name.clone(), t.shallow_clone()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Some(KeptModel { epoch, parameters }))
     }
 }
 
@@ -438,6 +526,41 @@ mod tests {
         let adam_tensors = checkpoint.tensors.keys().filter(|k| k.starts_with("adam.")).count();
         let per_parameter = if optimizer == config::Optimizer::Sgd { 0 } else { 2 };
         assert_eq!(adam_tensors, per_parameter * a.model().parameters().len());
+    }
+
+    #[test]
+    fn a_checkpoint_carries_the_kept_model_and_older_ones_hold_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT_FILE);
+        let mut a = trainer(8);
+        a.set_total_steps(10);
+        a.train_step(&batch(0)).unwrap();
+        let best = KeptModel::of(a.model(), 4).unwrap();
+        let best_sum = a.parameter_checksum().unwrap();
+        // The copy stays as it was while training goes on.
+        a.train_step(&batch(1)).unwrap();
+        assert_ne!(a.parameter_checksum().unwrap(), best_sum);
+        save_checkpoint_keeping(&a, &path, Position::default(), &LoopState::default(), "v:1", Some(&best))
+            .unwrap();
+        let checkpoint = load_checkpoint(&path).unwrap();
+        assert_eq!(checkpoint.meta.best_model_epoch, Some(4));
+        let mut b = trainer(8);
+        checkpoint.restore_into(&mut b, "v:1", &path).unwrap();
+        assert_eq!(b.parameter_checksum().unwrap(), a.parameter_checksum().unwrap());
+        let kept = checkpoint.kept_model(&b, &path).unwrap().expect("a kept model");
+        assert_eq!(kept.epoch, 4);
+        kept.load_into(b.model_mut()).unwrap();
+        assert_eq!(b.parameter_checksum().unwrap(), best_sum);
+
+        // Without one (worker train's, or written before best models were kept): none, and
+        // metadata without the field reads as none.
+        save_checkpoint(&a, &path, Position::default(), &LoopState::default(), "v:1").unwrap();
+        let checkpoint = load_checkpoint(&path).unwrap();
+        assert!(checkpoint.kept_model(&b, &path).unwrap().is_none());
+        let mut json = serde_json::to_value(&checkpoint.meta).unwrap();
+        json.as_object_mut().unwrap().remove("best_model_epoch");
+        let old: CheckpointMeta = serde_json::from_value(json).unwrap();
+        assert_eq!(old.best_model_epoch, None);
     }
 
     #[test]

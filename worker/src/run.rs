@@ -19,7 +19,7 @@ use trainer_core::EncodedSplit;
 
 use crate::checkpoint::{
     export_model, load_checkpoint, load_model_weights, save_checkpoint, vocab_fingerprint, LoopState,
-    Position, CHECKPOINT_FILE, MODEL_FILE,
+    Position, CHECKPOINT_FILE, LAST_MODEL_FILE, MODEL_FILE,
 };
 use crate::collective::NoopCollective;
 use crate::device::{device_name, resolve_device};
@@ -61,11 +61,21 @@ pub struct RunOptions {
 pub const PROFILE_WARMUP_STEPS: u64 = 3;
 pub const PROFILE_FILE: &str = "profile.json";
 
+/// summary.json. The coordinator's has the same fields for the kept and the last model.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
-    /// Test accuracy of the best model (None when the run was stopped before the end).
+    /// Test accuracy of the kept model, model.safetensors (None when the run was stopped
+    /// before the end).
     pub test_accuracy: Option<f64>,
     pub test_loss: Option<f64>,
+    /// Which model is kept in model.safetensors: "best" (the best validation accuracy, the
+    /// first epoch of a tie) or "last" (no validation split).
+    pub kept_model: String,
+    /// The epoch (1-based) of the kept model.
+    pub kept_epoch: Option<usize>,
+    /// The last epoch's model (model-last.safetensors) on the test split.
+    pub last_epoch_test_accuracy: Option<f64>,
+    pub last_epoch_test_loss: Option<f64>,
     pub best_val_accuracy: Option<f64>,
     pub best_epoch: Option<usize>,
     /// Epochs completed.
@@ -85,7 +95,7 @@ pub struct RunSummary {
     pub train_examples: usize,
     pub val_examples: usize,
     pub test_examples: usize,
-    /// Checksum of the last step's parameters (before the best model is reloaded).
+    /// Checksum of the last step's parameters (the last epoch's model when the run ended).
     pub final_parameter_checksum: String,
 }
 
@@ -230,6 +240,8 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     let mut interrupted = false;
     // Steps run by this process (a resumed run counts from its own start).
     let mut steps_here: u64 = 0;
+    // The last epoch's model on the test split, when --eval-test-each-epoch measured it.
+    let mut last_epoch_test: Option<EvalCounts> = None;
 
     for epoch in position.epoch..t.epochs {
         if state.stopped_early {
@@ -349,8 +361,10 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         } else {
             state.epochs_without_improvement += 1;
         }
+        last_epoch_test = None;
         if options.eval_test_each_epoch {
             let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
+            last_epoch_test = Some(test);
             log_eval(
                 &mut metrics,
                 &mut views,
@@ -389,15 +403,37 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         }
     }
 
-    // The best model on the test split.
+    // The last epoch's model on the test split, exported as model-last.safetensors; then the
+    // kept model (the best by validation, already in model.safetensors).
     let final_checksum = format!("{:016x}", trainer.parameter_checksum()?);
-    let (mut test_accuracy, mut test_loss) = (None, None);
+    let kept_model = if splits.val.is_empty() { "last" } else { "best" };
+    let (mut test, mut last_test) = (None, None);
     if !interrupted {
         let eval_clock = Instant::now();
-        if model_path.exists() {
+        let last = match last_epoch_test {
+            Some(counts) => counts,
+            None => {
+                let counts = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
+                log_eval(
+                    &mut metrics,
+                    &mut views,
+                    trainer.global_step(),
+                    "test",
+                    "last",
+                    state.epochs_completed,
+                    &counts,
+                    state.train_seconds,
+                )?;
+                counts
+            }
+        };
+        export_model(trainer.model(), config, &out.join(LAST_MODEL_FILE))?;
+        let kept = if state.best_epoch != Some(state.epochs_completed) && model_path.exists() {
             load_model_weights(trainer.model_mut(), &model_path)?;
-        }
-        let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
+            trainer.evaluate(&splits.test, &all_indices(&splits.test))?
+        } else {
+            last
+        };
         log_eval(
             &mut metrics,
             &mut views,
@@ -405,16 +441,20 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
             "test",
             "best",
             state.epochs_completed,
-            &test,
+            &kept,
             state.train_seconds,
         )?;
         eval_seconds += eval_clock.elapsed().as_secs_f64();
-        test_accuracy = Some(test.accuracy());
-        test_loss = Some(test.mean_loss());
+        test = Some(kept);
+        last_test = Some(last);
     }
     let summary = RunSummary {
-        test_accuracy,
-        test_loss,
+        test_accuracy: test.map(|t| t.accuracy()),
+        test_loss: test.map(|t| t.mean_loss()),
+        kept_model: kept_model.to_string(),
+        kept_epoch: state.best_epoch,
+        last_epoch_test_accuracy: last_test.map(|t| t.accuracy()),
+        last_epoch_test_loss: last_test.map(|t| t.mean_loss()),
         best_val_accuracy: state.best_val_accuracy,
         best_epoch: state.best_epoch,
         epochs: state.epochs_completed,
@@ -445,7 +485,8 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     Ok(summary)
 }
 
-/// `model`: `last` (the weights after that epoch) or `best` (the kept best model).
+/// `model`: `last` (the weights after that epoch) or `best` (the kept model: the best by
+/// validation, or the last epoch's without a validation split).
 #[allow(clippy::too_many_arguments)]
 fn log_eval(
     metrics: &mut MetricsLog,

@@ -102,14 +102,23 @@ fn train_writes_the_run_folder() {
     assert_eq!(s["test_examples"], 200);
     let acc = s["test_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
-    // One line per logged step and per evaluation (2 validation + 1 test).
+    // The kept model is the best by validation; the last epoch's is beside it (the same
+    // names as the coordinator's summary).
+    assert_eq!(s["kept_model"], "best");
+    assert_eq!(s["kept_epoch"], s["best_epoch"]);
+    assert!(s["last_epoch_test_accuracy"].is_number() && s["last_epoch_test_loss"].is_number(), "{s}");
+    assert!(dir.join("model-last.safetensors").is_file());
+    // One line per logged step and per evaluation (2 validation + the last and the kept
+    // model on the test split).
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let evals: Vec<_> = lines.iter().filter(|l| l["type"] == "eval").collect();
-    assert_eq!(evals.len(), 3, "{evals:?}");
+    assert_eq!(evals.len(), 4, "{evals:?}");
+    assert_eq!((&evals[2]["model"], &evals[2]["accuracy"]), (&"last".into(), &s["last_epoch_test_accuracy"]));
+    assert_eq!((&evals[3]["model"], &evals[3]["accuracy"]), (&"best".into(), &s["test_accuracy"]));
     assert!(lines.iter().filter(|l| l["type"] == "step").all(|l| l["loss"].as_f64().unwrap().is_finite()));
     assert!(lines.iter().any(|l| l["type"] == "step"));
     // The resolved config reads back, and the vocab has the configured size.
@@ -150,7 +159,7 @@ fn two_epochs_straight_equal_one_epoch_then_resume_bitwise() {
     // The metrics of both attempts are in the one file.
     let evals =
         std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap().matches("\"eval\"").count();
-    assert_eq!(evals, 3);
+    assert_eq!(evals, 4);
 }
 
 #[test]

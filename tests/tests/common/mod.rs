@@ -349,3 +349,109 @@ impl LogLines {
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|w| w.strip_prefix(key))
 }
+
+/// A job whose last epoch's model is never the best by validation, on any machine: early
+/// stopping with patience 1 ends the run at the first epoch whose validation accuracy is not
+/// above the best so far, so a run that stops early has its best epoch before its last,
+/// whichever epochs those are where float rounding differs (AVX2 vs AVX-512). This small
+/// model (lr 0.05, no dropout, 1,600 training reviews) overfits within a few epochs (here:
+/// validation 0.71, 0.77, 0.80, 0.80, stopping after epoch 4), far below the 30-epoch cap.
+/// A checkpoint every 10 of its 50 steps per epoch, for the restart tests.
+pub const OVERFITTING_JOB: &str = r#"
+[data]
+min_freq = 2
+max_vocab = 5000
+max_len = 200
+truncation = "both"
+val_fraction = 0.2
+train_subset = 2000
+test_subset = 400
+
+[model]
+embed_dim = 16
+hidden = 16
+layers = 1
+dropout = 0.0
+head = "concat_pool"
+
+[train]
+batch_size = 16
+epochs = 30
+early_stopping_patience = 1
+lr = 0.05
+batch_order = "bucketed"
+bucket_pool = 4
+bptt = 0
+seed = 5
+device = "cpu"
+log_every = 5
+eval_batch_size = 100
+
+[checkpoint]
+every_steps = 10
+every_seconds = 0
+"#;
+
+/// The JSON lines of a run folder's metrics.jsonl that `pick` accepts.
+pub fn metrics_records(out: &Path, pick: impl Fn(&serde_json::Value) -> bool) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|v| pick(v))
+        .collect()
+}
+
+/// A distributed run's epoch records (one per epoch, in order).
+pub fn epoch_records(out: &Path) -> Vec<serde_json::Value> {
+    metrics_records(out, |v| v.get("train_loss").is_some())
+}
+
+/// Where a parameter comes in the model's canonical order (worker/src/model.rs, which is
+/// PyTorch's): the embedding, the LSTM layer by layer (per direction: weight_ih, weight_hh,
+/// bias_ih, bias_hh), then the linear head.
+fn canonical_position(name: &str) -> (u32, u32, u32, u32) {
+    if name == "embedding.weight" {
+        return (0, 0, 0, 0);
+    }
+    if let Some(rest) = name.strip_prefix("lstm.") {
+        let (rest, reverse) = match rest.strip_suffix("_reverse") {
+            Some(r) => (r, 1),
+            None => (rest, 0),
+        };
+        let kinds = ["weight_ih_l", "weight_hh_l", "bias_ih_l", "bias_hh_l"];
+        for (k, kind) in kinds.iter().enumerate() {
+            if let Some(layer) = rest.strip_prefix(kind).and_then(|l| l.parse::<u32>().ok()) {
+                return (1, layer, reverse, k as u32);
+            }
+        }
+    }
+    match name {
+        "fc.weight" => (2, 0, 0, 0),
+        "fc.bias" => (2, 0, 0, 1),
+        _ => panic!("parameter {name}: not in the canonical order this test knows (worker/src/model.rs)"),
+    }
+}
+
+/// The parameter checksum of a model file, computed as the worker computes it for the epoch
+/// records (`parameter_checksum` in worker/src/trainer.rs: FNV-1a over each parameter's
+/// name and little-endian f32 bytes, in the model's order), as 16 hex digits.
+pub fn model_checksum(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
+    let mut tensors = file.tensors();
+    tensors.sort_by_key(|(name, _)| canonical_position(name));
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for (name, view) in &tensors {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+        feed(name.as_bytes());
+        feed(view.data());
+    }
+    format!("{hash:016x}")
+}

@@ -4,7 +4,8 @@
 //! shards, meets the other ranks at the rendezvous, builds the ring collective, and hands it
 //! to a [`Replica`] factory; then it keeps one session stream open (heartbeats up and down)
 //! and runs the coordinator's commands: train an epoch on the shard it downloads for that
-//! epoch, evaluate, upload a checkpoint or the model (rank 0), stop.
+//! epoch, evaluate, keep a copy of the best model or switch to it, upload a checkpoint or
+//! the model (rank 0), stop.
 //!
 //! # The seam
 //!
@@ -51,9 +52,10 @@ use tonic::transport::{Channel, Endpoint};
 use trainer_core::{EncodedSplit, JobConfig};
 use trainer_proto::v1::coordinator_client::CoordinatorClient;
 use trainer_proto::v1::{
-    coordinator_message, worker_message, ArtifactChunk, ArtifactDone, ArtifactKind, CheckpointRequest,
-    CoordinatorMessage, Device, EpochDone, EvalResult, Heartbeat, Hello, Ready, RegisterRequest,
-    RendezvousRequest, ShardRequest, Split, StepMetrics, WorkerError, WorkerIdentity, WorkerMessage,
+    coordinator_message, worker_message, ArtifactChunk, ArtifactDone, ArtifactKind, BestLoaded,
+    CheckpointRequest, CoordinatorMessage, Device, EpochDone, EvalResult, Heartbeat, Hello, Ready,
+    RegisterRequest, RendezvousRequest, ShardRequest, Split, StepMetrics, WorkerError, WorkerIdentity,
+    WorkerMessage,
 };
 use trainer_proto::{
     ClientAuth, JobSecret, ARTIFACT_CHUNK_BYTES, COORDINATOR_ADDR_ENV, JOB_COMPLETION_INDEX_ENV,
@@ -342,6 +344,15 @@ pub trait Replica {
     fn parameter_checksum(&self) -> anyhow::Result<u64>;
     /// Number of scalar parameters (for logs).
     fn parameter_count(&self) -> u64;
+    /// Keeps a copy of the parameters as the best model (after epoch `epoch`, 0-based), in
+    /// place of the one kept before; later checkpoints carry it.
+    fn keep_best(&mut self, epoch: u64) -> anyhow::Result<()>;
+    /// The epoch of the best model kept (by [`Replica::keep_best`], or restored with the
+    /// checkpoint), if any.
+    fn best_epoch(&self) -> Option<u64>;
+    /// Makes the best model kept (which must be `epoch`'s) the parameters; returns their
+    /// checksum.
+    fn load_best(&mut self, epoch: u64) -> anyhow::Result<u64>;
     /// The model as `model.safetensors` bytes (rank 0 only).
     fn export_model(&mut self) -> anyhow::Result<Vec<u8>>;
     /// A full checkpoint (`checkpoint.safetensors` bytes) at `at` (rank 0).
@@ -1000,9 +1011,15 @@ impl Agent {
                 at: CheckpointAt { epoch: c.epoch, epoch_end: true, ..CheckpointAt::default() },
             })?,
             coordinator_message::Body::ExportModel(m) => send(Work::Artifact {
-                kind: ArtifactKind::Model,
+                kind: if m.kind == ArtifactKind::LastModel as i32 {
+                    ArtifactKind::LastModel
+                } else {
+                    ArtifactKind::Model
+                },
                 at: CheckpointAt { epoch: m.epoch, epoch_end: true, ..CheckpointAt::default() },
             })?,
+            coordinator_message::Body::KeepBest(k) => send(Work::KeepBest { epoch: k.epoch })?,
+            coordinator_message::Body::LoadBest(l) => send(Work::LoadBest { epoch: l.epoch })?,
             // Read by the replica thread at its next step boundary.
             coordinator_message::Body::CheckpointNow(_) => checkpoint_now.store(true, Ordering::Release),
             coordinator_message::Body::Stop(stop) => {
@@ -1035,6 +1052,7 @@ impl Agent {
             ReplicaEvent::Step(s) => worker_message::Body::Step(s),
             ReplicaEvent::EpochDone(d) => worker_message::Body::EpochDone(d),
             ReplicaEvent::Eval(e) => worker_message::Body::Eval(e),
+            ReplicaEvent::BestLoaded(b) => worker_message::Body::BestLoaded(b),
             ReplicaEvent::Artifact { kind, at, bytes } => {
                 let bytes = guarded(live, self.upload(kind, at, bytes)).await?;
                 worker_message::Body::ArtifactDone(ArtifactDone {
@@ -1068,6 +1086,8 @@ enum Work {
     Train { epoch: u64, first_step: u64, shard: EncodedSplit },
     Evaluate { split: Split, epoch: u64 },
     Artifact { kind: ArtifactKind, at: CheckpointAt },
+    KeepBest { epoch: u64 },
+    LoadBest { epoch: u64 },
 }
 
 enum ReplicaEvent {
@@ -1075,6 +1095,7 @@ enum ReplicaEvent {
     Step(StepMetrics),
     EpochDone(EpochDone),
     Eval(EvalResult),
+    BestLoaded(BestLoaded),
     Artifact {
         kind: ArtifactKind,
         at: CheckpointAt,
@@ -1212,6 +1233,7 @@ fn replica_thread(
                 backend,
                 parameter_checksum: checksum,
                 parameter_count: replica.parameter_count(),
+                best_epoch: replica.best_epoch(),
             }));
         }
         Err(e) => return fail(e),
@@ -1266,7 +1288,7 @@ fn replica_thread(
             }
             Work::Artifact { kind, mut at } => {
                 at.global_step = replica.global_step();
-                let bytes = if kind == ArtifactKind::Model {
+                let bytes = if kind == ArtifactKind::Model || kind == ArtifactKind::LastModel {
                     replica.export_model()
                 } else {
                     last_checkpoint = Instant::now();
@@ -1276,6 +1298,18 @@ fn replica_thread(
                     .map(|bytes| ReplicaEvent::Artifact { kind, at, bytes })
                     .with_context(|| format!("cannot produce the {}", kind.as_str_name()))
             }
+            Work::KeepBest { epoch } => {
+                // Nothing to answer: the commands that follow (rank 0's checkpoint, the next
+                // epoch) run after it on this thread.
+                match replica.keep_best(epoch) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e.context(format!("cannot keep the model of epoch {}", epoch + 1))),
+                }
+            }
+            Work::LoadBest { epoch } => replica
+                .load_best(epoch)
+                .map(|checksum| ReplicaEvent::BestLoaded(BestLoaded { epoch, parameter_checksum: checksum }))
+                .with_context(|| format!("cannot switch to the best model of epoch {}", epoch + 1)),
         };
         match outcome {
             Ok(event) => {

@@ -56,6 +56,8 @@ struct Toy {
     fail_at: Option<(u64, u64)>,
     step_delay: Duration,
     seen: Arc<Mutex<Seen>>,
+    /// The kept best model: (epoch, parameters).
+    best: Option<(u64, Vec<f32>)>,
 }
 
 const TOY_LR: f32 = 1e-3;
@@ -141,6 +143,25 @@ impl Replica for Toy {
         self.params.len() as u64
     }
 
+    fn keep_best(&mut self, epoch: u64) -> anyhow::Result<()> {
+        self.best = Some((epoch, self.params.clone()));
+        Ok(())
+    }
+
+    fn best_epoch(&self) -> Option<u64> {
+        self.best.as_ref().map(|b| b.0)
+    }
+
+    fn load_best(&mut self, epoch: u64) -> anyhow::Result<u64> {
+        match &self.best {
+            Some((e, params)) if *e == epoch => self.params = params.clone(),
+            other => {
+                bail!("toy: asked for epoch {epoch}'s best model, holding {:?}", other.as_ref().map(|b| b.0))
+            }
+        }
+        Ok(checksum(&self.params))
+    }
+
     fn export_model(&mut self) -> anyhow::Result<Vec<u8>> {
         Ok(self.params.iter().flat_map(|p| p.to_le_bytes()).collect())
     }
@@ -199,6 +220,7 @@ fn run_agents(
                         fail_at: fail_at.filter(|f| f.0 == job.rank).map(|f| (f.1, f.2)),
                         step_delay,
                         seen: s,
+                        best: None,
                     };
                     Ok(Box::new(toy) as Box<dyn Replica>)
                 });
@@ -258,8 +280,8 @@ fn agents_train_a_job_with_the_real_coordinator() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(metrics.len(), 4, "{metrics:?}");
-    for (epoch, pair) in metrics.chunks(2).enumerate() {
+    assert_eq!(metrics.len(), 6, "{metrics:?}");
+    for (epoch, pair) in metrics[..4].chunks(2).enumerate() {
         let (step, record) = (&pair[0], &pair[1]);
         assert_eq!(step["type"], "step", "{step}");
         assert_eq!((step["epoch"].as_u64(), step["step"].as_u64()), (Some(epoch as u64 + 1), Some(12)));
@@ -272,10 +294,23 @@ fn agents_train_a_job_with_the_real_coordinator() {
         assert_eq!(record["train_samples"], 96);
         assert_eq!(record["train_loss"], 0.5);
     }
-    let model = std::fs::read(coord.out.join("model.safetensors")).unwrap();
-    assert_eq!(model.len(), 8 * 4);
-    let params: Vec<f32> = model.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    assert_eq!(format!("{:016x}", checksum(&params)), checksums[0].as_str().unwrap());
+    // The toy's validation accuracy is the same every epoch, so the first epoch's model is
+    // the best and the kept one: every rank switched back to its copy for the test, and rank
+    // 0 exported it; the last epoch's model is beside it.
+    assert_eq!((summary["kept_model"].as_str(), summary["kept_epoch"].as_u64()), (Some("best"), Some(1)));
+    assert_eq!(summary["last_epoch_test_accuracy"], 0.5);
+    let tests: Vec<_> = metrics[4..].iter().map(|t| (t["split"].as_str(), t["model"].as_str())).collect();
+    assert_eq!(tests, [(Some("test"), Some("last")), (Some("test"), Some("best"))]);
+    let model_checksum = |file: &str| {
+        let model = std::fs::read(coord.out.join(file)).unwrap();
+        assert_eq!(model.len(), 8 * 4);
+        let params: Vec<f32> =
+            model.chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        format!("{:016x}", checksum(&params))
+    };
+    assert_eq!(model_checksum("model.safetensors"), metrics[1]["parameter_checksum"].as_str().unwrap());
+    assert_eq!(model_checksum("model-last.safetensors"), checksums[0].as_str().unwrap());
+    assert_ne!(metrics[1]["parameter_checksum"], metrics[3]["parameter_checksum"]);
     let checkpoint = trainer_tests::current_checkpoint(&coord.out).expect("a committed checkpoint");
     assert_eq!(std::fs::read_to_string(checkpoint).unwrap(), "checkpoint of rank 0 after epoch 1");
     for f in ["vocab.txt", "config.toml"] {

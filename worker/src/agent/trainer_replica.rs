@@ -11,7 +11,9 @@ use trainer_core::batch::collate;
 use trainer_core::EncodedSplit;
 
 use super::{CheckpointAt, EpochReport, EvalCounts, JobInfo, Replica, StepReport, StepSink};
-use crate::checkpoint::{checkpoint_from_bytes, export_model, save_checkpoint, LoopState, Position};
+use crate::checkpoint::{
+    checkpoint_from_bytes, export_model, save_checkpoint_keeping, KeptModel, LoopState, Position,
+};
 use crate::collective::{Collective, CollectiveError};
 use crate::device::resolve_device;
 use crate::trainer::Trainer;
@@ -57,6 +59,8 @@ pub struct TrainerReplica {
     trainer: Trainer,
     job: JobInfo,
     comm_nanos: Arc<AtomicU64>,
+    /// The best model by validation so far (the coordinator's KeepBest), in host memory.
+    best: Option<KeptModel>,
 }
 
 impl TrainerReplica {
@@ -72,6 +76,7 @@ impl TrainerReplica {
             let source = std::path::Path::new("<the job's checkpoint>");
             let checkpoint = checkpoint_from_bytes(bytes, source)?;
             checkpoint.restore_into(&mut replica.trainer, &job.vocab_fingerprint, source)?;
+            replica.best = checkpoint.kept_model(&replica.trainer, source)?;
         }
         replica.broadcast_from_rank0()?;
         Ok(replica)
@@ -85,7 +90,7 @@ impl TrainerReplica {
         let timed = TimedCollective { inner: collective, nanos: Arc::clone(&comm_nanos) };
         let mut trainer = Trainer::new(&job.config, job.vocab_size, device, Box::new(timed))?;
         trainer.set_total_steps((job.steps_per_epoch * job.config.train.epochs) as u64);
-        Ok(Self { trainer, job: job.clone(), comm_nanos })
+        Ok(Self { trainer, job: job.clone(), comm_nanos, best: None })
     }
 
     /// Replaces this rank's parameters with rank 0's (a collective call).
@@ -186,6 +191,33 @@ impl Replica for TrainerReplica {
         self.trainer.model().shape().num_parameters() as u64
     }
 
+    fn keep_best(&mut self, epoch: u64) -> anyhow::Result<()> {
+        // The old copy goes first: never two copies of the parameters at once.
+        self.best = None;
+        self.best = Some(KeptModel::of(self.trainer.model(), epoch)?);
+        Ok(())
+    }
+
+    fn best_epoch(&self) -> Option<u64> {
+        self.best.as_ref().map(|b| b.epoch)
+    }
+
+    fn load_best(&mut self, epoch: u64) -> anyhow::Result<u64> {
+        match &self.best {
+            Some(best) if best.epoch == epoch => best.load_into(self.trainer.model_mut())?,
+            Some(best) => anyhow::bail!(
+                "the coordinator asked for the best model of epoch {}, but this replica keeps epoch {}'s",
+                epoch + 1,
+                best.epoch + 1
+            ),
+            None => anyhow::bail!(
+                "the coordinator asked for the best model of epoch {}, but this replica keeps none",
+                epoch + 1
+            ),
+        }
+        Ok(self.trainer.parameter_checksum()?)
+    }
+
     fn export_model(&mut self) -> anyhow::Result<Vec<u8>> {
         let (model, config) = (self.trainer.model(), self.trainer.config());
         self.to_bytes("model.safetensors", |p| export_model(model, config, p))
@@ -209,11 +241,19 @@ impl Replica for TrainerReplica {
                 global_step: self.trainer.global_step(),
             }
         };
-        // The coordinator keeps the loop state (best accuracy, early stopping); the vocab
-        // fingerprint is not known here (the vocab stays with the coordinator).
-        let trainer = &self.trainer;
+        // The coordinator keeps the loop state (best accuracy, early stopping); the best
+        // model's weights travel with the checkpoint, so that a resumed attempt can still
+        // export it.
+        let (trainer, best) = (&self.trainer, self.best.as_ref());
         self.to_bytes("checkpoint.safetensors", |p| {
-            save_checkpoint(trainer, p, position, &LoopState::default(), &self.job.vocab_fingerprint)
+            save_checkpoint_keeping(
+                trainer,
+                p,
+                position,
+                &LoopState::default(),
+                &self.job.vocab_fingerprint,
+                best,
+            )
         })
     }
 }

@@ -26,7 +26,11 @@ bootstrap:
 build: bootstrap
 	$(CARGO) build --release --bins
 
+# Each `make run` trains afresh: a previous $(RUN_OUT) (which holds a finished job's
+# checkpoint, so the coordinator would refuse it without --resume) moves to $(RUN_OUT).prev.
 run: build
+	@if [ -e $(RUN_OUT) ]; then echo "make run: moving the previous $(RUN_OUT) to $(RUN_OUT).prev"; \
+	  rm -rf $(RUN_OUT).prev && mv $(RUN_OUT) $(RUN_OUT).prev; fi
 	./target/release/coordinator --workers $(WORKERS) --config $(RUN_CONFIG) --out $(RUN_OUT) \
 	  $(if $(IMDB_DATA),--data $(IMDB_DATA))
 

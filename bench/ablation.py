@@ -7,7 +7,8 @@ trained with 3 seeds at the same budget, written as a table into bench/ACCURACY.
     python3 bench/ablation.py --data ... --rows baseline,bidirectional --seeds 1,2
     python3 bench/ablation.py --data ... --results bench/ACCURACY.md    # rewrite its table
 
-Every run is `coordinator --workers 2` on the base config (configs/cpu-demo.toml) with one
+Every run is `coordinator --workers 2` on the base config (bench/ablation-base.toml, the
+cpu-demo recipe as it was before the ablation) with one
 change and `train.seed` set, for `--epochs` epochs. The coordinator keeps the model of the
 epoch with the best validation accuracy and tests it once; choose rows by the validation
 column, the test column is reported, never used to choose. A run whose summary.json is
@@ -34,7 +35,7 @@ END = "<!-- end of ablation table -->"
 
 # (row name, what changes, overrides of the base config as {"section.field": value}).
 ROWS: list[tuple[str, str, dict]] = [
-    ("baseline", "configs/cpu-demo.toml as it is", {}),
+    ("baseline", "the baseline (bench/ablation-base.toml)", {}),
     ("head_last", "head = last (no max/mean pooling)", {"model.head": "last"}),
     ("truncation_head", "truncation = head (first 400 tokens, not head+tail)", {"data.truncation": "head"}),
     ("max_len_800", "max_len = 800", {"data.max_len": 800}),
@@ -166,7 +167,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=os.environ.get("IMDB_DATA"),
                    help="the corpus tarball (default: $IMDB_DATA)")
-    p.add_argument("--base", type=Path, default=ROOT / "configs" / "cpu-demo.toml")
+    p.add_argument("--base", type=Path, default=ROOT / "bench" / "ablation-base.toml")
     p.add_argument("--epochs", type=int, default=6, help="the fixed budget of every run")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--rows", default="", help="comma-separated row names (default: all)")

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use trainer_core::config::{BatchOrder, Head, Schedule};
+use trainer_core::config::{BatchOrder, Head, Optimizer, Schedule};
 use trainer_core::JobConfig;
 
 fn load(name: &str) -> JobConfig {
@@ -22,6 +22,18 @@ fn seed_is_the_tutorial_recipe() {
     assert_eq!((t.batch_size, t.epochs, t.bptt, t.batch_order), (32, 5, 0, BatchOrder::Unsorted));
     assert_eq!((t.lr, t.beta1, t.beta2, t.weight_decay, t.clip_norm), (1e-3, 0.9, 0.999, 0.0, 0.0));
     assert_eq!((t.schedule, t.warmup_steps, t.amp), (Schedule::Constant, 0, false));
+    // None of issue 13's options: the baseline stays the tutorial's.
+    assert!(!m.bidirectional);
+    assert_eq!((m.embedding_dropout, m.variational_dropout, m.weight_drop), (0.0, 0.0, 0.0));
+    assert_eq!((t.optimizer, t.label_smoothing), (Optimizer::Adam, 0.0));
+}
+
+#[test]
+fn the_ablation_base_is_a_valid_config_on_the_cpu() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/ablation-base.toml");
+    let c = JobConfig::from_toml_file(&path).unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.train.bptt, 100, "the baseline of bench/ACCURACY.md is the TBPTT recipe");
 }
 
 #[test]
@@ -35,8 +47,10 @@ fn every_shipped_config_is_valid() {
             seen += 1;
         }
     }
-    assert!(seen >= 4, "expected seed, cpu-demo, gpu-fast and test-tiny in {}", dir.display());
-    let demo = load("cpu-demo.toml");
-    assert!(!demo.train.amp && demo.train.device != "cuda", "cpu-demo must run on a CPU");
+    assert!(seen >= 5, "expected seed, cpu-demo, cpu-best, gpu-fast and test-tiny in {}", dir.display());
+    for name in ["cpu-demo.toml", "cpu-best.toml"] {
+        let c = load(name);
+        assert!(!c.train.amp && c.train.device != "cuda", "{name} must run on a CPU");
+    }
     assert!(load("gpu-fast.toml").train.amp);
 }

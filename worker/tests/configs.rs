@@ -54,3 +54,18 @@ fn every_shipped_config_is_valid() {
     }
     assert!(load("gpu-fast.toml").train.amp);
 }
+
+#[test]
+fn the_deployed_job_configs_are_the_shipped_ones() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (deployed, shipped) in [
+        ("deploy/base/job.toml", "cpu-demo.toml"),
+        ("deploy/jobset/job.toml", "cpu-demo.toml"),
+        ("deploy/overlays/single-node-gpu/job.toml", "gpu-fast.toml"),
+        ("deploy/overlays/multi-node-gpu/job.toml", "gpu-fast.toml"),
+    ] {
+        let ours =
+            JobConfig::from_toml_file(&root.join(deployed)).unwrap_or_else(|e| panic!("{deployed}: {e}"));
+        assert_eq!(ours, load(shipped), "{deployed} differs from configs/{shipped}");
+    }
+}

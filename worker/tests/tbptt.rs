@@ -14,11 +14,29 @@ const KERNELS: [LstmKernel; 2] = [LstmKernel::Packed, LstmKernel::Segmented];
 const VOCAB: usize = 40;
 
 fn model(head: Head, layers: usize, seed: i64) -> LstmClassifier {
+    model_with(head, layers, false, Dropouts::default(), seed)
+}
+
+/// A small model (embeddings of 8, LSTM of 12) seeded for reproducible weights.
+fn model_with(
+    head: Head,
+    layers: usize,
+    bidirectional: bool,
+    dropouts: Dropouts,
+    seed: i64,
+) -> LstmClassifier {
     tch::set_num_threads(1);
     tch::manual_seed(seed);
-    let config =
-        ModelConfig { embed_dim: 8, hidden: 12, layers, dropout: 0.0, head, ..ModelConfig::default() };
-    LstmClassifier::new(ModelShape::new(&config, VOCAB), Dropouts::default(), Device::Cpu).unwrap()
+    let config = ModelConfig {
+        embed_dim: 8,
+        hidden: 12,
+        layers,
+        dropout: 0.0,
+        head,
+        bidirectional,
+        ..ModelConfig::default()
+    };
+    LstmClassifier::new(ModelShape::new(&config, VOCAB), dropouts, Device::Cpu).unwrap()
 }
 
 /// Rows of pseudo-random ids with the given lengths, labels alternating.
@@ -276,18 +294,7 @@ fn bad_batches_are_refused_with_a_message() {
 }
 
 fn bidirectional_model(head: Head, layers: usize, seed: i64) -> LstmClassifier {
-    tch::set_num_threads(1);
-    tch::manual_seed(seed);
-    let config = ModelConfig {
-        embed_dim: 8,
-        hidden: 12,
-        layers,
-        dropout: 0.0,
-        head,
-        bidirectional: true,
-        ..ModelConfig::default()
-    };
-    LstmClassifier::new(ModelShape::new(&config, VOCAB), Dropouts::default(), Device::Cpu).unwrap()
+    model_with(head, layers, true, Dropouts::default(), seed)
 }
 
 /// One LSTM direction written out step by step over `xs` (one `1 x in` tensor per step),
@@ -399,18 +406,7 @@ fn a_bidirectional_pass_equals_both_directions_written_out_by_hand() {
 }
 
 fn regularised_model(dropouts: Dropouts, seed: i64, bidirectional: bool) -> LstmClassifier {
-    tch::set_num_threads(1);
-    tch::manual_seed(seed);
-    let config = ModelConfig {
-        embed_dim: 8,
-        hidden: 12,
-        layers: 2,
-        dropout: 0.0,
-        head: Head::ConcatPool,
-        bidirectional,
-        ..ModelConfig::default()
-    };
-    LstmClassifier::new(ModelShape::new(&config, VOCAB), dropouts, Device::Cpu).unwrap()
+    model_with(Head::ConcatPool, 2, bidirectional, dropouts, seed)
 }
 
 #[test]

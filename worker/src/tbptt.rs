@@ -509,10 +509,10 @@ fn run_chunk(
 }
 
 /// A bidirectional LSTM over whole rows, layer by layer, each direction as dense calls over
-/// the stretches in which no row ends (libtorch's packed LSTM runs step by step on the CPU,
-/// about 15 times slower here). The reverse direction is the forward machinery run on each
-/// row reversed within its own length, its outputs reversed back. Same results as the packed
-/// bidirectional call; `hx` holds each layer's and direction's initial state.
+/// the stretches in which no row ends (libtorch's packed LSTM runs step by step on the CPU:
+/// about 7 times slower in one run here). The reverse direction is the forward machinery run
+/// on each row reversed within its own length, its outputs reversed back. Same results as
+/// the packed bidirectional call; `hx` holds each layer's and direction's initial state.
 fn bidirectional_by_segments(
     x: Tensor,
     hx: &[Tensor; 2],

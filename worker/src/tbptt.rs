@@ -414,9 +414,6 @@ impl Masks {
 
     /// The LSTM weights with DropConnect on every `weight_hh` (index 1 of each group of 4).
     fn drop_weights(&self, weights: &[Tensor]) -> Result<Vec<Tensor>> {
-        if self.weight_hh.is_empty() {
-            return Ok(weights.iter().map(Tensor::shallow_clone).collect());
-        }
         weights
             .iter()
             .enumerate()
@@ -500,12 +497,13 @@ fn run_chunk(
             if last {
                 out = layer_out;
             } else {
-                input = layer_out.map(|o| cast(&o, chunk.kind)).transpose()?;
+                input = layer_out;
             }
         }
         (out, Tensor::f_cat(&hs, 0)?, Tensor::f_cat(&cs, 0)?)
     };
-    Ok((out, h_n, c_n))
+    // The outputs in f32 once, whatever the arithmetic of the layers.
+    Ok((out.map(|o| o.f_to_kind(Kind::Float)).transpose()?, h_n, c_n))
 }
 
 /// A bidirectional LSTM over whole rows, layer by layer, each direction as dense calls over
@@ -548,7 +546,7 @@ fn bidirectional_by_segments(
         }
         input = Tensor::f_cat(&outputs, 2)?;
     }
-    let out = if chunk.want_outputs { Some(input.f_to_kind(Kind::Float)?) } else { None };
+    let out = chunk.want_outputs.then_some(input);
     Ok((out, Tensor::f_cat(&hs, 0)?.f_to_kind(Kind::Float)?, Tensor::f_cat(&cs, 0)?.f_to_kind(Kind::Float)?))
 }
 
@@ -581,7 +579,7 @@ fn direction_by_segments(
         } else {
             out
         });
-        let still = ends[..active].partition_point(|&l| l > s1);
+        let still = rows_longer_than(&ends[..active], s1 as usize);
         let ending = active_i - still as i64;
         h_ends.push(h_n.f_narrow(1, still as i64, ending)?);
         c_ends.push(c_n.f_narrow(1, still as i64, ending)?);
@@ -595,8 +593,9 @@ fn direction_by_segments(
     Ok((Tensor::f_cat(&pieces, 1)?, Tensor::f_cat(&h_ends, 1)?, Tensor::f_cat(&c_ends, 1)?))
 }
 
-/// One fused LSTM call of `layers` layers over the chunk's rows; outputs (f32) only when
-/// `want_outputs`, final states in f32.
+/// One fused LSTM call of `layers` layers over the chunk's rows; outputs (in the chunk's
+/// arithmetic, so that a next layer reads them as they are) only when `want_outputs`,
+/// final states in f32.
 fn lstm_call(
     x: Tensor,
     hx: &[Tensor; 2],
@@ -632,10 +631,6 @@ fn lstm_call(
             None
         };
         (out, h_n, c_n)
-    };
-    let out = match out {
-        Some(o) => Some(o.f_to_kind(Kind::Float)?),
-        None => None,
     };
     Ok((out, h_n.f_to_kind(Kind::Float)?, c_n.f_to_kind(Kind::Float)?))
 }

@@ -13,7 +13,7 @@
 //! resume from the same global step once the step-to-sample mapping is made world-size
 //! independent (elastic resizing, not built yet).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -167,9 +167,16 @@ pub fn commit(dir: &Path, pointer: &JobCheckpoint) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The checkpoint an attempt resumes from, which the service streams to every rank.
+#[derive(Debug, Clone)]
+pub struct ResumeFrom {
+    pub file: PathBuf,
+    pub global_step: u64,
+}
+
 /// What the workers of an attempt restore: the current file of `pointer`, in `dir`.
-pub fn resume_from(dir: &Path, pointer: &JobCheckpoint) -> crate::service::ResumeFrom {
-    crate::service::ResumeFrom { file: dir.join(&pointer.file), global_step: pointer.global_step }
+pub fn resume_from(dir: &Path, pointer: &JobCheckpoint) -> ResumeFrom {
+    ResumeFrom { file: dir.join(&pointer.file), global_step: pointer.global_step }
 }
 
 #[cfg(test)]

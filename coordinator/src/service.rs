@@ -21,6 +21,7 @@ use trainer_proto::v1::{
 };
 use trainer_proto::PROTOCOL_VERSION;
 
+use crate::checkpoints::ResumeFrom;
 use crate::job::{for_each_chunk, JobData};
 use crate::telemetry::Telemetry;
 
@@ -84,13 +85,6 @@ pub struct RendezvousResult {
     pub ring_token: Vec<u8>,
     /// "ring" or "nccl", or why the requested backend cannot run.
     pub backend: Result<&'static str, String>,
-}
-
-/// The checkpoint an attempt resumes from.
-#[derive(Debug, Clone)]
-pub struct ResumeFrom {
-    pub file: PathBuf,
-    pub global_step: u64,
 }
 
 #[derive(Default)]

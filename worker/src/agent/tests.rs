@@ -11,6 +11,9 @@ use tch::Tensor;
 
 use trainer_tests::ExternalCoordinator;
 
+use anyhow::bail;
+use trainer_proto::JobSecret;
+
 use super::*;
 
 const SECRET: &str = "test-secret-5f1e9a";
@@ -411,50 +414,4 @@ fn trainer_replicas_stay_identical_and_runs_repeat() {
         finals.push(sums[0].clone());
     }
     assert_eq!(finals[0], finals[1], "two runs with the same seed differ");
-}
-
-fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-}
-
-#[test]
-fn the_coordinator_address_falls_back_to_master_addr_and_port() {
-    let none = env_of(&[]);
-    assert_eq!(coordinator_addr(Some("c:1"), &none).unwrap(), "c:1");
-    let master = env_of(&[("MASTER_ADDR", "job-master-0"), ("MASTER_PORT", "23456")]);
-    assert_eq!(coordinator_addr(Some("c:1"), &master).unwrap(), "c:1");
-    assert_eq!(coordinator_addr(None, &master).unwrap(), "job-master-0:23456");
-    assert_eq!(coordinator_addr(Some(""), &master).unwrap(), "job-master-0:23456");
-    let v6 = env_of(&[("MASTER_ADDR", "fd00::1"), ("MASTER_PORT", "23456")]);
-    assert_eq!(coordinator_addr(None, &v6).unwrap(), "[fd00::1]:23456");
-    for (env, says) in [
-        (env_of(&[]), "COORDINATOR_ADDR"),
-        (env_of(&[("MASTER_ADDR", "m")]), "MASTER_PORT is not"),
-        (env_of(&[("MASTER_ADDR", "m"), ("MASTER_PORT", "http")]), "port number"),
-    ] {
-        let e = coordinator_addr(None, &env).unwrap_err();
-        assert!(format!("{e:#}").contains(says), "{e:#}");
-        assert_eq!(trainer_core::exit::code_for(e.chain()), trainer_core::exit::USAGE);
-    }
-}
-
-#[test]
-fn the_rank_hint_comes_from_the_flag_or_the_completion_index() {
-    assert_eq!(rank_hint(Some(3), env_of(&[("JOB_COMPLETION_INDEX", "1")])).unwrap(), Some(3));
-    assert_eq!(rank_hint(None, env_of(&[("JOB_COMPLETION_INDEX", "1")])).unwrap(), Some(1));
-    assert_eq!(rank_hint(None, env_of(&[])).unwrap(), None);
-    let e = rank_hint(None, env_of(&[("JOB_COMPLETION_INDEX", "one")])).unwrap_err();
-    assert!(format!("{e:#}").contains("JOB_COMPLETION_INDEX"), "{e:#}");
-}
-
-#[test]
-fn the_ring_advertises_the_pod_ip_not_a_host_name() {
-    let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
-    let local: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-    let pod = env_of(&[("POD_IP", "10.1.2.3")]);
-    assert_eq!(advertise_host(Some("10.9.9.9"), any, &pod), "10.9.9.9");
-    assert_eq!(advertise_host(None, any, &pod), "10.1.2.3");
-    assert_eq!(advertise_host(None, local, &pod), "127.0.0.1");
-    assert_eq!(advertise_host(None, any, env_of(&[])), hostname());
 }

@@ -78,13 +78,18 @@ pub fn code_for<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error +
         if let Some(data) = cause.downcast_ref::<DataError>() {
             return match data {
                 DataError::Config(_) | DataError::Shard(_) => USAGE,
-                DataError::Io { cause, .. } | DataError::CacheIo { cause, .. }
+                DataError::Io { cause, .. }
+                | DataError::Write { cause, .. }
+                | DataError::CacheIo { cause, .. }
                     if crate::integrity::is_storage_error(cause) =>
                 {
                     STORAGE
                 }
                 // The disk or the network, not the data: a retry may work.
-                DataError::Io { .. } | DataError::CacheIo { .. } | DataError::Download { .. } => OTHER,
+                DataError::Io { .. }
+                | DataError::Write { .. }
+                | DataError::CacheIo { .. }
+                | DataError::Download { .. } => OTHER,
                 _ => BAD_DATA,
             };
         }

@@ -90,6 +90,8 @@ pub struct Driver {
     /// The epoch (1-based) of the best model whose copy every replica of this attempt holds
     /// (KeepBest, or restored with the checkpoint).
     best_held: Option<usize>,
+    /// Checkpoints in a row that the storage refused (reset by a committed one).
+    checkpoint_failures: u32,
 }
 
 /// What a successful run produced.
@@ -140,6 +142,7 @@ impl Driver {
             terminate_by: None,
             backend: String::new(),
             best_held: None,
+            checkpoint_failures: 0,
         }
     }
 

@@ -62,14 +62,21 @@ pub struct FaultTolerance {
     pub rejoin_timeout: Duration,
     pub term_grace: Duration,
     pub identity: JobIdentity,
-    /// The checkpoint this run resumes from (`--resume`).
+    /// The checkpoint this run resumes from (`--resume`), already verified.
     pub resume: Option<JobCheckpoint>,
+    /// Checkpoints in a row the storage may refuse before the job stops (exit 5).
+    pub checkpoint_failures: u32,
 }
 
 impl Driver {
     /// Stops the group and starts the next attempt from the last checkpoint.
     pub(super) async fn restart(&mut self, cause: &anyhow::Error) -> anyhow::Result<()> {
         let cause = format!("{cause:#}");
+        // Nothing is restored unchecked: a damaged checkpoint is set aside and the previous
+        // one takes its place; none intact stops the job (exit 6).
+        if let Some(current) = &self.checkpoint {
+            self.checkpoint = Some(checkpoints::verified(self.run_dir.path(), current)?);
+        }
         let resumed = self.checkpoint.clone();
         let resumed_step = resumed.as_ref().map_or(0, |c| c.global_step);
         let steps_lost = self.reached_step.saturating_sub(resumed_step);

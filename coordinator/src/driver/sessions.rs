@@ -101,7 +101,7 @@ impl Driver {
                     }
                     Body::Error(e) if !self.finished => Err(self.gather_failures(rank, e.message).await),
                     Body::ArtifactDone(done) if done.kind == ArtifactKind::Checkpoint as i32 => {
-                        self.commit_checkpoint(&done)?;
+                        self.checkpoint_done(&done)?;
                         Ok(done.epoch_end.then_some((rank, Body::ArtifactDone(done))))
                     }
                     other => Ok(Some((rank, other))),

@@ -3,6 +3,7 @@
 //! stream is checked against the totals it announces.
 
 use anyhow::{anyhow, bail};
+use trainer_core::integrity::FileDigest;
 use trainer_core::EncodedSplit;
 use trainer_proto::v1::{ArtifactChunk, ArtifactKind, CheckpointRequest, ShardRequest, Split};
 use trainer_proto::ARTIFACT_CHUNK_BYTES;
@@ -52,30 +53,45 @@ impl Agent {
             .into_inner();
         let mut bytes = Vec::new();
         let mut total = None;
+        let mut sha256 = String::new();
         while let Some(chunk) =
             stream.message().await.map_err(|s| status_error("the checkpoint stream broke", s))?
         {
-            let t = *total.get_or_insert(chunk.total_bytes);
+            let t = *total.get_or_insert_with(|| {
+                sha256 = chunk.sha256.clone();
+                chunk.total_bytes
+            });
             if bytes.len() as u64 + chunk.data.len() as u64 > t {
                 bail!("the checkpoint stream sent more than the {t} bytes it announced");
             }
             bytes.extend_from_slice(&chunk.data);
         }
         match total {
-            Some(t) if t == bytes.len() as u64 => Ok(bytes),
+            Some(t) if t == bytes.len() as u64 => {}
             Some(t) => bail!("the checkpoint stream ended after {} of {t} bytes", bytes.len()),
             None => bail!("the checkpoint stream was empty"),
         }
+        // Checked before any byte is used: what arrived is what the coordinator verified.
+        if sha256.is_empty() {
+            bail!("the checkpoint stream carried no sha256 (a coordinator of another release?)");
+        }
+        FileDigest { bytes: bytes.len() as u64, sha256 }
+            .check_bytes(&bytes)
+            .map_err(|e| anyhow!("the checkpoint to resume from arrived damaged: {e}"))?;
+        Ok(bytes)
     }
 
+    /// Uploads an artifact (rank 0); `Ok(Err(message))` when the coordinator's storage
+    /// refused it (a full disk: the coordinator decides, this rank trains on).
     pub(super) async fn upload(
         &self,
         kind: ArtifactKind,
         at: CheckpointAt,
         bytes: Vec<u8>,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<Result<u64, String>> {
         let epoch = at.epoch;
         let total = bytes.len() as u64;
+        let sha256 = FileDigest::of_bytes(&bytes).sha256;
         let identity = self.identity.clone();
         let mut chunks: Vec<ArtifactChunk> = bytes
             .chunks(ARTIFACT_CHUNK_BYTES)
@@ -91,13 +107,22 @@ impl Agent {
         chunks[0].step_in_epoch = at.step_in_epoch;
         chunks[0].global_step = at.global_step;
         chunks[0].epoch_end = at.epoch_end;
-        let reply = self
-            .client
-            .clone()
-            .upload_artifact(tokio_stream::iter(chunks))
-            .await
-            .map_err(|s| status_error(&format!("cannot upload the {}", kind.as_str_name()), s))?
-            .into_inner();
+        chunks[0].sha256 = sha256;
+        let reply = match self.client.clone().upload_artifact(tokio_stream::iter(chunks)).await {
+            Ok(reply) => reply.into_inner(),
+            Err(s)
+                if s.code() == tonic::Code::ResourceExhausted
+                    && s.message().starts_with(trainer_proto::STORAGE_FAILURE_PREFIX) =>
+            {
+                tracing::warn!(
+                    kind = kind.as_str_name(),
+                    "the coordinator could not store it: {}",
+                    s.message()
+                );
+                return Ok(Err(s.message().to_string()));
+            }
+            Err(s) => return Err(status_error(&format!("cannot upload the {}", kind.as_str_name()), s)),
+        };
         if reply.bytes_written != total {
             bail!(
                 "the coordinator stored {} of the {total} bytes of the {}",
@@ -105,6 +130,6 @@ impl Agent {
                 kind.as_str_name()
             );
         }
-        Ok(total)
+        Ok(Ok(total))
     }
 }

@@ -253,7 +253,10 @@ impl Agent {
             ReplicaEvent::Eval(e) => worker_message::Body::Eval(e),
             ReplicaEvent::BestLoaded(b) => worker_message::Body::BestLoaded(b),
             ReplicaEvent::Artifact { kind, at, bytes } => {
-                let bytes = guarded(live, self.upload(kind, at, bytes)).await?;
+                let (bytes, storage_error) = match guarded(live, self.upload(kind, at, bytes)).await? {
+                    Ok(stored) => (stored, String::new()),
+                    Err(storage_error) => (0, storage_error),
+                };
                 worker_message::Body::ArtifactDone(ArtifactDone {
                     kind: kind as i32,
                     epoch: at.epoch,
@@ -261,6 +264,7 @@ impl Agent {
                     step_in_epoch: at.step_in_epoch,
                     global_step: at.global_step,
                     epoch_end: at.epoch_end,
+                    storage_error,
                 })
             }
             ReplicaEvent::Failed { message, peer_lost: true } => {

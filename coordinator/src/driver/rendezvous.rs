@@ -51,6 +51,17 @@ impl Driver {
             .await?;
         self.backend = ready[0].backend.clone();
         self.shared.telemetry.set_backend(&self.backend);
+        // Every rank built the same model: a count that differs is another build or config,
+        // named before any checksum is compared.
+        let counts: Vec<u64> = ready.iter().map(|r| r.parameter_count).collect();
+        if let Some(rank) = counts.iter().position(|&c| c != counts[0]) {
+            bail!(
+                "the replicas disagree on the model: rank 0 has {} parameters, rank {rank} has {} \
+                 (workers of another build or config?)",
+                counts[0],
+                counts[rank]
+            );
+        }
         let checksums: Vec<u64> = ready.iter().map(|r| r.parameter_checksum).collect();
         // Every rank restored the same checkpoint, so the same best model.
         let held: Vec<Option<u64>> = ready.iter().map(|r| r.best_epoch).collect();

@@ -61,6 +61,8 @@ struct Toy {
     seen: Arc<Mutex<Seen>>,
     /// The kept best model: (epoch, parameters).
     best: Option<(u64, Vec<f32>)>,
+    /// The parameter count it reports, when not its own (a replica of another build).
+    reported_count: Option<u64>,
 }
 
 const TOY_LR: f32 = 1e-3;
@@ -143,7 +145,7 @@ impl Replica for Toy {
     }
 
     fn parameter_count(&self) -> u64 {
-        self.params.len() as u64
+        self.reported_count.unwrap_or(self.params.len() as u64)
     }
 
     fn keep_best(&mut self, epoch: u64) -> anyhow::Result<()> {
@@ -204,6 +206,17 @@ fn run_agents(
     fail_at: Option<(usize, u64, u64)>,
     step_delay: Duration,
 ) -> Vec<std::thread::JoinHandle<AgentResult>> {
+    run_tweaked_agents(addr, world, fail_at, step_delay, |_| {})
+}
+
+/// [`run_agents`], with `tweak` applied to every rank's toy replica once it is built.
+fn run_tweaked_agents(
+    addr: &str,
+    world: usize,
+    fail_at: Option<(usize, u64, u64)>,
+    step_delay: Duration,
+    tweak: fn(&mut Toy),
+) -> Vec<std::thread::JoinHandle<AgentResult>> {
     (0..world)
         .map(|_| {
             let args = join_args(addr);
@@ -214,7 +227,7 @@ fn run_agents(
                     // Different initial values per rank: the broadcast must make them equal.
                     let mut init = Tensor::from_slice(&[job.rank as f32 + 1.0; 8]);
                     collective.broadcast(&mut init, 0)?;
-                    let toy = Toy {
+                    let mut toy = Toy {
                         rank: job.rank,
                         params: Vec::<f32>::try_from(&init)?,
                         collective,
@@ -224,7 +237,9 @@ fn run_agents(
                         step_delay,
                         seen: s,
                         best: None,
+                        reported_count: None,
                     };
+                    tweak(&mut toy);
                     Ok(Box::new(toy) as Box<dyn Replica>)
                 });
                 (result, seen)
@@ -334,6 +349,24 @@ fn a_failing_replica_stops_the_job_and_names_its_rank() {
     let errors: Vec<String> = results.iter().map(|(r, _)| format!("{:#}", r.as_ref().unwrap_err())).collect();
     assert_eq!(errors.iter().filter(|e| e.contains("toy failure")).count(), 1, "{errors:?}");
     assert!(!coord.out.join("summary.json").exists());
+}
+
+/// A replica that reports another parameter count (a worker of another build or config)
+/// is refused at the start, with both counts and its rank named, before any step.
+#[test]
+fn replicas_that_disagree_on_the_parameter_count_are_refused_naming_the_rank() {
+    let Some(mut coord) = start_coordinator(2, &["--max-restarts", "0"]) else { return };
+    let handles = run_tweaked_agents(coord.addr(), 2, None, Duration::ZERO, |toy| {
+        if toy.rank == 1 {
+            toy.reported_count = Some(toy.params.len() as u64 + 1);
+        }
+    });
+    let results: Vec<AgentResult> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let (status, _) = coord.wait(Duration::from_secs(60));
+    let stderr = coord.stderr();
+    assert!(!status.success());
+    assert!(stderr.contains("rank 0 has 8 parameters, rank 1 has 9"), "{stderr}");
+    assert!(results.iter().all(|(r, seen)| r.is_err() && seen.lock().unwrap().train_ids.is_empty()));
 }
 
 #[test]

@@ -288,8 +288,11 @@ def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus, image=None):
             binds.append((host_path, image_path, True))
         libtorch = os.path.realpath(os.path.join(REPO, ".libtorch"))
         # The binaries' RUNPATH names <repo>/.libtorch/torch/lib (the image puts libtorch at
-        # the path its binaries name, too).
-        binds.append((libtorch, os.path.join(REPO, ".libtorch"), True))
+        # the path its binaries name, too). A worktree whose .libtorch (and target) link to
+        # another checkout runs that checkout's binaries, whose RUNPATH names the link's
+        # target: libtorch goes at both paths.
+        for at in sorted({os.path.join(REPO, ".libtorch"), libtorch}):
+            binds.append((libtorch, at, True))
     if corpus:
         binds.append((corpus, CORPUS_MOUNT, True))
     binds.append((os.path.join(d, "hosts"), "/etc/hosts", True))

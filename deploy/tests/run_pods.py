@@ -502,8 +502,9 @@ SCENARIOS = {
 FAULTS = [k for k in SCENARIOS if k not in (None, "kill-worker")]
 # The faults that must be detected: they run with short timeouts (set through the pods' env).
 DETECTED = ["partition-ring", "partition-coordinator", "sigstop-coordinator"]
-# A coordinator line that says something went wrong.
-PROBLEM = re.compile(r"restart \d+/\d+|\bWARN\b|\bERROR\b|lost|failed|timed out|unreachable|hung", re.I)
+# A coordinator line that names a fault (generic WARN lines, such as an upload that broke
+# off, can come first and name nothing).
+PROBLEM = re.compile(r"restart \d+/\d+|^error|lost|failed|timed out|unreachable|hung", re.I)
 
 
 def run(args, workers, scenario=None):

@@ -74,10 +74,10 @@ KINDS = {
                          "--resume=auto on the same --out", "equal after the supervisor's restart"),
     "term-coordinator": ("SIGTERM to the coordinator (0.3 to 2 s in); when it exits, a supervisor starts it "
                          "again with --resume=auto", "exit 75 first, then equal after the restart"),
-    "stop-worker": (f"SIGSTOP of a random worker for {STOP_WORKER_SECONDS} s (0.3 to 2 s in), then SIGCONT",
-                    "equal"),
-    "stop-coordinator": (f"SIGSTOP of the coordinator for {STOP_COORDINATOR_SECONDS} s (0.3 to 2 s in), "
-                         "then SIGCONT", "equal (with or without a restart), nothing corrupt"),
+    "stop-worker": (f"SIGSTOP of a random worker for {STOP_WORKER_SECONDS} s (0 to 1.5 s after the replicas are "
+                    "ready), then SIGCONT", "equal"),
+    "stop-coordinator": (f"SIGSTOP of the coordinator for {STOP_COORDINATOR_SECONDS} s (0 to 1.5 s after the "
+                         "replicas are ready), then SIGCONT", "equal (with or without a restart), nothing corrupt"),
     "latency": (f"{LATENCY_MS} ms on every packet and {LOSS * 100:g}% of them lost on the job's loopback "
                 "(all processes) from the start", "equal, no restart, only slower"),
     "partition-ring": ("once the ring is up (0.2 to 1 s after), iptables DROP of both directions of a random "
@@ -106,6 +106,7 @@ NETWORK_KINDS = ["latency", "partition-ring", "partition-coordinator", "stray-ri
 PROBLEM = re.compile(r"restart \d+/\d+|^error|SIGTERM|lost|failed|timed out|hung|unreachable|corrupt|"
                      r"damaged|mismatch|sha-?256|integrity|no space|storage|disk|refus|not a safetensors", re.I)
 RESUMED = re.compile(r"resum", re.I)
+READY = re.compile(r"all replicas ready")
 
 
 def coordinator_cmd(args: argparse.Namespace, world: int, out: Path) -> list[str]:
@@ -442,7 +443,7 @@ def run_trial(args, kind, rng, world, out, ns, rules, result, ref) -> None:
                 result["faults"] += signal_pid(pid, signal.SIGKILL)
             result["fault_at"] = time.monotonic()
     elif kind == "stop-worker":
-        wait_until(job, lambda: time.monotonic() >= at, 3)
+        at_training(job, rng)
         pids = job.workers()
         if job.proc.poll() is None and pids:
             victim = rng.choice(pids)
@@ -453,7 +454,7 @@ def run_trial(args, kind, rng, world, out, ns, rules, result, ref) -> None:
                            STOP_WORKER_SECONDS + 1)
                 signal_pid(victim, signal.SIGCONT)
     elif kind == "stop-coordinator":
-        wait_until(job, lambda: time.monotonic() >= at, 3)
+        at_training(job, rng)
         if job.proc.poll() is None:
             job.workers()
             signal_pid(job.proc.pid, signal.SIGSTOP)
@@ -511,6 +512,14 @@ def run_trial(args, kind, rng, world, out, ns, rules, result, ref) -> None:
     if "fault_at" in result:
         detected(result, job, result["fault_at"])
     result.setdefault("saw", "nothing")
+
+
+def at_training(job: Job, rng: random.Random) -> None:
+    """Waits until the replicas are ready (training runs), then 0 to 1.5 s more: a process
+    stopped before the workers register only delays the start, which tests nothing."""
+    wait_until(job, lambda: job.first(job.started, READY) is not None, 60)
+    t = time.monotonic() + rng.uniform(0.0, 1.5)
+    wait_until(job, lambda: time.monotonic() >= t, 2)
 
 
 def partition(kind, job, rng, ns, rules, result) -> None:

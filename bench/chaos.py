@@ -492,7 +492,8 @@ def run_trial(args, kind, rng, world, out, ns, rules, result, ref) -> None:
             result["fault_at"] = stray_log[0]["t"]
             result["stray"] = [e["what"] for e in stray_log]
         refusals = [re.sub(r".*reason=", "", line) for _, line in job.lines if "refused a ring connection" in line]
-        result["refused"] = f"{len(refusals)} connection(s) refused: " + "; ".join(sorted(set(refusals)))
+        result["refused"] = (f"{len(refusals)} of the stray connections refused (the others came while no "
+                             f"handshake was reading)" + (": " + "; ".join(sorted(set(refusals))) if refusals else ""))
         # The workers are the ones who refuse a stranger: their lines count here.
         if "fault_at" in result:
             detected(result, job, result["fault_at"], re.compile(r"refused a ring connection|stray|hello", re.I),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -319,7 +320,8 @@ def stray_main(argv: list[str]) -> None:
         for item in [h for h in held if h[0] <= now]:
             item[1].close()
             held.remove(item)
-        time.sleep(0.01)
+        # A listener may live only tens of milliseconds (from the rendezvous to the handshake).
+        time.sleep(0.001)
 
 
 # --- trials --------------------------------------------------------------------------------
@@ -343,7 +345,19 @@ def signal_pid(pid: int, sig: int) -> bool:
 
 
 def trial(args: argparse.Namespace, kind: str, n: int, world: int, work: Path, ref: dict) -> dict:
-    rng = random.Random(args.seed * 1000 + n)
+    """One trial; run again (up to 3 times) when its fault could not be made, say because the
+    job ended first or the stray client found no listener open: such a run tests nothing."""
+    for attempt in range(1, 4):
+        result = one_trial(args, kind, n, world, work, ref, attempt)
+        if result["faults"]:
+            break
+    result["attempts"] = attempt
+    return result
+
+
+def one_trial(args: argparse.Namespace, kind: str, n: int, world: int, work: Path, ref: dict,
+              attempt: int) -> dict:
+    rng = random.Random(args.seed * 1000 + n + 100000 * (attempt - 1))
     out = work / f"trial-{n}"
     result: dict = {"kind": kind, "trial": n, "world": world, "faults": 0}
     ns = None
@@ -396,6 +410,7 @@ def trial(args: argparse.Namespace, kind: str, n: int, world: int, work: Path, r
 def finish(job: Job, out: Path, result: dict, deadline: float) -> None:
     """Waits for the job; records its exit, restarts and checksum (or its last error line)."""
     code = job.wait(deadline - time.monotonic())
+    note_restarts(job, result)
     result.setdefault("exits", []).append(code)
     result["exit"] = code
     if code == 0:
@@ -406,6 +421,13 @@ def finish(job: Job, out: Path, result: dict, deadline: float) -> None:
     else:
         result["restarts"] = None
         result["error"] = job.last_error() or f"exit {code}"
+
+
+def note_restarts(job: Job, result: dict) -> None:
+    """Keeps the coordinator's restart lines (their causes)."""
+    lines = [line for _, line in job.lines if re.match(r"restart \d+/\d+", line)]
+    if lines:
+        result.setdefault("restart_lines", []).extend(lines)
 
 
 def detected(result: dict, job: Job, since: float, pattern: re.Pattern = PROBLEM, own: bool = True) -> None:
@@ -480,6 +502,7 @@ def run_trial(args, kind, rng, world, out, ns, rules, result, ref) -> None:
         stray.stdin.write(f"{job.proc.pid}\n")
         stray.stdin.close()
         code = job.wait(deadline - time.monotonic())
+        note_restarts(job, result)
         try:
             stray.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -657,6 +680,7 @@ def run_full_disk(args, rng, world, out: Path, result, ref, deadline) -> None:
     result["fault_at"] = job.started
     result["damage"] = f"--out on a {size_kib} KiB tmpfs (a checkpoint is {ref['checkpoint_bytes']} bytes)"
     code = job.wait(deadline - time.monotonic())
+    note_restarts(job, result)
     result["exits"] = [code]
     result["exit"] = code
     if code == 0 and (keep / "summary.json").exists():
@@ -718,6 +742,17 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def binaries(args: argparse.Namespace) -> str:
+    """Which binaries ran: path, build time and the start of their sha256 (they may come from
+    another checkout's target/, built from another tree than this commit's)."""
+    parts = []
+    for b in (args.coordinator, args.worker):
+        st = b.stat()
+        built = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        parts.append(f"{b} (built {built}, sha256 {hashlib.sha256(b.read_bytes()).hexdigest()[:12]})")
+    return " and ".join(parts)
+
+
 def provenance(args: argparse.Namespace) -> tuple[str, str]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
@@ -761,8 +796,11 @@ def write_reliability(args: argparse.Namespace, kinds: list[str], results: list[
         "",
         "Written by `bench/chaos.py --reliability` (issue 20); regenerate it rather than edit it.",
         "",
-        f"Measured {when} on {cpu_name()} ({os.cpu_count()} cores, shared with other work); commit {commit}; "
-        f"`{cmd}` with release binaries. Each trial runs configs/test-tiny.toml with `{' '.join(JOB_FLAGS)}` "
+        f"Measured {when} on {cpu_name()} ({os.cpu_count()} cores, shared with other work); "
+        f"`{cmd}` (chaos.py at commit {commit}) with {args.binaries}"
+        + (f"; THE BINARIES CHANGED DURING THE RUN: {args.binaries_after}" if args.binaries_after != args.binaries
+           else "")
+        + f". Each trial runs configs/test-tiny.toml with `{' '.join(JOB_FLAGS)}` "
         f"and WORKER_RING_TIMEOUT={RING_TIMEOUT} on 2 to 4 local workers (chosen at random per trial), and "
         "makes one fault of its kind at a random moment. Uninterrupted runs: "
         + ", ".join(f"{w} workers {r['seconds']} s (checksum {r['final_parameter_checksum']})"
@@ -803,6 +841,10 @@ def write_reliability(args: argparse.Namespace, kinds: list[str], results: list[
                            if r.get(k))
         if r.get("stragglers"):
             detail += f"; workers of the killed coordinator still alive after 15 s: {r['stragglers']}"
+        if r["kind"] in ("latency", "stray-ring-client") and r.get("restart_lines"):
+            detail += "; " + r["restart_lines"][0]
+        if r.get("attempts", 1) > 1:
+            detail += f"; run {r['attempts']} times: the fault could not be made in the first"
         exits = "→".join(str(e) for e in r.get("exits", [r["exit"]]))
         lines.append(f"| {r['kind']} | {r['trial']} | {r['world']} | {exits} | {r.get('restarts')} | "
                      f"{'yes' if r['bitwise'] else 'NO'} | {'yes' if r['as_expected'] else 'NO'} | "
@@ -844,6 +886,8 @@ def main() -> None:
     for k, why in skipped.items():
         print(f"skipped: --kind {k}: {why}")
     rng = random.Random(args.seed)
+    args.binaries = binaries(args)
+    print(f"binaries: {args.binaries}")
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         work = Path(tmp)
         args.cache = work / "cache"
@@ -880,6 +924,9 @@ def main() -> None:
                 print(f"chaos {kind}: {k['completed']}/{k['trials']} completed, {k['bitwise']}/{k['trials']} bitwise "
                       f"equal, {k['as_expected']}/{k['trials']} as expected, {k['restarts']} restarts, exits "
                       f"{k['exits']}, detected in {k['detect']}")
+        args.binaries_after = binaries(args)
+        if args.binaries_after != args.binaries:
+            print(f"the binaries changed during the run: {args.binaries_after}")
         kills = [r for r in results if r["kind"] == "kill-worker"]
         if args.results and kills:
             write_section(args, kills, sum(1 for r in kills if r["exit"] == 0), sum(1 for r in kills if r["bitwise"]),
@@ -889,7 +936,7 @@ def main() -> None:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"results": results, "references": refs}, indent=1, default=str))
-        if any(not r["as_expected"] for r in results):
+        if any(not r["as_expected"] for r in results) or args.binaries_after != args.binaries:
             sys.exit(1)
 
 

@@ -746,7 +746,7 @@ def binaries(args: argparse.Namespace) -> str:
     """Which binaries ran: path, build time and the start of their sha256 (they may come from
     another checkout's target/, built from another tree than this commit's)."""
     parts = []
-    for b in (args.coordinator, args.worker):
+    for b in (args.coordinator.resolve(), args.worker.resolve()):
         st = b.stat()
         built = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         parts.append(f"{b} (built {built}, sha256 {hashlib.sha256(b.read_bytes()).hexdigest()[:12]})")

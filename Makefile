@@ -18,7 +18,7 @@ WORKERS ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 RUN_CONFIG ?= configs/cpu-demo.toml
 BENCH_ARGS ?=
 
-.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos clean-runs image
+.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos reliability clean-runs image
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -74,6 +74,12 @@ bench-quick:
 CHAOS_ARGS ?=
 chaos: build
 	bench/chaos.sh $(if $(IMDB_DATA),--data $(IMDB_DATA)) $(CHAOS_ARGS)
+
+# Every fault kind of bench/chaos.py (process, network, disk, damaged checkpoints), 3 trials
+# each (about 10 minutes on 2 cores; root for the network kinds and the full disk), into
+# bench/RELIABILITY.md.
+reliability: build
+	bench/chaos.sh $(if $(IMDB_DATA),--data $(IMDB_DATA)) --kind all --trials 3 --reliability bench/RELIABILITY.md $(CHAOS_ARGS)
 
 clean-runs:
 	rm -rf runs

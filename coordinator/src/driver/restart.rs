@@ -80,13 +80,28 @@ impl Driver {
         let resumed = self.checkpoint.clone();
         let resumed_step = resumed.as_ref().map_or(0, |c| c.global_step);
         let steps_lost = self.reached_step.saturating_sub(resumed_step);
+        let restarts = self.state.restarts + 1;
+        let from =
+            resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
+        // Said the moment it is decided, not after the old group has stopped.
+        self.progress.line(&format!(
+            "restart {restarts}/{}: {cause}; resuming from {from}, {steps_lost} steps lost",
+            self.fault.max_restarts
+        ));
+        self.run_dir.append_metrics(&serde_json::json!({
+            "type": "restart",
+            "attempt": self.attempt + 1,
+            "cause": cause,
+            "resumed_from_global_step": resumed_step,
+            "resumed_from": from,
+            "steps_lost": steps_lost,
+        }))?;
         // 1. Stop this attempt's workers: external ones register again by themselves.
         self.stop_workers(&format!("restarting the group: {cause}"), self.external_workers);
         if let Some(pool) = self.local.as_mut() {
             pool.workers.shutdown(Duration::from_secs(2)).await;
         }
         // 2. The next attempt: fresh ranks, the coordinator's state as of the checkpoint.
-        let restarts = self.state.restarts + 1;
         let total_lost = self.state.steps_lost + steps_lost;
         self.state = resumed.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
         self.state.restarts = restarts;
@@ -106,20 +121,6 @@ impl Driver {
         self.pending.clear();
         self.training = false;
         self.reached_step = resumed_step;
-        let from =
-            resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
-        self.run_dir.append_metrics(&serde_json::json!({
-            "type": "restart",
-            "attempt": self.attempt,
-            "cause": cause,
-            "resumed_from_global_step": resumed_step,
-            "resumed_from": from,
-            "steps_lost": steps_lost,
-        }))?;
-        self.progress.line(&format!(
-            "restart {restarts}/{}: {cause}; resuming from {from}, {steps_lost} steps lost",
-            self.fault.max_restarts
-        ));
         // 3. Local workers: new processes.
         if let Some(pool) = self.local.as_mut() {
             pool.workers = LocalWorkers::spawn(

@@ -11,6 +11,7 @@ mod data_cmd;
 mod driver;
 mod job;
 mod launcher;
+mod peer_input;
 mod plot_cmd;
 mod progress;
 mod run_dir;

@@ -216,8 +216,9 @@ pub(crate) fn accept_prev(
                 timeout_ms: me.connect_timeout.as_millis() as u64,
             });
         }
-        // New connections.
-        loop {
+        // New connections, a batch at a time: each batch's hellos are read before the next,
+        // so a crowd of clients is refused for what it sent, not for being many.
+        for _ in 0..MAX_PENDING {
             match listener.accept() {
                 Ok((stream, from)) => {
                     if let Err(e) = stream.set_nonblocking(true) {

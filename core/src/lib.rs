@@ -10,6 +10,8 @@ pub mod corpus;
 pub mod encode;
 pub mod error;
 pub mod exit;
+#[cfg(test)]
+mod parser_properties;
 pub mod pipeline;
 pub mod shard;
 pub mod splits;

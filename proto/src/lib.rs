@@ -1,7 +1,9 @@
 //! The coordinator/worker protocol (`trainer.v1`): generated messages and tonic services,
-//! the protocol version, and the job-secret authentication shared by both sides.
+//! the protocol version, and the job-secret authentication shared by both sides; and the
+//! byte layouts of the workers' ring handshake and op headers ([`ring_wire`]).
 
 pub mod auth;
+pub mod ring_wire;
 
 /// Generated code of `proto/trainer/v1/trainer.proto`.
 pub mod v1 {

@@ -1,9 +1,7 @@
-//! Property tests of the worker's parsers of outside input: the ring's wire format (hello,
-//! reply, op header) and the checkpoint loader. They are the bounded, stable-Rust
-//! counterparts of the fuzz targets in `fuzz/` (`ring_wire`, `checkpoint`), which CI cannot
-//! run: a few hundred cases each of arbitrary bytes and of real messages and files damaged
-//! at random. The property: any bytes give a value or an error, never a panic, and the ring
-//! parsers never ask for more bytes than their format's bounds.
+//! Property tests of the checkpoint loader, the bounded counterpart in `cargo test` of the
+//! fuzz target `checkpoint` (`fuzz/`): a few hundred cases of arbitrary bytes and of a real
+//! checkpoint damaged at random. The property: any bytes give a checkpoint or an error that
+//! names the file, never a panic. (The ring's wire format: `trainer_proto::ring_wire`.)
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -11,7 +9,6 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 
 use crate::checkpoint::{checkpoint_from_bytes, save_checkpoint, LoopState, Position};
-use crate::collective::ring::wire::{self, Hello, OpHeader, Reply};
 
 fn cases(n: u32) -> ProptestConfig {
     ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
@@ -31,82 +28,6 @@ fn damaged(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
             bytes
         },
     )
-}
-
-/// Runs a stream parser over `bytes` and checks its contract; a complete message must be
-/// the bytes it used, re-encoded.
-fn check_stream<T>(
-    bytes: &[u8],
-    limit: usize,
-    parse: impl Fn(&[u8]) -> Result<wire::Progress<T>, String>,
-    encode: impl Fn(&T) -> Vec<u8>,
-) -> Result<(), TestCaseError> {
-    let parsed = wire::parse_stream(bytes, limit, parse).map_err(TestCaseError::fail)?;
-    if let Some((Ok(message), used)) = parsed {
-        prop_assert_eq!(encode(&message), bytes[..used].to_vec());
-    }
-    Ok(())
-}
-
-fn check_hello(bytes: &[u8]) -> Result<(), TestCaseError> {
-    check_stream(bytes, wire::HELLO_FIXED_LEN + wire::MAX_TOKEN_LEN, wire::parse_hello, Hello::encode)
-}
-
-fn check_reply(bytes: &[u8]) -> Result<(), TestCaseError> {
-    let limit = wire::REPLY_FIXED_LEN + wire::MAX_MESSAGE_LEN;
-    let parsed = wire::parse_stream(bytes, limit, wire::parse_reply).map_err(TestCaseError::fail)?;
-    if let Some((Ok(reply), used)) = parsed {
-        let declared = u32::from_le_bytes([bytes[17], bytes[18], bytes[19], bytes[20]]) as usize;
-        prop_assert_eq!(used, wire::REPLY_FIXED_LEN + declared);
-        match reply {
-            Reply::Accepted { rank, world_size } if declared == 0 => {
-                prop_assert_eq!(
-                    Reply::encode(rank as usize, world_size as usize, None),
-                    bytes[..used].to_vec()
-                );
-            }
-            Reply::Accepted { .. } => {}
-            // Decoded lossily: each bad byte becomes one 3-byte U+FFFD at most.
-            Reply::Refused(why) => prop_assert!(why.len() <= 3 * declared),
-        }
-    }
-    Ok(())
-}
-
-proptest! {
-    #![proptest_config(cases(1024))]
-
-    #[test]
-    fn any_bytes_are_a_hello_or_a_refusal(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
-        check_hello(&bytes)?;
-    }
-
-    #[test]
-    fn damaged_hellos_are_refused_cleanly(
-        bytes in (any::<u32>(), 0usize..40).prop_flat_map(|(rank, token)| damaged(Hello::new(rank as usize, 8, &vec![7; token]).encode()))
-    ) {
-        check_hello(&bytes)?;
-    }
-
-    #[test]
-    fn any_bytes_are_a_reply_or_a_refusal(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
-        check_reply(&bytes)?;
-    }
-
-    #[test]
-    fn damaged_replies_are_refused_cleanly(
-        bytes in prop::sample::select(vec![None, Some("no"), Some("é")]).prop_flat_map(|why| damaged(Reply::encode(1, 2, why)))
-    ) {
-        check_reply(&bytes)?;
-    }
-
-    #[test]
-    fn any_op_header_parses_or_is_refused(bytes in prop::collection::vec(any::<u8>(), 0..40)) {
-        if let Ok(header) = OpHeader::parse(&bytes) {
-            prop_assert_eq!(OpHeader::parse(&header.encode()), Ok(header));
-            prop_assert_eq!(bytes.len(), wire::HEADER_LEN);
-        }
-    }
 }
 
 /// A real checkpoint of a tiny model (with Adam's moments), written once.

@@ -1,4 +1,6 @@
-//! Every byte layout of the ring protocol, and the parsers of what a peer sends.
+//! The workers' ring protocol (the TCP all-reduce of `worker::collective::ring`): every
+//! byte layout, and the parsers of what a peer sends. Pure functions, no I/O: the worker's
+//! ring does the reading and writing.
 //!
 //! - The **hello** (connecting side → accepting side): `TRNRING1`, protocol version (u32),
 //!   float byte order (u8), world size (u32), rank (u32), token length (u32), token.
@@ -12,7 +14,7 @@
 //! Integers are little-endian. The parsers never panic, and never allocate or ask for more
 //! bytes than the format's bounds ([`MAX_TOKEN_LEN`], [`MAX_MESSAGE_LEN`]), whatever length
 //! a peer claims: a length over the bound is refused as soon as its 4 bytes are in. They are
-//! public for the fuzz targets (`fuzz/`) and the property tests.
+//! public for the fuzz target `ring_wire` (`fuzz/`) and the property tests.
 
 /// Greeting of both handshake messages.
 pub const MAGIC: [u8; 8] = *b"TRNRING1";
@@ -348,5 +350,108 @@ mod tests {
         bad[4] = 99;
         assert!(OpHeader::parse(&bad).unwrap_err().contains("unknown op code 99"));
         assert!(OpHeader::parse(&bad[..5]).unwrap_err().contains("5 bytes"));
+    }
+}
+
+/// Property tests: the bounded counterpart in `cargo test` of the fuzz target `ring_wire`.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases(n: u32) -> ProptestConfig {
+        ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    /// `bytes` with one of: a byte changed, cut short, or bytes appended.
+    fn damaged(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+        let len = base.len();
+        (0..3u8, any::<prop::sample::Index>(), 1..=255u8, prop::collection::vec(any::<u8>(), 0..8)).prop_map(
+            move |(how, at, xor, extra)| {
+                let mut bytes = base.clone();
+                match how {
+                    0 if len > 0 => bytes[at.index(len)] ^= xor,
+                    1 => bytes.truncate(at.index(len + 1)),
+                    _ => bytes.extend_from_slice(&extra),
+                }
+                bytes
+            },
+        )
+    }
+
+    /// Runs a stream parser over `bytes` and checks its contract; a complete message must be
+    /// the bytes it used, re-encoded.
+    fn check_stream<T>(
+        bytes: &[u8],
+        limit: usize,
+        parse: impl Fn(&[u8]) -> Result<Progress<T>, String>,
+        encode: impl Fn(&T) -> Vec<u8>,
+    ) -> Result<(), TestCaseError> {
+        let parsed = parse_stream(bytes, limit, parse).map_err(TestCaseError::fail)?;
+        if let Some((Ok(message), used)) = parsed {
+            prop_assert_eq!(encode(&message), bytes[..used].to_vec());
+        }
+        Ok(())
+    }
+
+    fn check_hello(bytes: &[u8]) -> Result<(), TestCaseError> {
+        check_stream(bytes, HELLO_FIXED_LEN + MAX_TOKEN_LEN, parse_hello, Hello::encode)
+    }
+
+    fn check_reply(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let limit = REPLY_FIXED_LEN + MAX_MESSAGE_LEN;
+        let parsed = parse_stream(bytes, limit, parse_reply).map_err(TestCaseError::fail)?;
+        if let Some((Ok(reply), used)) = parsed {
+            let declared = u32::from_le_bytes([bytes[17], bytes[18], bytes[19], bytes[20]]) as usize;
+            prop_assert_eq!(used, REPLY_FIXED_LEN + declared);
+            match reply {
+                Reply::Accepted { rank, world_size } if declared == 0 => {
+                    prop_assert_eq!(
+                        Reply::encode(rank as usize, world_size as usize, None),
+                        bytes[..used].to_vec()
+                    );
+                }
+                Reply::Accepted { .. } => {}
+                // Decoded lossily: each bad byte becomes one 3-byte U+FFFD at most.
+                Reply::Refused(why) => prop_assert!(why.len() <= 3 * declared),
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(cases(1024))]
+
+        #[test]
+        fn any_bytes_are_a_hello_or_a_refusal(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            check_hello(&bytes)?;
+        }
+
+        #[test]
+        fn damaged_hellos_are_refused_cleanly(
+            bytes in (any::<u32>(), 0usize..40).prop_flat_map(|(rank, token)| damaged(Hello::new(rank as usize, 8, &vec![7; token]).encode()))
+        ) {
+            check_hello(&bytes)?;
+        }
+
+        #[test]
+        fn any_bytes_are_a_reply_or_a_refusal(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            check_reply(&bytes)?;
+        }
+
+        #[test]
+        fn damaged_replies_are_refused_cleanly(
+            bytes in prop::sample::select(vec![None, Some("no"), Some("é")]).prop_flat_map(|why| damaged(Reply::encode(1, 2, why)))
+        ) {
+            check_reply(&bytes)?;
+        }
+
+        #[test]
+        fn any_op_header_parses_or_is_refused(bytes in prop::collection::vec(any::<u8>(), 0..40)) {
+            if let Ok(header) = OpHeader::parse(&bytes) {
+                prop_assert_eq!(OpHeader::parse(&header.encode()), Ok(header));
+                prop_assert_eq!(bytes.len(), HEADER_LEN);
+            }
+        }
     }
 }

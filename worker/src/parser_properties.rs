@@ -88,3 +88,12 @@ fn the_intact_checkpoint_parses() {
         checkpoint_from_bytes(checkpoint_bytes(), Path::new("ok.safetensors")).expect("a checkpoint");
     assert_eq!(checkpoint.meta.vocab_fingerprint, "v:1");
 }
+
+/// The fuzz target's hand-made seed (`fuzz/make_seeds.py`) is a checkpoint this worker reads:
+/// a seed that stopped parsing would leave the fuzzer stuck at the first error.
+#[test]
+fn the_fuzz_seed_is_a_checkpoint() {
+    let seed = include_bytes!("../../fuzz/seeds/checkpoint/tiny.safetensors");
+    let checkpoint = checkpoint_from_bytes(seed, Path::new("tiny.safetensors")).expect("the seed parses");
+    assert_eq!((checkpoint.meta.position.global_step, checkpoint.meta.world_size), (7, 2));
+}

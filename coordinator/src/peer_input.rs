@@ -269,10 +269,8 @@ mod tests {
             global_step: 30,
             ..Default::default()
         };
-        assert_eq!(done(ok.clone()), Ok(()));
-        assert!(done(ArtifactDone { global_step: 31, ..ok.clone() })
-            .unwrap_err()
-            .contains("global_step = 31"));
+        assert_eq!(done(ok), Ok(()));
+        assert!(done(ArtifactDone { global_step: 31, ..ok }).unwrap_err().contains("global_step = 31"));
         assert!(done(ArtifactDone { kind: 9, ..ok }).unwrap_err().contains("kind = 9"));
     }
 

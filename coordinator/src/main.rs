@@ -9,6 +9,7 @@ mod backend;
 mod checkpoints;
 mod data_cmd;
 mod driver;
+mod eval;
 mod job;
 mod launcher;
 mod peer_input;

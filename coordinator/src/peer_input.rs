@@ -151,7 +151,8 @@ fn epoch(field: &str, value: u64, limits: &SessionLimits) -> Result<(), String> 
 }
 
 /// Checks a session message against the job; `Err` is why the session is closed. A
-/// worker's error message longer than [`MAX_ERROR_MESSAGE`] is cut, not refused.
+/// worker's error text (an error, a storage failure) longer than [`MAX_ERROR_MESSAGE`] is
+/// cut, not refused.
 pub fn check_session_body(body: &mut Body, limits: &SessionLimits) -> Result<(), String> {
     let l = limits;
     match body {
@@ -191,17 +192,24 @@ pub fn check_session_body(body: &mut Body, limits: &SessionLimits) -> Result<(),
             epoch("artifact_done.epoch", a.epoch, l)?;
             at_most("artifact_done.step_in_epoch", a.step_in_epoch, l.steps_per_epoch)?;
             at_most("artifact_done.global_step", a.global_step, l.epochs.saturating_mul(l.steps_per_epoch))?;
-            at_most("artifact_done.bytes", a.bytes, MAX_ARTIFACT_BYTES)
+            at_most("artifact_done.bytes", a.bytes, MAX_ARTIFACT_BYTES)?;
+            cut_message(&mut a.storage_error);
+            Ok(())
         }
         Body::BestLoaded(b) => epoch("best_loaded.epoch", b.epoch, l),
         Body::Error(e) => {
-            if e.message.len() > MAX_ERROR_MESSAGE {
-                let cut = e.message.len() - truncate(&e.message, MAX_ERROR_MESSAGE).len();
-                let kept = truncate(&e.message, MAX_ERROR_MESSAGE).to_string();
-                e.message = format!("{kept} [... {cut} more bytes cut]");
-            }
+            cut_message(&mut e.message);
             Ok(())
         }
+    }
+}
+
+/// Cuts a worker's error text to [`MAX_ERROR_MESSAGE`] bytes, saying how much went.
+fn cut_message(message: &mut String) {
+    if message.len() > MAX_ERROR_MESSAGE {
+        let kept = truncate(message, MAX_ERROR_MESSAGE).to_string();
+        let cut = message.len() - kept.len();
+        *message = format!("{kept} [... {cut} more bytes cut]");
     }
 }
 
@@ -269,8 +277,10 @@ mod tests {
             global_step: 30,
             ..Default::default()
         };
-        assert_eq!(done(ok), Ok(()));
-        assert!(done(ArtifactDone { global_step: 31, ..ok }).unwrap_err().contains("global_step = 31"));
+        assert_eq!(done(ok.clone()), Ok(()));
+        assert!(done(ArtifactDone { global_step: 31, ..ok.clone() })
+            .unwrap_err()
+            .contains("global_step = 31"));
         assert!(done(ArtifactDone { kind: 9, ..ok }).unwrap_err().contains("kind = 9"));
     }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use trainer_core::integrity::{self, FileDigest, HashingWriter};
 use trainer_core::{JobConfig, Vocab};
 
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -18,10 +19,12 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 
-/// Writes one uploaded artifact: a temporary file in the run folder, renamed on commit.
+/// Writes one uploaded artifact: a temporary file in the run folder, hashed as it is
+/// written, synced and renamed on commit (then the folder is synced too).
 pub struct ArtifactWriter {
     tmp: tempfile::NamedTempFile,
     target: PathBuf,
+    digest: HashingWriter,
 }
 
 impl ArtifactWriter {
@@ -31,21 +34,46 @@ impl ArtifactWriter {
             .prefix(&format!(".{name}."))
             .tempfile_in(dir)
             .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-        Ok(Self { tmp, target: dir.join(name) })
+        Ok(Self { tmp, target: dir.join(name), digest: HashingWriter::default() })
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.digest.update(bytes);
         self.tmp.write_all(bytes).with_context(|| format!("cannot write {}", self.target.display()))
     }
 
-    pub fn commit(self) -> anyhow::Result<()> {
-        self.tmp.as_file().sync_all().with_context(|| format!("cannot sync {}", self.target.display()))?;
-        self.tmp
-            .persist(&self.target)
-            .map_err(|e| e.error)
-            .with_context(|| format!("cannot rename into {}", self.target.display()))?;
-        Ok(())
+    /// Makes the file durable under its name; its digest. When the sender said what the
+    /// bytes hash to (`expected_sha256`) and they hash otherwise, nothing is renamed and the
+    /// temporary file is deleted.
+    pub fn commit(self, expected_sha256: Option<&str>) -> Result<FileDigest, CommitError> {
+        let digest = self.digest.finish();
+        if let Some(expected) = expected_sha256.filter(|e| *e != digest.sha256) {
+            return Err(CommitError::Mismatch(format!(
+                "{} arrived with sha256 {}, but its sender computed {expected}",
+                self.target.display(),
+                digest.sha256
+            )));
+        }
+        let io = |what: &str, path: &Path, e: std::io::Error| {
+            CommitError::Io(anyhow::Error::new(e).context(format!("cannot {what} {}", path.display())))
+        };
+        self.tmp.as_file().sync_all().map_err(|e| io("sync", &self.target, e))?;
+        self.tmp.persist(&self.target).map_err(|e| io("rename into", &self.target, e.error))?;
+        if let Some(dir) = self.target.parent() {
+            integrity::sync_dir(dir).map_err(|e| io("sync", dir, e))?;
+        }
+        Ok(digest)
     }
+}
+
+/// Why an artifact was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Its bytes are not the ones its sender hashed.
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("{0:#}")]
+    Io(anyhow::Error),
 }
 
 /// A line of metrics.jsonl for one of rank 0's steps (`"type": "step"`), written every
@@ -151,6 +179,9 @@ pub fn checksum_hex(checksum: u64) -> String {
 
 pub struct RunDir {
     dir: PathBuf,
+    /// metrics.jsonl lines that a full or failing disk refused: kept, and written before
+    /// the next line, so that a storage hiccup loses no record.
+    unwritten: std::sync::Mutex<String>,
 }
 
 impl RunDir {
@@ -164,26 +195,61 @@ impl RunDir {
         if !resumed {
             trainer_core::write_atomically(&dir.join(METRICS_FILE), b"")?;
         }
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self { dir: dir.to_path_buf(), unwritten: std::sync::Mutex::new(String::new()) })
     }
 
     pub fn path(&self) -> &Path {
         &self.dir
     }
 
+    /// Appends a line to metrics.jsonl. On a storage error (a full disk) the line is kept
+    /// for the next call, and the file is cut back to its last whole line.
     pub fn append_metrics(&self, record: &impl Serialize) -> anyhow::Result<()> {
+        let mut pending = self.unwritten.lock().unwrap_or_else(|p| p.into_inner());
+        pending.push_str(&serde_json::to_string(record)?);
+        pending.push('\n');
+        self.write_pending(&mut pending).map(|_| ())
+    }
+
+    /// Writes the lines waiting in `pending`; false when the disk refused them (kept).
+    fn write_pending(&self, pending: &mut String) -> anyhow::Result<bool> {
         let path = self.dir.join(METRICS_FILE);
-        let mut line = serde_json::to_string(record)?;
-        line.push('\n');
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        f.write_all(line.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
+        let whole =
+            f.metadata().map(|m| m.len()).with_context(|| format!("cannot stat {}", path.display()))?;
+        match f.write_all(pending.as_bytes()) {
+            Ok(()) => {
+                pending.clear();
+                Ok(true)
+            }
+            Err(e) if integrity::is_storage_error(&e) => {
+                let _ = f.set_len(whole);
+                tracing::warn!(
+                    file = %path.display(),
+                    error = %e,
+                    lines = pending.lines().count(),
+                    "metrics lines kept in memory until the disk takes them"
+                );
+                Ok(false)
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot write {}", path.display())),
+        }
     }
 
+    /// summary.json, after any metrics lines still waiting for the disk.
     pub fn write_summary(&self, summary: &Summary) -> anyhow::Result<()> {
+        let mut pending = self.unwritten.lock().unwrap_or_else(|p| p.into_inner());
+        if !pending.is_empty() && !self.write_pending(&mut pending)? {
+            return Err(anyhow::anyhow!(trainer_core::exit::Storage(format!(
+                "cannot write the last {} lines of {}: the disk is still full",
+                pending.lines().count(),
+                self.dir.join(METRICS_FILE).display()
+            ))));
+        }
         let json = serde_json::to_vec_pretty(summary)?;
         trainer_core::write_atomically(&self.dir.join(SUMMARY_FILE), &json)?;
         Ok(())
@@ -204,7 +270,13 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(), b"old");
         let mut w = ArtifactWriter::create(dir.path(), "checkpoint-000000001-end.safetensors").unwrap();
         w.write(b"new bytes").unwrap();
-        w.commit().unwrap();
+        let bad = "0".repeat(64);
+        assert!(matches!(w.commit(Some(&bad)), Err(CommitError::Mismatch(_))));
+        assert_eq!(std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(), b"old");
+        let mut w = ArtifactWriter::create(dir.path(), "checkpoint-000000001-end.safetensors").unwrap();
+        w.write(b"new bytes").unwrap();
+        let digest = FileDigest::of_bytes(b"new bytes");
+        assert_eq!(w.commit(Some(&digest.sha256)).unwrap(), digest);
         assert_eq!(
             std::fs::read(dir.path().join("checkpoint-000000001-end.safetensors")).unwrap(),
             b"new bytes"

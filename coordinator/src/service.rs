@@ -19,10 +19,14 @@ use trainer_proto::v1::{
     JobStatusRequest, RegisterRequest, RegisterResponse, RendezvousRequest, RendezvousResponse, ShardChunk,
     ShardRequest, Split, UploadArtifactResponse, WorkerIdentity, WorkerMessage,
 };
+use trainer_proto::STORAGE_FAILURE_PREFIX;
 
+use crate::checkpoints::ResumeFrom;
 use crate::job::{for_each_chunk, JobData};
 use crate::peer_input::{self, check_register, SessionLimits, MAX_ARTIFACT_BYTES};
+use crate::run_dir::CommitError;
 use crate::telemetry::Telemetry;
+use trainer_core::integrity::{self, FileDigest};
 
 /// What the service tells the driver.
 #[derive(Debug)]
@@ -86,13 +90,6 @@ pub struct RendezvousResult {
     pub backend: Result<&'static str, String>,
 }
 
-/// The checkpoint an attempt resumes from.
-#[derive(Debug, Clone)]
-pub struct ResumeFrom {
-    pub file: PathBuf,
-    pub global_step: u64,
-}
-
 #[derive(Default)]
 struct State {
     /// Restart attempt: 0 for the first group of workers, +1 for each restart.
@@ -132,6 +129,9 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
     config_toml: String,
     state: Mutex<State>,
+    /// The digest of every artifact stored in the run folder, by file name, until the
+    /// driver commits it (checkpoints) or records it.
+    stored: Mutex<std::collections::HashMap<String, FileDigest>>,
     events: mpsc::UnboundedSender<Event>,
     rendezvous_done: watch::Sender<Option<Arc<RendezvousResult>>>,
 }
@@ -159,6 +159,7 @@ impl Shared {
             backend,
             config_toml,
             state: Mutex::new(State::fresh(world, 0, resume)),
+            stored: Mutex::new(std::collections::HashMap::new()),
             events,
             rendezvous_done: watch::channel(None).0,
         })
@@ -170,6 +171,12 @@ impl Shared {
     pub fn begin_attempt(&self, attempt: u32, resume: Option<ResumeFrom>) {
         *self.state() = State::fresh(self.data.world_size, attempt, resume);
         self.rendezvous_done.send_replace(None);
+    }
+
+    /// The digest of the artifact stored as `file_name` (once: the driver takes it when it
+    /// commits the file).
+    pub fn take_stored(&self, file_name: &str) -> Option<FileDigest> {
+        self.stored.lock().unwrap_or_else(|p| p.into_inner()).remove(file_name)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -542,18 +549,31 @@ impl Coordinator for CoordinatorService {
                 "this attempt starts fresh: there is no checkpoint to resume from",
             ));
         };
+        // The file is checked again as it is read: the bytes a rank restores are the ones
+        // recorded when the checkpoint was committed, or none at all.
         let file = resume.file.clone();
-        let bytes = tokio::task::spawn_blocking(move || std::fs::read(&file))
-            .await
-            .map_err(|e| Status::internal(format!("reading the checkpoint failed: {e}")))?
-            .map_err(|e| Status::internal(format!("cannot read {}: {e}", resume.file.display())))?;
+        let expected = resume.digest.clone();
+        let bytes = tokio::task::spawn_blocking(move || match &expected {
+            Some(digest) => digest.read_checked(&file).map_err(|e| e.to_string()),
+            None => std::fs::read(&file).map_err(|e| format!("cannot read: {e}")),
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reading the checkpoint failed: {e}")))?
+        .map_err(|e| {
+            tracing::error!(file = %resume.file.display(), "the checkpoint to resume from failed its check: {e}");
+            Status::data_loss(format!("{}: {e}", resume.file.display()))
+        })?;
         let total = bytes.len() as u64;
-        let chunks: Vec<Result<ArtifactChunk, Status>> = bytes
+        let sha256 = FileDigest::of_bytes(&bytes).sha256;
+        let mut chunks: Vec<Result<ArtifactChunk, Status>> = bytes
             .chunks(trainer_proto::ARTIFACT_CHUNK_BYTES)
             .map(|data| {
                 Ok(ArtifactChunk { total_bytes: total, data: data.to_vec(), ..ArtifactChunk::default() })
             })
             .collect();
+        if let Some(Ok(first)) = chunks.first_mut() {
+            first.sha256 = sha256;
+        }
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
@@ -570,11 +590,14 @@ impl Coordinator for CoordinatorService {
         if rank != 0 {
             return Err(Status::permission_denied(format!("only rank 0 uploads artifacts, not rank {rank}")));
         }
-        let file_name = match ArtifactKind::try_from(first.kind) {
-            Ok(ArtifactKind::Model) => crate::run_dir::MODEL_FILE.to_string(),
-            Ok(ArtifactKind::LastModel) => crate::run_dir::LAST_MODEL_FILE.to_string(),
-            Ok(ArtifactKind::Checkpoint) => crate::checkpoints::file_name(first.global_step, first.epoch_end),
-            _ => return Err(Status::invalid_argument(format!("unknown artifact kind {}", first.kind))),
+        let kind = ArtifactKind::try_from(first.kind)
+            .ok()
+            .filter(|k| *k != ArtifactKind::Unspecified)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown artifact kind {}", first.kind)))?;
+        let file_name = match kind {
+            ArtifactKind::Checkpoint => crate::checkpoints::file_name(first.global_step, first.epoch_end),
+            ArtifactKind::LastModel => crate::run_dir::LAST_MODEL_FILE.to_string(),
+            _ => crate::run_dir::MODEL_FILE.to_string(),
         };
         let file_name = file_name.as_str();
         if first.total_bytes > MAX_ARTIFACT_BYTES {
@@ -584,8 +607,10 @@ impl Coordinator for CoordinatorService {
             )));
         }
         let total = first.total_bytes;
-        let mut writer = crate::run_dir::ArtifactWriter::create(&self.shared.out_dir, file_name)
-            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        let expected_sha256 = (!first.sha256.is_empty()).then(|| first.sha256.clone());
+        let out_dir = self.shared.out_dir.clone();
+        let storage = |e: anyhow::Error| storage_status(e, &out_dir, file_name);
+        let mut writer = crate::run_dir::ArtifactWriter::create(&out_dir, file_name).map_err(storage)?;
         tracing::debug!(file = file_name, bytes = total, "upload started");
         let mut written = 0u64;
         let mut chunk = Some(first);
@@ -596,7 +621,7 @@ impl Coordinator for CoordinatorService {
                     "the upload of {file_name} sent more than the {total} bytes it declared"
                 )));
             }
-            writer.write(&c.data).map_err(|e| Status::internal(format!("{e:#}")))?;
+            writer.write(&c.data).map_err(storage)?;
             chunk = inbound.message().await.inspect_err(|e| {
                 // The partial file is deleted with the writer; the last committed one stays.
                 tracing::warn!(file = file_name, written, total, error = %e.message(), "upload broke off");
@@ -608,8 +633,36 @@ impl Coordinator for CoordinatorService {
                 "the upload of {file_name} ended after {written} of {total} bytes"
             )));
         }
-        writer.commit().map_err(|e| Status::internal(format!("{e:#}")))?;
-        tracing::debug!(file = file_name, bytes = written, "artifact stored");
+        let digest = match writer.commit(expected_sha256.as_deref()) {
+            Ok(digest) => digest,
+            Err(CommitError::Mismatch(m)) => return Err(Status::data_loss(m)),
+            Err(CommitError::Io(e)) => return Err(storage(e)),
+        };
+        if kind != ArtifactKind::Checkpoint {
+            // An exported model gets its sha256sum line beside it.
+            integrity::write_sidecar(&out_dir.join(file_name), &digest)
+                .map_err(|e| storage(anyhow::Error::new(e)))?;
+        }
+        tracing::debug!(file = file_name, bytes = written, sha256 = %digest.sha256, "artifact stored");
+        self.shared.stored.lock().unwrap_or_else(|p| p.into_inner()).insert(file_name.to_string(), digest);
         Ok(Response::new(UploadArtifactResponse { bytes_written: written }))
     }
+}
+
+/// The status for a failed write of `file_name` into the run folder `dir`: a storage
+/// failure (a full disk, a quota, a read-only or failing filesystem) is RESOURCE_EXHAUSTED
+/// with the free space, so that rank 0 reports it and trains on; anything else INTERNAL.
+fn storage_status(e: anyhow::Error, dir: &std::path::Path, file_name: &str) -> Status {
+    let storage =
+        e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(integrity::is_storage_error));
+    if !storage {
+        return Status::internal(format!("{e:#}"));
+    }
+    let free = integrity::free_bytes(dir).map_or("unknown".to_string(), integrity::human_bytes);
+    tracing::warn!(file = file_name, free = %free, dir = %dir.display(), "cannot store {file_name}: {e:#}");
+    Status::resource_exhausted(format!(
+        "{STORAGE_FAILURE_PREFIX}cannot store {}: {e:#} ({free} free on {})",
+        dir.join(file_name).display(),
+        dir.display()
+    ))
 }

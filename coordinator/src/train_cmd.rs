@@ -3,7 +3,7 @@
 //! down on every exit path.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use trainer_core::cli::{ConfigArgs, DataArgs};
-use trainer_core::exit::Usage;
+use trainer_core::exit::{Storage, Usage};
+use trainer_core::integrity;
+use trainer_core::model_shape::ModelShape;
 use trainer_core::pipeline::prepare;
 use trainer_proto::v1::coordinator_server::CoordinatorServer;
 use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, JOB_SECRET_FILE_ENV, MAX_MESSAGE_BYTES};
@@ -82,6 +84,12 @@ pub struct TrainArgs {
     /// their supervisor in that time) [default: --register-timeout].
     #[arg(long, env = "COORDINATOR_REJOIN_TIMEOUT")]
     pub rejoin_timeout: Option<f64>,
+    /// Checkpoints in a row that the run folder's storage may refuse (a full disk, a
+    /// read-only or failing filesystem) before the job stops with exit 5; until then the
+    /// last good checkpoint is kept and training goes on. Never spends a restart.
+    #[arg(long, env = "COORDINATOR_CHECKPOINT_FAILURES", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub checkpoint_failures: u32,
     /// Seconds to checkpoint and stop after SIGTERM before exiting anyway (exit code 75).
     #[arg(long, env = "COORDINATOR_TERM_GRACE_SECONDS", default_value_t = 25.0)]
     pub term_grace_seconds: f64,
@@ -116,7 +124,7 @@ pub enum ResumeMode {
 
 /// The checkpoint to resume from, after checking the flag and that it is this job's.
 fn resume_from(
-    out: &std::path::Path,
+    out: &Path,
     mode: Option<ResumeMode>,
     identity: &JobIdentity,
 ) -> anyhow::Result<Option<JobCheckpoint>> {
@@ -148,7 +156,59 @@ fn resume_from(
             differences.join("; ")
         ))));
     }
-    Ok(Some(checkpoint))
+    // Its bytes are checked before anything uses them (a damaged file is set aside and the
+    // previous checkpoint taken; none intact is exit 6).
+    Ok(Some(checkpoints::verified(out, &checkpoint)?))
+}
+
+/// Refuses a run folder that cannot be written (exit 5), before the corpus loads.
+fn check_out_writable(out: &Path) -> anyhow::Result<()> {
+    let probe = out.join(".write-probe");
+    let written = std::fs::create_dir_all(out)
+        .map_err(anyhow::Error::new)
+        .and_then(|()| trainer_core::write_atomically(&probe, b"probe").map_err(anyhow::Error::new));
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| anyhow!(Storage(format!("--out {} is not writable: {e:#}", out.display()))))
+}
+
+/// Refuses a run folder without room for two checkpoints and the two model files (less
+/// what this job's own files there already take), with the figures (exit 5).
+fn check_out_space(out: &Path, config: &trainer_core::JobConfig, vocab_size: usize) -> anyhow::Result<()> {
+    let shape = ModelShape::new(&config.model, vocab_size);
+    // Parameters, Adam's two moments and the best model's copy.
+    let checkpoint = shape.safetensors_bytes(4);
+    let model = shape.safetensors_bytes(1);
+    let ours: u64 = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .sum();
+    let needed = (2 * checkpoint + 2 * model).saturating_sub(ours).max(checkpoint);
+    let Some(free) = integrity::free_bytes(out) else {
+        tracing::warn!(out = %out.display(), "cannot tell the free space of the run folder's filesystem");
+        return Ok(());
+    };
+    if free < needed {
+        return Err(anyhow!(Storage(format!(
+            "--out {} has {} free, but this job needs about {} there: two checkpoints of about {} \
+             and two model files of about {} ({} parameters){}; free space or choose another --out",
+            out.display(),
+            integrity::human_bytes(free),
+            integrity::human_bytes(needed),
+            integrity::human_bytes(checkpoint),
+            integrity::human_bytes(model),
+            shape.num_parameters(),
+            if ours > 0 {
+                format!(", less the {} its files there take", integrity::human_bytes(ours))
+            } else {
+                String::new()
+            },
+        ))));
+    }
+    tracing::info!(free = %integrity::human_bytes(free), needed = %integrity::human_bytes(needed), "run folder has room");
+    Ok(())
 }
 
 /// `--flag SECONDS`, checked by the shared rule of `trainer_core::cli::seconds_flag`.
@@ -241,6 +301,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    check_out_writable(&args.out)?;
     let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
     tracing::info!(source = %report.source, cache = ?report.cache, "corpus ready");
     let data = Arc::new(JobData::new(&corpus, config, workers)?);
@@ -260,13 +321,20 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         world_size: workers,
     };
     let resume = resume_from(&args.out, args.resume, &identity)?;
+    check_out_space(&args.out, &data.config, data.vocab_size)?;
     if let Some(c) = &resume {
         tracing::info!(at = %c.describe(), restarts = c.progress.restarts, "resuming the job from its checkpoint");
     }
     let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config, resume.is_some())?;
     drop(corpus);
-    let fault =
-        FaultTolerance { max_restarts: args.max_restarts, rejoin_timeout, term_grace, identity, resume };
+    let fault = FaultTolerance {
+        max_restarts: args.max_restarts,
+        rejoin_timeout,
+        term_grace,
+        identity,
+        resume,
+        checkpoint_failures: args.checkpoint_failures,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -14,7 +14,7 @@ use trainer_proto::v1::StepMetrics;
 use trainer_viz::curves::{setup_text, CURVES_FILE};
 use trainer_viz::{plot_runs, EventWriter, RunCurves};
 
-use crate::driver::Eval;
+use crate::eval::Eval;
 use crate::run_dir::{EpochRecord, StepRecord};
 
 #[derive(Debug, Default)]

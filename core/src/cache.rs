@@ -196,7 +196,9 @@ pub fn store(path: &Path, key: &str, corpus: &EncodedCorpus) -> Result<()> {
     out.extend_from_slice(&header);
     out.extend_from_slice(&payload);
     crate::write_atomically(path, &out).map_err(|e| match e {
-        DataError::Io { path, cause } => DataError::CacheIo { path, cause },
+        DataError::Io { path, cause } | DataError::Write { path, cause } => {
+            DataError::CacheIo { path, cause }
+        }
         other => other,
     })
 }

@@ -19,6 +19,8 @@ pub enum DataError {
     NotFound { path: PathBuf },
     #[error("{path}: cannot read: {cause}")]
     Io { path: PathBuf, cause: std::io::Error },
+    #[error("{path}: cannot write: {cause}")]
+    Write { path: PathBuf, cause: std::io::Error },
     #[error("{path}: not a gzip stream or truncated/corrupt gzip data: {cause}")]
     Gzip { path: PathBuf, cause: std::io::Error },
     #[error("{path}: not a valid tar archive: {message}")]
@@ -53,4 +55,8 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     move |cause| DataError::Io { path: path.to_path_buf(), cause }
+}
+
+pub(crate) fn write_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+    move |cause| DataError::Write { path: path.to_path_buf(), cause }
 }

@@ -10,6 +10,8 @@ pub mod corpus;
 pub mod encode;
 pub mod error;
 pub mod exit;
+pub mod integrity;
+pub mod model_shape;
 #[cfg(test)]
 mod parser_properties;
 pub mod pipeline;
@@ -27,14 +29,16 @@ pub use vocab::Vocab;
 use std::io::Write;
 use std::path::Path;
 
-/// Writes `bytes` to a temporary file beside `path`, syncs it, and renames it over `path`,
-/// so that a reader sees the old file or the new one, never a half-written one.
+/// Writes `bytes` to a temporary file beside `path`, syncs it, renames it over `path` and
+/// syncs the directory, so that a reader sees the old file or the new one, never a
+/// half-written one, and the new one survives a crash of the machine once this returns.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(error::io_err(dir))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(error::io_err(dir))?;
-    tmp.write_all(bytes).map_err(error::io_err(path))?;
-    tmp.as_file().sync_all().map_err(error::io_err(path))?;
-    tmp.persist(path).map_err(|e| error::io_err(path)(e.error))?;
+    std::fs::create_dir_all(dir).map_err(error::write_err(dir))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(error::write_err(dir))?;
+    tmp.write_all(bytes).map_err(error::write_err(path))?;
+    tmp.as_file().sync_all().map_err(error::write_err(path))?;
+    tmp.persist(path).map_err(|e| error::write_err(path)(e.error))?;
+    integrity::sync_dir(dir).map_err(error::write_err(dir))?;
     Ok(())
 }

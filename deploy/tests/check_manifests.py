@@ -29,7 +29,7 @@ DEPLOY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RENDERS = ["base", "overlays/cpu", "overlays/multi-node-gpu", "overlays/single-node-gpu", "jobset"]
 # Components that no overlay includes, rendered on top of overlays/cpu: name -> components.
 COMBINATIONS = {"overlays/cpu+tls+persistent-output": ["components/tls", "components/persistent-output"]}
-PERMANENT_EXIT_CODES = {2, 3, 4}
+PERMANENT_EXIT_CODES = {2, 3, 4, 5, 6}
 RETRYABLE_EXIT_CODE = 75
 GPU = "nvidia.com/gpu"
 

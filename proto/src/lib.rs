@@ -15,7 +15,12 @@ pub use auth::{AuthError, ClientAuth, JobSecret, ServerAuth};
 
 /// The protocol version a worker sends in `Register`; a coordinator refuses any other.
 /// Bump it on every change that an old peer would misread.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
+
+/// How the message of an UploadArtifact status starts when the coordinator's storage refused
+/// the artifact (with RESOURCE_EXHAUSTED): rank 0 then reports it in ArtifactDone and
+/// trains on, rather than failing.
+pub const STORAGE_FAILURE_PREFIX: &str = "storage: ";
 
 /// Env var with the coordinator's address (`http://host:port` or `host:port`).
 pub const COORDINATOR_ADDR_ENV: &str = "COORDINATOR_ADDR";

@@ -25,6 +25,7 @@ use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 use trainer_core::config::{self, JobConfig};
+use trainer_core::integrity::{self, FileDigest};
 use trainer_core::Vocab;
 
 use crate::error::{Result, WorkerError};
@@ -107,6 +108,11 @@ pub struct CheckpointMeta {
     /// train` keeps its best in model.safetensors; older checkpoints).
     #[serde(default)]
     pub best_model_epoch: Option<u64>,
+    /// SHA-256 (hex) of the file's tensor data (everything after the header), checked when
+    /// the checkpoint is read: a flipped bit in a weight or a moment is found, not trained
+    /// on. None in checkpoints written before it existed.
+    #[serde(default)]
+    pub data_sha256: Option<String>,
 }
 
 /// A copy of the parameters, kept as the best model by validation: in host memory (one
@@ -180,30 +186,41 @@ fn to_raw(t: &Tensor) -> Result<RawF32> {
     Ok(RawF32 { shape, bytes })
 }
 
+fn raw_tensors(tensors: &[(String, &Tensor)]) -> Result<Vec<(String, RawF32)>> {
+    tensors.iter().map(|(n, t)| Ok((n.clone(), to_raw(t)?))).collect()
+}
+
+fn serialize(raws: &[(String, RawF32)], metadata: HashMap<String, String>, path: &Path) -> Result<Vec<u8>> {
+    safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.clone(), r)), Some(metadata))
+        .map_err(|e| WorkerError::Invalid(format!("{}: cannot serialise: {e}", path.display())))
+}
+
 fn write_safetensors(
     path: &Path,
     tensors: &[(String, &Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let raws: Vec<(String, RawF32)> =
-        tensors.iter().map(|(n, t)| Ok((n.clone(), to_raw(t)?))).collect::<Result<_>>()?;
-    let bytes = safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.clone(), r)), Some(metadata))
-        .map_err(|e| WorkerError::Invalid(format!("{}: cannot serialise: {e}", path.display())))?;
+    let bytes = serialize(&raw_tensors(tensors)?, metadata, path)?;
     trainer_core::write_atomically(path, &bytes)?;
     Ok(())
 }
 
-/// Reads every tensor (as f32 on the CPU) and the metadata of a safetensors file.
-fn read_safetensors(path: &Path, what: &str) -> Result<(HashMap<String, Tensor>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| WorkerError::Checkpoint {
+/// The tensor data of safetensors `bytes`: everything after the 8-byte length and the header.
+fn data_section(bytes: &[u8]) -> Option<&[u8]> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    bytes.get(8usize.checked_add(usize::try_from(n).ok()?)?..)
+}
+
+/// The bytes of a checkpoint or model file; `what` names it in errors.
+fn read_bytes(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| WorkerError::Checkpoint {
         path: path.to_path_buf(),
         message: if e.kind() == std::io::ErrorKind::NotFound {
             format!("no {what} here (file not found)")
         } else {
             format!("cannot read: {e}")
         },
-    })?;
-    parse_safetensors(&bytes, path)
+    })
 }
 
 /// The tensors and metadata of safetensors `bytes`; `source` names them in errors.
@@ -259,9 +276,8 @@ pub fn save_checkpoint_keeping(
         world_size: trainer.world_size(),
         loop_state: loop_state.clone(),
         best_model_epoch: best.map(|b| b.epoch),
+        data_sha256: None,
     };
-    let json = serde_json::to_string(&meta)
-        .map_err(|e| WorkerError::Invalid(format!("cannot serialise checkpoint state: {e}")))?;
     let mut tensors: Vec<(String, &Tensor)> = Vec::new();
     for (i, (name, p)) in trainer.model().parameters().iter().enumerate() {
         tensors.push((format!("model.{name}"), p));
@@ -273,20 +289,54 @@ pub fn save_checkpoint_keeping(
     for (name, p) in best.map_or(&[][..], |b| &b.parameters[..]) {
         tensors.push((format!("{BEST_PREFIX}{name}"), p));
     }
-    write_safetensors(path, &tensors, HashMap::from([(CHECKPOINT_KEY.to_string(), json)]))
+    // The header records the hash of the data that follows it: serialise once to learn the
+    // data's bytes (their layout does not depend on the metadata), then with the hash.
+    let raws = raw_tensors(&tensors)?;
+    let metadata = |meta: &CheckpointMeta| -> Result<HashMap<String, String>> {
+        let json = serde_json::to_string(meta)
+            .map_err(|e| WorkerError::Invalid(format!("cannot serialise checkpoint state: {e}")))?;
+        Ok(HashMap::from([(CHECKPOINT_KEY.to_string(), json)]))
+    };
+    let draft = serialize(&raws, metadata(&meta)?, path)?;
+    let data = data_section(&draft).ok_or_else(|| WorkerError::Invalid("internal: no tensor data".into()))?;
+    let meta = CheckpointMeta { data_sha256: Some(FileDigest::of_bytes(data).sha256), ..meta };
+    let bytes = serialize(&raws, metadata(&meta)?, path)?;
+    trainer_core::write_atomically(path, &bytes)?;
+    Ok(())
 }
 
 /// Reads a checkpoint file (tensors stay on the CPU until restored).
 pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
-    let (tensors, metadata) = read_safetensors(path, "checkpoint")?;
-    checkpoint_from_parts(tensors, metadata, path)
+    checkpoint_from_bytes(&read_bytes(path, "checkpoint")?, path)
 }
 
 /// A checkpoint received as bytes (a distributed job's, fetched from the coordinator);
-/// `source` names it in errors.
+/// `source` names it in errors. Its tensor data must hash to what its header records.
 pub fn checkpoint_from_bytes(bytes: &[u8], source: &Path) -> Result<Checkpoint> {
-    let (tensors, metadata) = parse_safetensors(bytes, source)?;
-    checkpoint_from_parts(tensors, metadata, source)
+    let corrupt = |message: String| {
+        WorkerError::Corrupt(trainer_core::exit::CorruptCheckpoint(format!(
+            "{}: {message}",
+            source.display()
+        )))
+    };
+    let (tensors, metadata) = parse_safetensors(bytes, source).map_err(|e| match e {
+        WorkerError::Checkpoint { message, .. } if message.starts_with("not a safetensors file") => {
+            corrupt(format!("{message} (truncated or damaged)"))
+        }
+        other => other,
+    })?;
+    let checkpoint = checkpoint_from_parts(tensors, metadata, source)?;
+    if let Some(expected) = &checkpoint.meta.data_sha256 {
+        let data = data_section(bytes).ok_or_else(|| corrupt("no tensor data".into()))?;
+        let actual = FileDigest::of_bytes(data).sha256;
+        if &actual != expected {
+            return Err(corrupt(format!(
+                "its tensor data hashes to sha256 {actual}, but it was written as {expected}: a weight \
+                 or an optimizer moment changed on disk"
+            )));
+        }
+    }
+    Ok(checkpoint)
 }
 
 fn checkpoint_from_parts(
@@ -422,9 +472,21 @@ pub fn export_model(model: &LstmClassifier, config: &JobConfig, path: &Path) -> 
     write_safetensors(path, &tensors, HashMap::from([(MODEL_KEY.to_string(), json)]))
 }
 
-/// Loads an exported model file into `model` (same shape required).
+/// [`export_model`] to a file of a run folder, with its `<file>.sha256` beside it.
+pub fn save_model(model: &LstmClassifier, config: &JobConfig, path: &Path) -> Result<()> {
+    export_model(model, config, path)?;
+    let digest = FileDigest::of_file(path).map_err(crate::error::io_err(path))?;
+    integrity::write_sidecar(path, &digest)?;
+    Ok(())
+}
+
+/// Loads an exported model file into `model` (same shape required), after checking it
+/// against its `<file>.sha256` when there is one.
 pub fn load_model_weights(model: &mut LstmClassifier, path: &Path) -> Result<()> {
-    let (tensors, metadata) = read_safetensors(path, "model file")?;
+    let bytes = read_bytes(path, "model file")?;
+    integrity::check_against_sidecar(path, &bytes)
+        .map_err(|e| WorkerError::Corrupt(trainer_core::exit::CorruptCheckpoint(e)))?;
+    let (tensors, metadata) = parse_safetensors(&bytes, path)?;
     // Files from elsewhere (without our metadata) are still checked tensor by tensor.
     if let Some(json) = metadata.get(MODEL_KEY) {
         let meta: ModelMeta = serde_json::from_str(json).map_err(|e| WorkerError::Checkpoint {
@@ -619,8 +681,52 @@ mod tests {
         assert!(e.contains("not a training checkpoint"), "{e}");
         let junk = dir.path().join("junk.safetensors");
         std::fs::write(&junk, b"not a tensor file").unwrap();
-        assert!(load_checkpoint(&junk).unwrap_err().to_string().contains("not a safetensors file"));
+        let e = anyhow::Error::from(load_checkpoint(&junk).unwrap_err());
+        assert!(format!("{e:#}").contains("not a safetensors file"), "{e:#}");
+        assert_eq!(trainer_core::exit::code_for(e.chain()), trainer_core::exit::CORRUPT_CHECKPOINT);
         let e = load_checkpoint(&dir.path().join("none")).unwrap_err().to_string();
         assert!(e.contains("no checkpoint here"), "{e}");
+    }
+
+    #[test]
+    fn a_flipped_bit_in_a_checkpoints_tensors_is_found_before_it_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CHECKPOINT_FILE);
+        let mut a = trainer(8);
+        a.set_total_steps(10);
+        a.train_step(&batch(0)).unwrap();
+        save_checkpoint(&a, &path, Position::default(), &LoopState::default(), "v:1").unwrap();
+        let good = std::fs::read(&path).unwrap();
+        assert!(load_checkpoint(&path).unwrap().meta.data_sha256.is_some());
+        // One bit of the last tensor (an Adam moment: the tensors are laid out by name).
+        let mut bad = good.clone();
+        let at = bad.len() - 5;
+        bad[at] ^= 0x01;
+        std::fs::write(&path, &bad).unwrap();
+        let e = anyhow::Error::from(load_checkpoint(&path).unwrap_err());
+        assert!(format!("{e:#}").contains("tensor data hashes to"), "{e:#}");
+        assert_eq!(trainer_core::exit::code_for(e.chain()), trainer_core::exit::CORRUPT_CHECKPOINT);
+        // Received as bytes (a distributed restore), the same.
+        assert!(checkpoint_from_bytes(&bad, &path).is_err());
+        assert!(checkpoint_from_bytes(&good, &path).is_ok());
+    }
+
+    #[test]
+    fn a_saved_model_has_a_digest_that_loading_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = trainer(8);
+        let path = dir.path().join(MODEL_FILE);
+        save_model(a.model(), a.config(), &path).unwrap();
+        let sidecar = std::fs::read_to_string(integrity::sidecar_path(&path)).unwrap();
+        assert!(sidecar.ends_with("  model.safetensors\n"), "{sidecar}");
+        let mut b = trainer(8);
+        load_model_weights(b.model_mut(), &path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = anyhow::Error::from(load_model_weights(b.model_mut(), &path).unwrap_err());
+        assert!(format!("{e:#}").contains("damaged"), "{e:#}");
+        assert_eq!(trainer_core::exit::code_for(e.chain()), trainer_core::exit::CORRUPT_CHECKPOINT);
     }
 }

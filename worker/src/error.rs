@@ -21,6 +21,9 @@ pub enum WorkerError {
     Device { requested: String, message: String },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
+    /// A checkpoint or model file whose bytes are not the ones written (exit 6).
+    #[error("integrity check failed")]
+    Corrupt(#[source] trainer_core::exit::CorruptCheckpoint),
     #[error("model folder {path}: {message}")]
     ModelDir { path: PathBuf, message: String },
     #[error("{path}: {source}")]

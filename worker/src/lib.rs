@@ -3,11 +3,13 @@
 //!
 //! - [`model`]: the classifier's parameters and shape.
 //! - [`tbptt`]: the forward/backward pass over a batch in windows of K steps.
-//! - [`optim`]: Adam, the schedule, clipping.
+//! - [`optim`]: Adam, AdamW and SGD, the schedule, clipping.
 //! - [`trainer`]: [`Trainer`], the replica: `train_step`, `evaluate`, `broadcast_parameters`,
 //!   `parameter_checksum`; the collective point between backward and the optimizer step.
 //! - [`checkpoint`]: checkpoints and exported models (safetensors).
 //! - [`run`]: `worker train`, the single-process loop over the trainer's steps.
+//! - [`agent`]: `worker join`, a rank of a distributed job, driven by the coordinator.
+//! - [`collective`]: the all-reduce and broadcast between ranks (TCP ring, NCCL).
 //! - [`predict`]: `worker predict`.
 //! - [`device`]: `auto|cpu|cuda|cuda:N`, with the CUDA library loaded by hand.
 //! - [`profile`]: `--profile-steps`, where a training step's time goes.

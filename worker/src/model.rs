@@ -9,106 +9,12 @@
 //! safetensors file loads into the tutorial's module and every rank flattens its gradients
 //! in the same order.
 
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
-use trainer_core::config::{Head, ModelConfig};
+use trainer_core::config::ModelConfig;
 
 use crate::error::{Result, WorkerError};
 
-pub const NUM_CLASSES: i64 = 2;
-
-/// Everything that fixes the parameters' shapes: a checkpoint or a model file only loads
-/// into a model of the same shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelShape {
-    pub vocab_size: usize,
-    pub embed_dim: usize,
-    pub hidden: usize,
-    pub layers: usize,
-    pub head: Head,
-    /// Files written before the option have no such field: unidirectional.
-    #[serde(default)]
-    pub bidirectional: bool,
-}
-
-impl ModelShape {
-    pub fn new(config: &ModelConfig, vocab_size: usize) -> Self {
-        Self {
-            vocab_size,
-            embed_dim: config.embed_dim,
-            hidden: config.hidden,
-            layers: config.layers,
-            head: config.head,
-            bidirectional: config.bidirectional,
-        }
-    }
-
-    /// 2 for a bidirectional LSTM, else 1.
-    pub fn directions(&self) -> usize {
-        if self.bidirectional {
-            2
-        } else {
-            1
-        }
-    }
-
-    /// Width of the features that the linear layer reads.
-    pub fn head_inputs(&self) -> usize {
-        let per_direction = match self.head {
-            Head::Last => self.hidden,
-            Head::ConcatPool => 3 * self.hidden,
-        };
-        per_direction * self.directions()
-    }
-
-    /// (name, shape) of every parameter, in the canonical order: `nn.LSTM`'s, layer by
-    /// layer, the reverse direction (`*_reverse`) after the forward one.
-    pub fn parameter_shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let (v, e, h) = (self.vocab_size as i64, self.embed_dim as i64, self.hidden as i64);
-        let mut out = vec![("embedding.weight".to_string(), vec![v, e])];
-        let suffixes: &[&str] = if self.bidirectional { &["", "_reverse"] } else { &[""] };
-        for layer in 0..self.layers {
-            let input = if layer == 0 { e } else { h * self.directions() as i64 };
-            for suffix in suffixes {
-                out.push((format!("lstm.weight_ih_l{layer}{suffix}"), vec![4 * h, input]));
-                out.push((format!("lstm.weight_hh_l{layer}{suffix}"), vec![4 * h, h]));
-                out.push((format!("lstm.bias_ih_l{layer}{suffix}"), vec![4 * h]));
-                out.push((format!("lstm.bias_hh_l{layer}{suffix}"), vec![4 * h]));
-            }
-        }
-        out.push(("fc.weight".to_string(), vec![NUM_CLASSES, self.head_inputs() as i64]));
-        out.push(("fc.bias".to_string(), vec![NUM_CLASSES]));
-        out
-    }
-
-    pub fn num_parameters(&self) -> usize {
-        self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<i64>() as usize).sum()
-    }
-
-    /// Differences from `other`, for an error message; empty when equal.
-    pub fn describe_difference(&self, other: &ModelShape) -> String {
-        let mut diffs = Vec::new();
-        if self.vocab_size != other.vocab_size {
-            diffs.push(format!("vocab size {} vs {}", self.vocab_size, other.vocab_size));
-        }
-        if self.embed_dim != other.embed_dim {
-            diffs.push(format!("embed_dim {} vs {}", self.embed_dim, other.embed_dim));
-        }
-        if self.hidden != other.hidden {
-            diffs.push(format!("hidden {} vs {}", self.hidden, other.hidden));
-        }
-        if self.layers != other.layers {
-            diffs.push(format!("layers {} vs {}", self.layers, other.layers));
-        }
-        if self.head != other.head {
-            diffs.push(format!("head {:?} vs {:?}", self.head, other.head));
-        }
-        if self.bidirectional != other.bidirectional {
-            diffs.push(format!("bidirectional {} vs {}", self.bidirectional, other.bidirectional));
-        }
-        diffs.join(", ")
-    }
-}
+pub use trainer_core::model_shape::{ModelShape, NUM_CLASSES};
 
 /// The dropout probabilities of training (none of them changes a parameter's shape).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

@@ -18,8 +18,8 @@ use trainer_core::splits::job_splits;
 use trainer_core::EncodedSplit;
 
 use crate::checkpoint::{
-    export_model, load_checkpoint, load_model_weights, save_checkpoint, vocab_fingerprint, LoopState,
-    Position, CHECKPOINT_FILE, LAST_MODEL_FILE, MODEL_FILE,
+    load_checkpoint, load_model_weights, save_checkpoint, save_model, vocab_fingerprint, LoopState, Position,
+    CHECKPOINT_FILE, LAST_MODEL_FILE, MODEL_FILE,
 };
 use crate::collective::NoopCollective;
 use crate::device::{device_name, resolve_device};
@@ -220,8 +220,13 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         let same_folder = std::fs::canonicalize(dir).ok() == std::fs::canonicalize(out).ok();
         append_metrics = same_folder;
         if !same_folder && dir.join(MODEL_FILE).exists() {
-            std::fs::copy(dir.join(MODEL_FILE), out.join(MODEL_FILE))
-                .map_err(io_err(&dir.join(MODEL_FILE)))?;
+            // The best model so far, with its digest, so that the new folder is whole.
+            for from in [dir.join(MODEL_FILE), trainer_core::integrity::sidecar_path(&dir.join(MODEL_FILE))] {
+                if from.exists() {
+                    let name = from.file_name().unwrap_or_default();
+                    std::fs::copy(&from, out.join(name)).map_err(io_err(&from))?;
+                }
+            }
         }
         tracing::info!(
             epoch = position.epoch,
@@ -357,7 +362,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         if improved {
             state.best_epoch = Some(epoch + 1);
             state.epochs_without_improvement = 0;
-            export_model(trainer.model(), config, &model_path)?;
+            save_model(trainer.model(), config, &model_path)?;
         } else {
             state.epochs_without_improvement += 1;
         }
@@ -427,7 +432,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
                 counts
             }
         };
-        export_model(trainer.model(), config, &out.join(LAST_MODEL_FILE))?;
+        save_model(trainer.model(), config, &out.join(LAST_MODEL_FILE))?;
         let kept = if state.best_epoch != Some(state.epochs_completed) && model_path.exists() {
             load_model_weights(trainer.model_mut(), &model_path)?;
             trainer.evaluate(&splits.test, &all_indices(&splits.test))?

@@ -2,6 +2,10 @@
 //! synthetic corpora, and a one-file HTTP server on 127.0.0.1.
 #![allow(dead_code)]
 
+mod jobs;
+#[allow(unused_imports)]
+pub use jobs::*;
+
 use std::io::{BufRead, BufReader};
 use std::io::{Read, Write};
 use std::net::TcpListener;

@@ -11,6 +11,9 @@ use tch::Tensor;
 
 use trainer_tests::ExternalCoordinator;
 
+use anyhow::bail;
+use trainer_proto::JobSecret;
+
 use super::*;
 
 const SECRET: &str = "test-secret-5f1e9a";
@@ -58,6 +61,8 @@ struct Toy {
     seen: Arc<Mutex<Seen>>,
     /// The kept best model: (epoch, parameters).
     best: Option<(u64, Vec<f32>)>,
+    /// The parameter count it reports, when not its own (a replica of another build).
+    reported_count: Option<u64>,
 }
 
 const TOY_LR: f32 = 1e-3;
@@ -140,7 +145,7 @@ impl Replica for Toy {
     }
 
     fn parameter_count(&self) -> u64 {
-        self.params.len() as u64
+        self.reported_count.unwrap_or(self.params.len() as u64)
     }
 
     fn keep_best(&mut self, epoch: u64) -> anyhow::Result<()> {
@@ -201,6 +206,17 @@ fn run_agents(
     fail_at: Option<(usize, u64, u64)>,
     step_delay: Duration,
 ) -> Vec<std::thread::JoinHandle<AgentResult>> {
+    run_tweaked_agents(addr, world, fail_at, step_delay, |_| {})
+}
+
+/// [`run_agents`], with `tweak` applied to every rank's toy replica once it is built.
+fn run_tweaked_agents(
+    addr: &str,
+    world: usize,
+    fail_at: Option<(usize, u64, u64)>,
+    step_delay: Duration,
+    tweak: fn(&mut Toy),
+) -> Vec<std::thread::JoinHandle<AgentResult>> {
     (0..world)
         .map(|_| {
             let args = join_args(addr);
@@ -211,7 +227,7 @@ fn run_agents(
                     // Different initial values per rank: the broadcast must make them equal.
                     let mut init = Tensor::from_slice(&[job.rank as f32 + 1.0; 8]);
                     collective.broadcast(&mut init, 0)?;
-                    let toy = Toy {
+                    let mut toy = Toy {
                         rank: job.rank,
                         params: Vec::<f32>::try_from(&init)?,
                         collective,
@@ -221,7 +237,9 @@ fn run_agents(
                         step_delay,
                         seen: s,
                         best: None,
+                        reported_count: None,
                     };
+                    tweak(&mut toy);
                     Ok(Box::new(toy) as Box<dyn Replica>)
                 });
                 (result, seen)
@@ -333,6 +351,24 @@ fn a_failing_replica_stops_the_job_and_names_its_rank() {
     assert!(!coord.out.join("summary.json").exists());
 }
 
+/// A replica that reports another parameter count (a worker of another build or config)
+/// is refused at the start, with both counts and its rank named, before any step.
+#[test]
+fn replicas_that_disagree_on_the_parameter_count_are_refused_naming_the_rank() {
+    let Some(mut coord) = start_coordinator(2, &["--max-restarts", "0"]) else { return };
+    let handles = run_tweaked_agents(coord.addr(), 2, None, Duration::ZERO, |toy| {
+        if toy.rank == 1 {
+            toy.reported_count = Some(toy.params.len() as u64 + 1);
+        }
+    });
+    let results: Vec<AgentResult> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let (status, _) = coord.wait(Duration::from_secs(60));
+    let stderr = coord.stderr();
+    assert!(!status.success());
+    assert!(stderr.contains("rank 0 has 8 parameters, rank 1 has 9"), "{stderr}");
+    assert!(results.iter().all(|(r, seen)| r.is_err() && seen.lock().unwrap().train_ids.is_empty()));
+}
+
 #[test]
 fn agents_exit_within_the_heartbeat_timeout_when_the_coordinator_dies() {
     let Some(mut coord) = start_coordinator(2, &["--heartbeat-timeout", "2", "--heartbeat-interval", "0.5"])
@@ -411,50 +447,4 @@ fn trainer_replicas_stay_identical_and_runs_repeat() {
         finals.push(sums[0].clone());
     }
     assert_eq!(finals[0], finals[1], "two runs with the same seed differ");
-}
-
-fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-}
-
-#[test]
-fn the_coordinator_address_falls_back_to_master_addr_and_port() {
-    let none = env_of(&[]);
-    assert_eq!(coordinator_addr(Some("c:1"), &none).unwrap(), "c:1");
-    let master = env_of(&[("MASTER_ADDR", "job-master-0"), ("MASTER_PORT", "23456")]);
-    assert_eq!(coordinator_addr(Some("c:1"), &master).unwrap(), "c:1");
-    assert_eq!(coordinator_addr(None, &master).unwrap(), "job-master-0:23456");
-    assert_eq!(coordinator_addr(Some(""), &master).unwrap(), "job-master-0:23456");
-    let v6 = env_of(&[("MASTER_ADDR", "fd00::1"), ("MASTER_PORT", "23456")]);
-    assert_eq!(coordinator_addr(None, &v6).unwrap(), "[fd00::1]:23456");
-    for (env, says) in [
-        (env_of(&[]), "COORDINATOR_ADDR"),
-        (env_of(&[("MASTER_ADDR", "m")]), "MASTER_PORT is not"),
-        (env_of(&[("MASTER_ADDR", "m"), ("MASTER_PORT", "http")]), "port number"),
-    ] {
-        let e = coordinator_addr(None, &env).unwrap_err();
-        assert!(format!("{e:#}").contains(says), "{e:#}");
-        assert_eq!(trainer_core::exit::code_for(e.chain()), trainer_core::exit::USAGE);
-    }
-}
-
-#[test]
-fn the_rank_hint_comes_from_the_flag_or_the_completion_index() {
-    assert_eq!(rank_hint(Some(3), env_of(&[("JOB_COMPLETION_INDEX", "1")])).unwrap(), Some(3));
-    assert_eq!(rank_hint(None, env_of(&[("JOB_COMPLETION_INDEX", "1")])).unwrap(), Some(1));
-    assert_eq!(rank_hint(None, env_of(&[])).unwrap(), None);
-    let e = rank_hint(None, env_of(&[("JOB_COMPLETION_INDEX", "one")])).unwrap_err();
-    assert!(format!("{e:#}").contains("JOB_COMPLETION_INDEX"), "{e:#}");
-}
-
-#[test]
-fn the_ring_advertises_the_pod_ip_not_a_host_name() {
-    let any: SocketAddr = "0.0.0.0:7000".parse().unwrap();
-    let local: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-    let pod = env_of(&[("POD_IP", "10.1.2.3")]);
-    assert_eq!(advertise_host(Some("10.9.9.9"), any, &pod), "10.9.9.9");
-    assert_eq!(advertise_host(None, any, &pod), "10.1.2.3");
-    assert_eq!(advertise_host(None, local, &pod), "127.0.0.1");
-    assert_eq!(advertise_host(None, any, env_of(&[])), hostname());
 }

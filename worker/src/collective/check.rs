@@ -9,7 +9,8 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use super::nccl::{nccl_version, new_unique_id, NcclCollective};
+use super::nccl::{new_unique_id, NcclCollective};
+use super::nccl_lib::nccl_version;
 use super::{Collective, NoopCollective};
 
 #[derive(Debug, Serialize)]

@@ -27,12 +27,6 @@ pub fn new_unique_id() -> Result<Vec<u8>, CollectiveError> {
     Ok(id.internal().iter().map(|&c| c as u8).collect())
 }
 
-/// The loaded NCCL's version as `major.minor.patch`.
-pub fn nccl_version() -> Option<String> {
-    let code = cudarc::nccl::result::get_nccl_version().ok()?;
-    Some(super::nccl_lib::version_from_code(code))
-}
-
 fn invalid(rank: usize, op: &'static str, message: String) -> CollectiveError {
     CollectiveError::Invalid { rank, op, message }
 }

@@ -368,6 +368,13 @@ pub fn nccl_file_version(path: &Path) -> Option<String> {
     }
 }
 
+/// The version of the NCCL that cudarc loaded, as `major.minor.patch` (loading it if it is
+/// not loaded yet).
+pub fn nccl_version() -> Option<String> {
+    let code = cudarc::nccl::result::get_nccl_version().ok()?;
+    Some(version_from_code(code))
+}
+
 /// `major.minor.patch` from NCCL_VERSION_CODE (X*10000 + Y*100 + Z since 2.9).
 pub fn version_from_code(code: c_int) -> String {
     format!("{}.{}.{}", code / 10000, (code % 10000) / 100, code % 100)
@@ -406,7 +413,7 @@ pub fn ensure_nccl_loadable() -> Result<NcclInUse, NcclLibraryError> {
         return Err(reexec_with_link(&choice.path));
     }
     // cudarc loads NCCL at its first call; from then on exactly one NCCL must be mapped.
-    let version = crate::collective::nccl::nccl_version();
+    let version = nccl_version();
     let mapped = verify_single_nccl()?;
     let path = mapped.map_or(choice.path, |m| m.path);
     let version = version.or_else(|| nccl_file_version(&path)).unwrap_or_else(|| "unknown".into());

@@ -48,10 +48,18 @@ fn checkpoint_bytes() -> &'static [u8] {
     })
 }
 
+/// An error with its causes, as the binaries print it.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    std::iter::successors(Some(e), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}
+
 fn check_checkpoint(bytes: &[u8]) -> Result<(), TestCaseError> {
     match checkpoint_from_bytes(bytes, Path::new("fuzz.safetensors")) {
         Ok(checkpoint) => prop_assert_eq!(&checkpoint.meta.format, crate::checkpoint::CHECKPOINT_FORMAT),
-        Err(e) => prop_assert!(e.to_string().contains("fuzz.safetensors"), "the error names no file: {}", e),
+        Err(e) => {
+            let chain = error_chain(&e);
+            prop_assert!(chain.contains("fuzz.safetensors"), "the error names no file: {}", chain);
+        }
     }
     Ok(())
 }

@@ -204,14 +204,23 @@ async fn a_worker_of_an_ended_attempt_is_refused_everywhere() {
     assert!(!coord.stderr().contains("panicked"), "{}", coord.stderr());
 }
 
-/// Session messages whose numbers no job of this size can produce close that session with
-/// a protocol error naming the field (before, an epoch of u64::MAX overflowed the driver's
-/// step arithmetic); a ring address nobody can dial is refused at the rendezvous.
+/// A rank beyond the world in a worker identity is refused; session messages whose numbers
+/// no job of this size can produce close that session with a protocol error naming the
+/// field (before, an epoch of u64::MAX overflowed the driver's step arithmetic); a ring
+/// address nobody can dial is refused at the rendezvous.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_session_messages_and_bad_ring_addresses_are_refused() {
     let mut coord = start_coordinator(1, &[]);
     let mut c = raw_client(&coord).await;
     let who = identity(&c.register(register_request(20)).await.unwrap().into_inner());
+    // A rank beyond the world in a worker identity: not registered, whatever its token.
+    let beyond = WorkerIdentity { rank: u32::MAX, ..who.clone() };
+    let e = c
+        .fetch_shard(ShardRequest { worker: Some(beyond), split: Split::Test as i32, epoch: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("rank 4294967295 is not registered (1 of 1 ranks are)"), "{}", e.message());
     for address in ["a b:7000", "127.0.0.1:0", "127.0.0.1", "[fe80::1:7000"] {
         let e = c
             .rendezvous(RendezvousRequest {

@@ -18,7 +18,7 @@ WORKERS ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 RUN_CONFIG ?= configs/cpu-demo.toml
 BENCH_ARGS ?=
 
-.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos reliability clean-runs image
+.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos reliability clean-runs image fuzz
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -42,12 +42,29 @@ data: build
 # --bins) resolves features with the dev-dependencies as `cargo test` does, so the test run
 # reuses what the build compiled; with --bins, core, proto, worker and a dozen dependencies
 # were compiled twice, once per feature set.
+#
+# The parsers of outside input (ring frames and hello, config TOML, corpus tar and folder,
+# checkpoints, auth metadata) get a bounded property test each inside `cargo test`, and their
+# cargo-fuzz targets (fuzz/README.md) run for FUZZ_SMOKE_SECONDS each: the five that do not
+# link libtorch, whose instrumented build takes about 5 minutes on 2 cores (plus installing
+# cargo-fuzz once). `checkpoint` is left to `make fuzz`: its instrumented libtorch build is
+# too slow for every test run; its property test covers it here.
+FUZZ_SMOKE_SECONDS ?= 10
 test: bootstrap
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace
+	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) scripts/fuzz.sh ring_wire config_toml corpus_tar corpus_folder auth_metadata
 	deploy/tests/run.sh
+
+# Every fuzz target for FUZZ_SECONDS each (default 60; FUZZ_TARGETS="ring_wire ..." for some),
+# with cargo-fuzz 0.13.2 installed first when missing (cargo install --locked). On stable Rust
+# through RUSTC_BOOTSTRAP=1; see fuzz/README.md and scripts/fuzz.sh.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+fuzz: bootstrap
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh $(FUZZ_TARGETS)
 
 # An OCI image (target/image/oci) without a registry: debootstrap + umoci (scripts/image.sh);
 # deploy/Dockerfile builds the same with docker/buildah where base images can be pulled.

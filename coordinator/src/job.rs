@@ -79,6 +79,14 @@ pub fn eval_shard(n: usize, world_size: usize, rank: usize) -> Vec<usize> {
     (rank..n).step_by(world_size.max(1)).collect()
 }
 
+// A review longer than SHARD_CHUNK_TOKENS travels alone in one chunk: at most one token
+// per byte of its text, at most 5 bytes per token (a varint), and the corpus reader refuses
+// reviews over MAX_REVIEW_BYTES. So no chunk can exceed the gRPC message limit.
+const _: () = assert!(
+    trainer_core::corpus::MAX_REVIEW_BYTES * 5 + SHARD_CHUNK_TOKENS * 5 + (1 << 20)
+        <= trainer_proto::MAX_MESSAGE_BYTES
+);
+
 /// Cuts the reviews `indices` of `split` into chunks of whole reviews with at most
 /// `SHARD_CHUNK_TOKENS` tokens each (one longer review travels alone), calling `emit` for
 /// each chunk in order; stops early when `emit` returns false.

@@ -12,6 +12,7 @@ mod driver;
 mod eval;
 mod job;
 mod launcher;
+mod peer_input;
 mod plot_cmd;
 mod progress;
 mod run_dir;

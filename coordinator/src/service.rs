@@ -19,10 +19,11 @@ use trainer_proto::v1::{
     JobStatusRequest, RegisterRequest, RegisterResponse, RendezvousRequest, RendezvousResponse, ShardChunk,
     ShardRequest, Split, UploadArtifactResponse, WorkerIdentity, WorkerMessage,
 };
-use trainer_proto::{PROTOCOL_VERSION, STORAGE_FAILURE_PREFIX};
+use trainer_proto::STORAGE_FAILURE_PREFIX;
 
 use crate::checkpoints::ResumeFrom;
 use crate::job::{for_each_chunk, JobData};
+use crate::peer_input::{self, check_register, SessionLimits, MAX_ARTIFACT_BYTES};
 use crate::run_dir::CommitError;
 use crate::telemetry::Telemetry;
 use trainer_core::integrity::{self, FileDigest};
@@ -136,9 +137,6 @@ pub struct Shared {
 }
 
 const SESSION_BUFFER: usize = 64;
-const MAX_TEXT_FIELD: usize = 256;
-const MAX_DEVICES: usize = 64;
-const MAX_ARTIFACT_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 const NCCL_ID_BYTES: usize = 128;
 
 impl Shared {
@@ -221,9 +219,15 @@ impl Shared {
     }
 
     fn check_identity(&self, who: Option<&WorkerIdentity>) -> Result<usize, Status> {
+        self.check_identity_in(&self.state(), who)
+    }
+
+    /// The rank `who` proves, checked against `st`: a handler that then changes `st` must
+    /// hold the same guard, or a restart in between could let a worker of the attempt that
+    /// just ended into the new one.
+    fn check_identity_in(&self, st: &State, who: Option<&WorkerIdentity>) -> Result<usize, Status> {
         let who = who.ok_or_else(|| Status::invalid_argument("the worker identity is missing"))?;
         let rank = who.rank as usize;
-        let st = self.state();
         if who.attempt != st.attempt {
             return Err(Status::failed_precondition(format!(
                 "attempt {} is over; the job is at attempt {} (the group restarted: register again)",
@@ -246,46 +250,6 @@ impl Shared {
         }
         Ok(rank)
     }
-}
-
-fn check_register(req: &RegisterRequest) -> Result<(), Status> {
-    if req.protocol_version == 0 {
-        return Err(Status::invalid_argument(format!(
-            "protocol_version is missing (0); this coordinator speaks protocol version \
-             {PROTOCOL_VERSION}"
-        )));
-    }
-    if req.protocol_version != PROTOCOL_VERSION {
-        return Err(Status::failed_precondition(format!(
-            "protocol version mismatch: the worker speaks protocol version {} (build {:?}), \
-             this coordinator speaks protocol version {PROTOCOL_VERSION} (build {}); \
-             run workers and coordinator from the same release",
-            req.protocol_version,
-            truncate(&req.build_version),
-            env!("CARGO_PKG_VERSION"),
-        )));
-    }
-    for (name, value) in [("hostname", &req.hostname), ("build_version", &req.build_version)] {
-        if value.len() > MAX_TEXT_FIELD {
-            return Err(Status::invalid_argument(format!(
-                "{name} is {} bytes long; at most {MAX_TEXT_FIELD} allowed",
-                value.len()
-            )));
-        }
-    }
-    if req.hostname.is_empty() {
-        return Err(Status::invalid_argument("hostname is empty"));
-    }
-    if req.pid == 0 {
-        return Err(Status::invalid_argument("pid is missing (0)"));
-    }
-    if req.devices.len() > MAX_DEVICES {
-        return Err(Status::invalid_argument(format!(
-            "{} devices listed; at most {MAX_DEVICES} allowed",
-            req.devices.len()
-        )));
-    }
-    Ok(())
 }
 
 /// The rank a registering worker gets in this attempt: its hint, or else the lowest free
@@ -322,11 +286,7 @@ fn pick_rank(st: &State, hint: Option<u32>, world: usize) -> Result<usize, Statu
 }
 
 fn truncate(s: &str) -> &str {
-    let mut end = s.len().min(64);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    peer_input::truncate(s, 64)
 }
 
 fn new_token() -> String {
@@ -435,15 +395,7 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         let sh = &self.shared;
         let rank = sh.check_identity(req.worker.as_ref())?;
-        if req.ring_address.is_empty()
-            || req.ring_address.len() > MAX_TEXT_FIELD
-            || !req.ring_address.contains(':')
-        {
-            return Err(Status::invalid_argument(format!(
-                "ring_address must be host:port, got {:?}",
-                truncate(&req.ring_address)
-            )));
-        }
+        peer_input::check_ring_address(&req.ring_address)?;
         if !req.nccl_unique_id.is_empty() {
             if rank != 0 {
                 return Err(Status::invalid_argument("only rank 0 may send the NCCL unique id"));
@@ -457,6 +409,7 @@ impl Coordinator for CoordinatorService {
         }
         let attempt = {
             let mut st = sh.state();
+            sh.check_identity_in(&st, req.worker.as_ref())?;
             if st.ring_addresses[rank].is_some() {
                 return Err(Status::already_exists(format!(
                     "rank {rank} already reported its rendezvous address"
@@ -532,16 +485,17 @@ impl Coordinator for CoordinatorService {
         if !matches!(first.body, Some(worker_message::Body::Hello(_))) {
             return Err(Status::invalid_argument("the first session message must be a hello"));
         }
-        let rank = sh.check_identity(first.worker.as_ref())?;
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
-        let attempt = {
+        let (rank, attempt) = {
             let mut st = sh.state();
+            let rank = sh.check_identity_in(&st, first.worker.as_ref())?;
             if st.sessions[rank].is_some() {
                 return Err(Status::already_exists(format!("rank {rank} already has a session")));
             }
             st.sessions[rank] = Some(tx);
-            st.attempt
+            (rank, st.attempt)
         };
+        let limits = SessionLimits::new(&sh.data, rank);
         sh.emit(Event::SessionOpened { attempt, rank });
         tokio::spawn(async move {
             let reason = loop {
@@ -553,10 +507,14 @@ impl Coordinator for CoordinatorService {
                                 "protocol error: a message on rank {rank}'s session claims rank {from:?}"
                             );
                         }
-                        match msg.body {
-                            Some(body) => sh.emit(Event::Message { attempt, rank, body }),
-                            None => break "protocol error: a session message without a body".into(),
+                        let Some(mut body) = msg.body else {
+                            break "protocol error: a session message without a body".into();
+                        };
+                        if let Err(why) = peer_input::check_session_body(&mut body, &limits) {
+                            tracing::warn!(rank, attempt, reason = %why, "closing a session: bad message");
+                            break format!("protocol error: rank {rank} sent {why}");
                         }
+                        sh.emit(Event::Message { attempt, rank, body });
                     }
                     Ok(None) => break "the worker closed its session".to_string(),
                     Err(status) => break format!("the session stream broke: {}", status.message()),
@@ -581,8 +539,11 @@ impl Coordinator for CoordinatorService {
         request: Request<CheckpointRequest>,
     ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
         let req = request.into_inner();
-        self.shared.check_identity(req.worker.as_ref())?;
-        let resume = self.shared.state().resume.clone();
+        let resume = {
+            let st = self.shared.state();
+            self.shared.check_identity_in(&st, req.worker.as_ref())?;
+            st.resume.clone()
+        };
         let Some(resume) = resume else {
             return Err(Status::not_found(
                 "this attempt starts fresh: there is no checkpoint to resume from",

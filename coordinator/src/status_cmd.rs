@@ -42,7 +42,11 @@ pub fn run(cmd: &StatusCmd) -> anyhow::Result<()> {
             .connect()
             .await
             .with_context(|| format!("cannot reach the coordinator at {uri}"))?;
-        let mut client = CoordinatorClient::with_interceptor(channel, ClientAuth::new(&secret));
+        // The same explicit limits as the workers' client (the status of 1,000 ranks is
+        // far below them).
+        let mut client = CoordinatorClient::with_interceptor(channel, ClientAuth::new(&secret))
+            .max_decoding_message_size(trainer_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(trainer_proto::MAX_MESSAGE_BYTES);
         let status = client
             .get_job_status(JobStatusRequest {})
             .await

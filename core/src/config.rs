@@ -299,14 +299,25 @@ impl JobConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_path_buf(), cause: source })?;
-        toml::from_str(&text).map_err(|e| {
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses config TOML (`source` names it in errors): the parser of config files and
+    /// of the job config a coordinator sends its workers, and the entry point of the fuzz
+    /// target `config_toml`. Any text gives a config or a one-line [`ConfigError::Parse`]
+    /// with the line number; it does not validate ([`JobConfig::validate`] does).
+    pub fn from_toml_str(text: &str, source: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
             // toml's Display spans several lines with a snippet; keep the error on one line.
-            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            // Count newlines in bytes: a span need not fall on a character boundary.
+            let line = e.span().map(|s| {
+                text.as_bytes()[..s.start.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+            });
             let message = match line {
                 Some(line) => format!("line {line}: {}", e.message().trim()),
                 None => e.message().trim().to_string(),
             };
-            ConfigError::Parse { path: path.to_path_buf(), message: message.replace('\n', " ") }
+            ConfigError::Parse { path: source.to_path_buf(), message: message.replace('\n', " ") }
         })
     }
 

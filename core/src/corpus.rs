@@ -19,6 +19,11 @@ pub const OFFICIAL_MD5: &str = "7c2ac02c03563afcf9b574c7e56c153a";
 pub const OFFICIAL_SHA256: &str = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe";
 pub const OFFICIAL_FILE_NAME: &str = "aclImdb_v1.tar.gz";
 const MAX_DOWNLOAD_BYTES: u64 = 512 << 20;
+/// Longest review accepted (the corpus' longest is 14 KB). A review is read whole and travels
+/// whole in one gRPC message as at most one token per byte; this bound keeps that message
+/// far below `trainer_proto::MAX_MESSAGE_BYTES`, and a tar header that claims a huge entry
+/// from making the reader allocate for it.
+pub const MAX_REVIEW_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Split {
@@ -189,9 +194,22 @@ pub fn download(spec: &DownloadSpec) -> Result<PathBuf> {
 pub fn read_corpus(source: &DataSource) -> Result<RawCorpus> {
     let mut collector = Collector::new(source.path());
     let checksum = match source {
-        DataSource::Tarball(path) => read_tarball(path, &mut collector)?,
+        DataSource::Tarball(path) => {
+            let file = File::open(path).map_err(io_err(path))?;
+            read_archive(BufReader::with_capacity(1 << 20, file), path, &mut collector)?
+        }
         DataSource::Folder(root) => read_folder(root, &mut collector)?,
     };
+    collector.finish(checksum)
+}
+
+/// Reads a corpus from the bytes of a tarball (gzip-compressed or plain tar), with the checks
+/// of [`read_corpus`]; `source` names it in errors. The entry point of the fuzz target
+/// `corpus_tar`: any bytes give a corpus or a [`DataError`], and no entry is read (or
+/// allocated for) beyond [`MAX_REVIEW_BYTES`], whatever size its header claims.
+pub fn read_tarball_bytes(bytes: &[u8], source: &Path) -> Result<RawCorpus> {
+    let mut collector = Collector::new(source);
+    let checksum = read_archive(bytes, source, &mut collector)?;
     collector.finish(checksum)
 }
 
@@ -216,7 +234,7 @@ impl Collector {
     }
 
     fn add(&mut self, split: Split, label: u8, file_name: &str, bytes: Vec<u8>) -> Result<()> {
-        let display = format!("{}/{}/{}", split.name(), if label == 1 { "pos" } else { "neg" }, file_name);
+        let display = Self::display(split, label, file_name);
         let (id, rating) = parse_review_name(file_name).map_err(|reason| DataError::BadReviewName {
             path: self.source.clone(),
             name: display.clone(),
@@ -243,6 +261,19 @@ impl Collector {
         Ok(())
     }
 
+    fn display(split: Split, label: u8, file_name: &str) -> String {
+        format!("{}/{}/{}", split.name(), if label == 1 { "pos" } else { "neg" }, file_name)
+    }
+
+    fn too_large(&self, split: Split, label: u8, file_name: &str, bytes: u64) -> DataError {
+        DataError::ReviewTooLarge {
+            path: self.source.clone(),
+            name: Self::display(split, label, file_name),
+            bytes,
+            max: MAX_REVIEW_BYTES,
+        }
+    }
+
     fn finish(mut self, checksum: String) -> Result<RawCorpus> {
         for (split, reviews) in [(Split::Train, &mut self.train), (Split::Test, &mut self.test)] {
             for (label, name) in [(0u8, "neg"), (1u8, "pos")] {
@@ -258,6 +289,18 @@ impl Collector {
         self.lossy_utf8.sort();
         Ok(RawCorpus { train: self.train, test: self.test, checksum, lossy_utf8: self.lossy_utf8 })
     }
+}
+
+/// One review's bytes, or `None` when it is over [`MAX_REVIEW_BYTES`]: refused by the size
+/// its header or metadata declares before anything is allocated, and by what it really
+/// holds (read no further than one byte past the bound).
+fn read_review(reader: &mut impl Read, declared: u64) -> std::io::Result<Option<Vec<u8>>> {
+    if declared > MAX_REVIEW_BYTES as u64 {
+        return Ok(None);
+    }
+    let mut bytes = Vec::with_capacity(declared as usize);
+    reader.take(MAX_REVIEW_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() <= MAX_REVIEW_BYTES).then_some(bytes))
 }
 
 /// `<id>_<rating>.txt` → (id, rating).
@@ -328,14 +371,12 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-fn read_tarball(path: &Path, collector: &mut Collector) -> Result<String> {
-    let mut file = File::open(path).map_err(io_err(path))?;
-    let mut magic = [0u8; 2];
-    let got = file.read(&mut magic).map_err(io_err(path))?;
-    let is_gzip = got == 2 && magic == [0x1f, 0x8b];
-    let file = File::open(path).map_err(io_err(path))?;
+/// Reads reviews from a tar stream (gzip-compressed when it starts with the gzip magic) and
+/// returns the sha256 of its bytes.
+fn read_archive(mut input: impl std::io::BufRead, path: &Path, collector: &mut Collector) -> Result<String> {
+    let is_gzip = input.fill_buf().map_err(io_err(path))?.starts_with(&[0x1f, 0x8b]);
     let sha = std::rc::Rc::new(std::cell::RefCell::new(Sha256::new()));
-    let hashing = Hashing { inner: BufReader::with_capacity(1 << 20, file), sha: sha.clone() };
+    let hashing = Hashing { inner: input, sha: sha.clone() };
     let failed = std::rc::Rc::new(std::cell::Cell::new(false));
     let map_low = |e: std::io::Error| {
         if is_gzip {
@@ -365,9 +406,11 @@ fn read_tarball(path: &Path, collector: &mut Collector) -> Result<String> {
         let Some((split, label, name)) = classify_entry(&entry_path) else {
             continue;
         };
-        let mut bytes = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut bytes).map_err(tar_err)?;
-        collector.add(split, label, name, bytes)?;
+        let size = entry.size();
+        match read_review(&mut entry, size).map_err(tar_err)? {
+            Some(bytes) => collector.add(split, label, name, bytes)?,
+            None => return Err(collector.too_large(split, label, name, size)),
+        }
     }
     if entries_seen == 0 {
         return Err(DataError::Tar {
@@ -409,7 +452,11 @@ fn read_folder(root: &Path, collector: &mut Collector) -> Result<String> {
             names.sort();
             for name in names {
                 let file = dir.join(&name);
-                let bytes = std::fs::read(&file).map_err(io_err(&file))?;
+                let mut reader = File::open(&file).map_err(io_err(&file))?;
+                let declared = reader.metadata().map_err(io_err(&file))?.len();
+                let Some(bytes) = read_review(&mut reader, declared).map_err(io_err(&file))? else {
+                    return Err(collector.too_large(split, label, &name, declared));
+                };
                 digest.update(
                     format!("{}/{}/{}\0{}\0", split.name(), label_name, name, bytes.len()).as_bytes(),
                 );

@@ -31,6 +31,8 @@ pub enum DataError {
     BadReviewName { path: PathBuf, name: String, reason: String },
     #[error("{path}: review {name} is empty")]
     EmptyReview { path: PathBuf, name: String },
+    #[error("{path}: review {name} is {bytes} bytes; at most {max} bytes allowed")]
+    ReviewTooLarge { path: PathBuf, name: String, bytes: u64, max: usize },
     #[error("{path}: review {name} appears twice")]
     DuplicateReview { path: PathBuf, name: String },
     #[error("download of {url} failed: {message}")]

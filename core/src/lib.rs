@@ -12,6 +12,8 @@ pub mod error;
 pub mod exit;
 pub mod integrity;
 pub mod model_shape;
+#[cfg(test)]
+mod parser_properties;
 pub mod pipeline;
 pub mod shard;
 pub mod splits;

@@ -21,6 +21,8 @@ pub enum AuthError {
     TooLong,
     #[error("the job secret may only contain visible ASCII characters (no spaces)")]
     BadCharacters,
+    #[error("the job secret is not UTF-8 text")]
+    NotUtf8,
     #[error("cannot read the job secret from {path}: {message}")]
     File { path: String, message: String },
     #[error("both TRAINER_JOB_SECRET and TRAINER_JOB_SECRET_FILE are set; set only one")]
@@ -50,9 +52,16 @@ impl JobSecret {
     pub fn from_file(path: &std::path::Path) -> Result<Self, AuthError> {
         let file_error = |message: String| AuthError::File { path: path.display().to_string(), message };
         let bytes = std::fs::read(path).map_err(|e| file_error(e.to_string()))?;
-        let text = std::str::from_utf8(&bytes).map_err(|_| file_error("it is not UTF-8 text".into()))?;
+        Self::from_file_contents(&bytes).map_err(|e| file_error(e.to_string()))
+    }
+
+    /// The secret from the bytes of a secret file: UTF-8 text, less one trailing newline
+    /// (`\n` or `\r\n`), then checked as [`JobSecret::new`] checks it. The entry point of
+    /// the fuzz target `auth_metadata`.
+    pub fn from_file_contents(bytes: &[u8]) -> Result<Self, AuthError> {
+        let text = std::str::from_utf8(bytes).map_err(|_| AuthError::NotUtf8)?;
         let text = text.strip_suffix('\n').map_or(text, |t| t.strip_suffix('\r').unwrap_or(t));
-        Self::new(text).map_err(|e| file_error(e.to_string()))
+        Self::new(text)
     }
 
     /// The secret from the environment: `TRAINER_JOB_SECRET`, or the file that
@@ -136,11 +145,17 @@ impl ServerAuth {
     }
 
     pub fn check(&self, request: &Request<()>) -> Result<(), Status> {
-        let value = request.metadata().get(HEADER).ok_or_else(|| {
+        self.check_value(request.metadata().get(HEADER).map(MetadataValue::as_bytes))
+    }
+
+    /// Checks the value of a request's `authorization` metadata (`None` when it has none):
+    /// it must be `Bearer <secret>`. The entry point of the fuzz target `auth_metadata`; the
+    /// error never contains the secret.
+    pub fn check_value(&self, value: Option<&[u8]>) -> Result<(), Status> {
+        let value = value.ok_or_else(|| {
             Status::unauthenticated("missing job secret: send metadata `authorization: Bearer <secret>`")
         })?;
         let presented = value
-            .as_bytes()
             .strip_prefix(SCHEME.as_bytes())
             .ok_or_else(|| Status::unauthenticated("the authorization metadata must be `Bearer <secret>`"))?;
         if self.secret.matches(presented) {
@@ -208,6 +223,63 @@ mod tests {
         let missing = JobSecret::from_file(&dir.join("missing")).unwrap_err().to_string();
         assert!(missing.contains("missing"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn cases() -> ProptestConfig {
+            ProptestConfig { cases: 1024, failure_persistence: None, ..ProptestConfig::default() }
+        }
+
+        proptest! {
+            #![proptest_config(cases())]
+
+            /// The bounded counterpart of the fuzz target `auth_metadata` (secret files).
+            #[test]
+            fn any_secret_file_is_a_secret_or_an_error(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+                match JobSecret::from_file_contents(&bytes) {
+                    Ok(secret) => {
+                        let s = secret.expose().as_bytes();
+                        prop_assert!(!s.is_empty() && s.len() <= MAX_SECRET_LEN);
+                        prop_assert!(s.iter().all(u8::is_ascii_graphic));
+                        let trimmed = bytes.strip_suffix(b"\n").map_or(&bytes[..], |t| t.strip_suffix(b"\r").unwrap_or(t));
+                        prop_assert_eq!(s, trimmed);
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+
+            /// The bounded counterpart of the fuzz target `auth_metadata` (metadata values):
+            /// only `Bearer <the secret>` passes, and no error repeats the secret.
+            #[test]
+            fn only_the_bearer_secret_passes(
+                secret in "[!-~]{1,40}",
+                value in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..80),
+                    "[!-~]{0,40}".prop_map(|s| format!("Bearer {s}").into_bytes()),
+                ],
+                as_metadata in any::<bool>(),
+            ) {
+                let auth = ServerAuth::new(JobSecret::new(&secret).map_err(|e| TestCaseError::fail(e.to_string()))?);
+                let expected = value == format!("Bearer {secret}").into_bytes();
+                let result = if as_metadata {
+                    // What tonic hands the interceptor: only valid header values get that far.
+                    let Ok(v) = MetadataValue::<Ascii>::try_from(value.as_slice()) else { return Ok(()) };
+                    let mut request = Request::new(());
+                    request.metadata_mut().insert(HEADER, v);
+                    auth.check(&request)
+                } else {
+                    auth.check_value(Some(&value))
+                };
+                prop_assert_eq!(result.is_ok(), expected);
+                if let Err(e) = result {
+                    prop_assert_eq!(e.code(), tonic::Code::Unauthenticated);
+                    prop_assert!(!e.message().contains(&secret) || secret.len() < 4, "{}", e.message());
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The coordinator/worker protocol (`trainer.v1`): generated messages and tonic services,
-//! the protocol version, and the job-secret authentication shared by both sides.
+//! the protocol version, and the job-secret authentication shared by both sides; and the
+//! byte layouts of the workers' ring handshake and op headers ([`ring_wire`]).
 
 pub mod auth;
+pub mod ring_wire;
 
 /// Generated code of `proto/trainer/v1/trainer.proto`.
 pub mod v1 {
@@ -47,3 +49,34 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub const SHARD_CHUNK_TOKENS: usize = 256 * 1024;
 /// Bytes per artifact upload chunk.
 pub const ARTIFACT_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Refuses `message` when it is over [`MAX_MESSAGE_BYTES`], with an error that says so and
+/// names it (`what`). Call it before sending anything whose size the sender does not bound
+/// by construction: over the limit, the receiver refuses the message anyway, but a client's
+/// own limit only makes tonic reset the HTTP/2 stream ("h2 protocol error"), which names
+/// nothing.
+pub fn check_message_size<M: prost::Message>(what: &str, message: &M) -> Result<(), tonic::Status> {
+    let len = message.encoded_len();
+    if len > MAX_MESSAGE_BYTES {
+        return Err(tonic::Status::out_of_range(format!(
+            "{what} is {len} bytes; the gRPC message limit is {MAX_MESSAGE_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_over_the_limit_are_named() {
+        let at = v1::WorkerError { message: "x".repeat(MAX_MESSAGE_BYTES - 8) };
+        assert!(prost::Message::encoded_len(&at) <= MAX_MESSAGE_BYTES);
+        assert!(check_message_size("an error", &at).is_ok());
+        let over = v1::WorkerError { message: "x".repeat(MAX_MESSAGE_BYTES) };
+        let e = check_message_size("an error report", &over).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange);
+        assert!(e.message().starts_with("an error report is 67108869 bytes"), "{}", e.message());
+    }
+}

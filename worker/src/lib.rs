@@ -22,6 +22,8 @@ pub mod device;
 pub mod error;
 pub mod model;
 pub mod optim;
+#[cfg(test)]
+mod parser_properties;
 pub mod predict;
 pub mod profile;
 pub mod run;

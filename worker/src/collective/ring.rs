@@ -5,7 +5,10 @@
 //!    [`RingListener::local_addr`];
 //! 2. every rank calls [`RingCollective::connect`] with all addresses in rank order. It
 //!    connects to the next rank, accepts the previous one, and both check a handshake (job
-//!    token, rank, world size), so a stray client or a peer of another job is refused.
+//!    token, rank, world size), so a stray client, a peer of another job or one left over
+//!    from an earlier attempt (the token is new for every attempt) is refused, with the
+//!    reason logged, while the wait for the real peer goes on. The listener closes once the
+//!    ring is formed. [`wire`] (`trainer_proto::ring_wire`) has the byte layouts and parsers.
 //!
 //! All-reduce is the bandwidth-optimal ring: `world - 1` reduce-scatter steps, then
 //! `world - 1` all-gather steps, each rank sending `2 (world - 1) / world` of the buffer.
@@ -21,10 +24,14 @@
 //! neighbours fail at once too) and every later call returns [`CollectiveError::Poisoned`].
 
 mod handshake;
+#[cfg(test)]
+mod hostile_tests;
 mod schedule;
 #[cfg(test)]
 mod tests;
 mod transfer;
+/// The ring's byte layouts and their parsers (in `trainer-proto`, with no libtorch).
+pub use trainer_proto::ring_wire as wire;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,101 +10,16 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::wire::{self, Hello, Progress, Reply, PROTOCOL_VERSION};
 use crate::collective::CollectiveError;
 
-const MAGIC: [u8; 8] = *b"TRNRING1";
-const PROTOCOL_VERSION: u32 = 1;
-/// Longest job token a hello may carry; longer ones are refused without reading them.
-pub(crate) const MAX_TOKEN_LEN: usize = 1024;
-/// Longest refusal message a reply may carry.
-const MAX_MESSAGE_LEN: usize = 1024;
-const STATUS_OK: u8 = 0;
-const STATUS_REFUSED: u8 = 1;
+pub(crate) use super::wire::MAX_TOKEN_LEN;
+
 /// How often the waits below look at the other side's failure flag.
 const POLL_SLICE: Duration = Duration::from_millis(100);
-
-/// Floats travel in native byte order; both ends must agree.
-fn byte_order() -> u8 {
-    if cfg!(target_endian = "little") {
-        1
-    } else {
-        2
-    }
-}
-
-/// Who the connecting side says it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Hello {
-    pub version: u32,
-    pub byte_order: u8,
-    pub world_size: u32,
-    pub rank: u32,
-    pub token: Vec<u8>,
-}
-
-impl Hello {
-    pub fn new(rank: usize, world_size: usize, token: &[u8]) -> Self {
-        Hello {
-            version: PROTOCOL_VERSION,
-            byte_order: byte_order(),
-            world_size: world_size as u32,
-            rank: rank as u32,
-            token: token.to_vec(),
-        }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(25 + self.token.len());
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.push(self.byte_order);
-        out.extend_from_slice(&self.world_size.to_le_bytes());
-        out.extend_from_slice(&self.rank.to_le_bytes());
-        out.extend_from_slice(&(self.token.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.token);
-        out
-    }
-}
-
-/// Why a hello could not be read: the stream failed, or what it sent is refused.
-enum HelloError {
-    Io(io::Error),
-    Refused(String),
-}
-
-impl From<io::Error> for HelloError {
-    fn from(e: io::Error) -> Self {
-        HelloError::Io(e)
-    }
-}
-
-fn read_u32(stream: &mut TcpStream) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    stream.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
-fn read_hello(stream: &mut TcpStream) -> Result<Hello, HelloError> {
-    let mut magic = [0u8; 8];
-    stream.read_exact(&mut magic)?;
-    if magic != MAGIC {
-        return Err(HelloError::Refused("not a ring peer (unknown greeting)".into()));
-    }
-    let version = read_u32(stream)?;
-    let mut order = [0u8; 1];
-    stream.read_exact(&mut order)?;
-    let world_size = read_u32(stream)?;
-    let rank = read_u32(stream)?;
-    let token_len = read_u32(stream)? as usize;
-    if token_len > MAX_TOKEN_LEN {
-        return Err(HelloError::Refused(format!(
-            "job token of {token_len} bytes is longer than {MAX_TOKEN_LEN}"
-        )));
-    }
-    let mut token = vec![0u8; token_len];
-    stream.read_exact(&mut token)?;
-    Ok(Hello { version, byte_order: order[0], world_size, rank, token })
-}
+/// Connections whose hello is not complete yet, at most. A real peer's hello arrives with
+/// its connection, so only strangers linger; past this the oldest one is dropped.
+const MAX_PENDING: usize = 32;
 
 /// Equality whose running time does not depend on where the first difference is, so that
 /// a client cannot find the token byte by byte from response times.
@@ -127,9 +42,13 @@ fn refusal(hello: &Hello, token: &[u8], world_size: usize, expected_rank: usize)
         ));
     }
     if !constant_time_eq(&hello.token, token) {
-        return Some("job token does not match (a peer of another job?)".into());
+        // The token is new for every attempt of a job: a peer left over from before a
+        // restart has the old one.
+        return Some(
+            "job token does not match (a peer of another job, or of an earlier attempt of this one?)".into(),
+        );
     }
-    if hello.byte_order != byte_order() {
+    if hello.byte_order != wire::byte_order() {
         return Some("float byte order differs between the two hosts".into());
     }
     if hello.world_size as usize != world_size {
@@ -147,58 +66,101 @@ fn refusal(hello: &Hello, token: &[u8], world_size: usize, expected_rank: usize)
     None
 }
 
-fn write_reply(stream: &mut TcpStream, rank: usize, world_size: usize, refused: Option<&str>) {
-    let message = refused.unwrap_or("").as_bytes();
-    let message = &message[..message.len().min(MAX_MESSAGE_LEN)];
-    let mut out = Vec::with_capacity(21 + message.len());
-    out.extend_from_slice(&MAGIC);
-    out.push(if refused.is_some() { STATUS_REFUSED } else { STATUS_OK });
-    out.extend_from_slice(&(rank as u32).to_le_bytes());
-    out.extend_from_slice(&(world_size as u32).to_le_bytes());
-    out.extend_from_slice(&(message.len() as u32).to_le_bytes());
-    out.extend_from_slice(message);
-    // A reply that cannot be written only matters to the other side, which then fails.
-    let _ = stream.write_all(&out);
-}
-
-/// What the accepting side answered.
-#[derive(Debug)]
-pub(crate) enum Reply {
-    Accepted { rank: u32, world_size: u32 },
-    Refused(String),
-}
-
-fn read_reply(stream: &mut TcpStream) -> io::Result<Result<Reply, String>> {
-    let mut magic = [0u8; 8];
-    stream.read_exact(&mut magic)?;
-    if magic != MAGIC {
-        return Ok(Err("it is not a ring peer (unknown greeting)".into()));
+/// Reads the next rank's reply before `deadline`, however slowly it trickles in, reading
+/// only as many bytes as the reply format says (bounded by [`wire::MAX_MESSAGE_LEN`]).
+/// `Ok(Err(why))`: what came back is not a ring reply.
+fn read_reply(stream: &mut TcpStream, deadline: Instant) -> io::Result<Result<Reply, String>> {
+    let mut buf = Vec::with_capacity(wire::REPLY_FIXED_LEN);
+    loop {
+        let need = match wire::parse_reply(&buf) {
+            Err(why) => return Ok(Err(why)),
+            Ok(Progress::Complete(reply)) => return Ok(Ok(reply)),
+            Ok(Progress::Need(n)) => n,
+        };
+        let rest = deadline.saturating_duration_since(Instant::now());
+        if rest.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no complete reply before the deadline"));
+        }
+        stream.set_read_timeout(Some(rest.max(Duration::from_millis(1))))?;
+        let have = buf.len();
+        buf.resize(have + need, 0);
+        match stream.read(&mut buf[have..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before its reply was complete",
+                ))
+            }
+            Ok(n) => buf.truncate(have + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(have),
+            Err(e) => return Err(e),
+        }
     }
-    let mut status = [0u8; 1];
-    stream.read_exact(&mut status)?;
-    let rank = read_u32(stream)?;
-    let world_size = read_u32(stream)?;
-    let len = read_u32(stream)? as usize;
-    if len > MAX_MESSAGE_LEN {
-        return Ok(Err(format!("its reply carries {len} bytes of message")));
-    }
-    let mut message = vec![0u8; len];
-    stream.read_exact(&mut message)?;
-    Ok(Ok(match status[0] {
-        STATUS_OK => Reply::Accepted { rank, world_size },
-        _ => Reply::Refused(String::from_utf8_lossy(&message).into_owned()),
-    }))
 }
 
-/// Waits until `fd` is readable or `limit` passes.
-fn wait_readable(fd: i32, limit: Duration) {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+/// Waits until one of `fds` is readable (or hung up) or `limit` passes.
+fn wait_readable(fds: &[i32], limit: Duration) {
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     let millis = limit.as_millis().clamp(1, i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd for the duration of the call. Errors (EINTR) just end the
-    // wait early; the caller loops and checks its deadline.
+    // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs for the whole call.
+    // Errors (EINTR) just end the wait early; the caller loops and checks its deadline.
     unsafe {
-        libc::poll(&mut pfd, 1, millis);
+        libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, millis);
     }
+}
+
+/// An accepted connection whose hello is still arriving.
+struct Pending {
+    stream: TcpStream,
+    from: SocketAddr,
+    /// What it sent so far: never more than the hello it announces.
+    bytes: Vec<u8>,
+    /// When it is dropped if its hello is still not complete.
+    until: Instant,
+}
+
+/// What to do with a pending connection after a read.
+enum Outcome {
+    Waiting,
+    Refused(String),
+    Hello(Hello),
+}
+
+impl Pending {
+    /// Reads what the hello still needs (non-blocking) and parses it.
+    fn advance(&mut self) -> Outcome {
+        loop {
+            let need = match wire::parse_hello(&self.bytes) {
+                Err(why) => return Outcome::Refused(why),
+                Ok(Progress::Complete(hello)) => return Outcome::Hello(hello),
+                Ok(Progress::Need(n)) => n,
+            };
+            let have = self.bytes.len();
+            self.bytes.resize(have + need, 0);
+            let read = self.stream.read(&mut self.bytes[have..]);
+            self.bytes.truncate(have + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => {
+                    return Outcome::Refused(format!(
+                        "closed the connection after {have} bytes, before its hello was complete"
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Waiting,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Outcome::Refused(format!("no valid greeting ({e})")),
+            }
+        }
+    }
+}
+
+/// Tells a refused client why, logs it and notes it for the timeout error. The reply is
+/// written once without waiting: a client that does not read cannot hold this rank up.
+fn refuse(me: &Me<'_>, mut pending: Pending, why: String, refused: &mut Vec<String>) {
+    tracing::warn!(rank = me.rank, from = %pending.from, reason = %why, "refused a ring connection");
+    let _ = pending.stream.write(&Reply::encode(me.rank, me.world_size, Some(&why)));
+    refused.push(format!("from {}: {why}", pending.from));
 }
 
 /// What the accepting and connecting halves need to know about this rank.
@@ -214,6 +176,10 @@ pub(crate) struct Me<'a> {
 
 /// Accepts the previous rank's connection before `deadline`, refusing any other. Stops
 /// early (with a timeout error) when `abort` is set by the connecting half.
+///
+/// Connections are read side by side, each until its hello is complete, refused, or
+/// `me.io_timeout` passes: a stranger that connects and stays silent, or trickles its bytes,
+/// holds one of [`MAX_PENDING`] slots and never delays the real peer's hello.
 pub(crate) fn accept_prev(
     listener: &TcpListener,
     me: &Me<'_>,
@@ -231,9 +197,14 @@ pub(crate) fn accept_prev(
     };
     listener.set_nonblocking(true).map_err(io_error)?;
     let mut refused: Vec<String> = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
     loop {
         let now = Instant::now();
         if now >= deadline || abort.load(Ordering::Relaxed) {
+            for p in pending.drain(..) {
+                let why = format!("sent no complete hello in {} bytes", p.bytes.len());
+                refuse(me, p, why, &mut refused);
+            }
             let refused_note = match refused.last() {
                 Some(last) => format!("; refused {} other connection(s), the last one {last}", refused.len()),
                 None => String::new(),
@@ -245,41 +216,78 @@ pub(crate) fn accept_prev(
                 timeout_ms: me.connect_timeout.as_millis() as u64,
             });
         }
-        match listener.accept() {
-            Ok((mut stream, from)) => {
-                let io_limit = me.io_timeout.min(deadline.saturating_duration_since(now));
-                let ready = stream
-                    .set_nonblocking(false)
-                    .and_then(|()| stream.set_read_timeout(Some(io_limit.max(POLL_SLICE))))
-                    .and_then(|()| stream.set_write_timeout(Some(io_limit.max(POLL_SLICE))));
-                if let Err(e) = ready {
-                    refused.push(format!("from {from}: {e}"));
-                    continue;
+        // New connections, a batch at a time: each batch's hellos are read before the next,
+        // so a crowd of clients is refused for what it sent, not for being many.
+        for _ in 0..MAX_PENDING {
+            match listener.accept() {
+                Ok((stream, from)) => {
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        refused.push(format!("from {from}: {e}"));
+                        continue;
+                    }
+                    if pending.len() >= MAX_PENDING {
+                        let oldest = pending.remove(0);
+                        let why = format!(
+                            "{MAX_PENDING} connections were waiting for their hello; dropped the oldest"
+                        );
+                        refuse(me, oldest, why, &mut refused);
+                    }
+                    let until = (now + me.io_timeout).min(deadline);
+                    pending.push(Pending { stream, from, bytes: Vec::new(), until });
                 }
-                let why = match read_hello(&mut stream) {
-                    Ok(hello) => match refusal(&hello, me.token, me.world_size, prev_rank) {
-                        None => {
-                            write_reply(&mut stream, me.rank, me.world_size, None);
-                            return Ok((stream, from));
-                        }
-                        Some(why) => why,
-                    },
-                    Err(HelloError::Refused(why)) => why,
-                    Err(HelloError::Io(e)) => format!("no valid greeting ({e})"),
-                };
-                tracing::warn!(rank = me.rank, %from, reason = %why, "refused a ring connection");
-                write_reply(&mut stream, me.rank, me.world_size, Some(&why));
-                refused.push(format!("from {from}: {why}"));
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A client that gave up while queued: nothing to answer.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                // Out of file descriptors and the like: waiting will not fix it.
+                Err(e) => return Err(io_error(e)),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let rest = deadline.saturating_duration_since(now);
-                wait_readable(listener.as_raw_fd(), rest.min(POLL_SLICE));
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // Out of file descriptors and the like: waiting will not fix it.
-            Err(e) => return Err(io_error(e)),
         }
+        // Hellos that arrived, and clients whose time is up.
+        let mut i = 0;
+        while i < pending.len() {
+            let outcome = match pending[i].advance() {
+                Outcome::Waiting if now >= pending[i].until => Outcome::Refused(format!(
+                    "sent no complete hello within {} ms ({} bytes)",
+                    me.io_timeout.as_millis(),
+                    pending[i].bytes.len()
+                )),
+                other => other,
+            };
+            match outcome {
+                Outcome::Waiting => i += 1,
+                Outcome::Refused(why) => refuse(me, pending.remove(i), why, &mut refused),
+                Outcome::Hello(hello) => match refusal(&hello, me.token, me.world_size, prev_rank) {
+                    Some(why) => refuse(me, pending.remove(i), why, &mut refused),
+                    None => {
+                        let peer = pending.remove(i);
+                        for other in pending.drain(..) {
+                            let why = format!("rank {prev_rank} connected first; this rank needs no other");
+                            refuse(me, other, why, &mut refused);
+                        }
+                        return welcome(me, peer).map_err(io_error);
+                    }
+                },
+            }
+        }
+        let next_expiry = pending.iter().map(|p| p.until).min().unwrap_or(deadline).min(deadline);
+        let wait = next_expiry.saturating_duration_since(Instant::now()).min(POLL_SLICE);
+        let fds: Vec<i32> = std::iter::once(listener.as_raw_fd())
+            .chain(pending.iter().map(|p| p.stream.as_raw_fd()))
+            .collect();
+        wait_readable(&fds, wait);
     }
+}
+
+/// Accepts the previous rank: a blocking stream with the transfer timeouts, and the reply.
+fn welcome(me: &Me<'_>, peer: Pending) -> io::Result<(TcpStream, SocketAddr)> {
+    let Pending { mut stream, from, .. } = peer;
+    let limit = me.io_timeout.max(POLL_SLICE);
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))?;
+    stream.write_all(&Reply::encode(me.rank, me.world_size, None))?;
+    Ok((stream, from))
 }
 
 /// Connects to the next rank before `deadline` (retrying while it is not listening yet)
@@ -318,15 +326,13 @@ pub(crate) fn connect_next(
     let peer_error = |e: io::Error| CollectiveError::Peer { rank: me.rank, op, peer: peer.clone(), cause: e };
     // The reply comes only once the next rank is in its accept loop, which may take as long
     // as its start-up: wait up to the deadline, not just the per-transfer timeout.
-    let rest = deadline.saturating_duration_since(Instant::now()).max(POLL_SLICE);
     stream
         .set_write_timeout(Some(me.io_timeout.max(POLL_SLICE)))
-        .and_then(|()| stream.set_read_timeout(Some(rest)))
         .and_then(|()| stream.set_nodelay(true))
         .map_err(peer_error)?;
     let hello = Hello::new(me.rank, me.world_size, me.token).encode();
     stream.write_all(&hello).map_err(peer_error)?;
-    let reply = read_reply(&mut stream).map_err(|e| {
+    let reply = read_reply(&mut stream, deadline.max(Instant::now() + POLL_SLICE)).map_err(|e| {
         if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
             CollectiveError::Timeout {
                 rank: me.rank,

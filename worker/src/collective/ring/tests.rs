@@ -7,18 +7,18 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-const TOKEN: &[u8] = b"test-job-token";
+pub(super) const TOKEN: &[u8] = b"test-job-token";
 
-fn localhost() -> SocketAddr {
+pub(super) fn localhost() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
-fn options(timeout: Duration, chunk_bytes: usize) -> RingOptions {
+pub(super) fn options(timeout: Duration, chunk_bytes: usize) -> RingOptions {
     RingOptions { timeout, connect_timeout: Duration::from_secs(10), chunk_bytes, ..RingOptions::new(TOKEN) }
 }
 
 /// Runs `f(rank, ring)` on every rank at once and returns the results in rank order.
-fn on_every_rank<R: Send>(
+pub(super) fn on_every_rank<R: Send>(
     rings: &mut [RingCollective],
     f: impl Fn(usize, &mut RingCollective) -> R + Sync,
 ) -> Vec<R> {
@@ -32,7 +32,7 @@ fn on_every_rank<R: Send>(
 
 /// Values of mixed signs and magnitudes (1e-3 to 1e3), so that the summation order shows
 /// in the low bits: a reordering of the sum would not give the same bits.
-fn input(rank: usize, len: usize, salt: u64) -> Vec<f32> {
+pub(super) fn input(rank: usize, len: usize, salt: u64) -> Vec<f32> {
     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ (rank as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407) ^ salt;
     (0..len)
         .map(|_| {
@@ -46,12 +46,12 @@ fn input(rank: usize, len: usize, salt: u64) -> Vec<f32> {
         .collect()
 }
 
-fn bits(values: &[f32]) -> Vec<u32> {
+pub(super) fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
 }
 
 /// All-reduces `inputs` (one per rank) and returns each rank's result.
-fn all_reduce(rings: &mut [RingCollective], inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+pub(super) fn all_reduce(rings: &mut [RingCollective], inputs: &[Vec<f32>]) -> Vec<Vec<f32>> {
     on_every_rank(rings, |rank, ring| {
         let mut buffer = inputs[rank].clone();
         ring.all_reduce_mean_slice(&mut buffer).unwrap();
@@ -61,7 +61,7 @@ fn all_reduce(rings: &mut [RingCollective], inputs: &[Vec<f32>]) -> Vec<Vec<f32>
 
 /// Checks the ring's result against the f64 mean with the error bound of an f32 sum of
 /// `world` terms in any order, and against the ring's documented order bit for bit.
-fn check_all_reduce(world: usize, len: usize, outputs: &[Vec<f32>], inputs: &[Vec<f32>]) {
+pub(super) fn check_all_reduce(world: usize, len: usize, outputs: &[Vec<f32>], inputs: &[Vec<f32>]) {
     let refs: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
     let exact_order = reference_all_reduce_mean(&refs);
     for (rank, out) in outputs.iter().enumerate() {

@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::schedule::{Combine, Step};
+pub(crate) use super::wire::{OpHeader, OpKind, HEADER_LEN};
 use crate::collective::CollectiveError;
 
 /// One end of a ring connection and who is on the other side.
@@ -39,81 +40,6 @@ impl Links {
     pub fn shutdown(&self) {
         let _ = self.next.stream.shutdown(std::net::Shutdown::Both);
         let _ = self.prev.stream.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OpKind {
-    AllReduceMean = 1,
-    Broadcast = 2,
-    Barrier = 3,
-}
-
-impl OpKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            OpKind::AllReduceMean => "all_reduce_mean",
-            OpKind::Broadcast => "broadcast",
-            OpKind::Barrier => "barrier",
-        }
-    }
-
-    fn from_code(code: u8) -> Option<Self> {
-        match code {
-            1 => Some(OpKind::AllReduceMean),
-            2 => Some(OpKind::Broadcast),
-            3 => Some(OpKind::Barrier),
-            _ => None,
-        }
-    }
-}
-
-const HEADER_MAGIC: [u8; 4] = *b"RGOP";
-pub(crate) const HEADER_LEN: usize = 32;
-
-/// Sent by every rank to the next one before the data of each op.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct OpHeader {
-    pub kind: OpKind,
-    /// Number of ops this rank started on this ring before this one.
-    pub seq: u64,
-    pub len: u64,
-    pub root: u32,
-}
-
-impl OpHeader {
-    fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut out = [0u8; HEADER_LEN];
-        out[0..4].copy_from_slice(&HEADER_MAGIC);
-        out[4] = self.kind as u8;
-        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
-        out[16..24].copy_from_slice(&self.len.to_le_bytes());
-        out[24..28].copy_from_slice(&self.root.to_le_bytes());
-        out
-    }
-
-    fn decode(bytes: &[u8; HEADER_LEN]) -> Result<Self, String> {
-        if bytes[0..4] != HEADER_MAGIC {
-            return Err("sent bytes that are not an op header (the ring is out of step)".into());
-        }
-        let kind =
-            OpKind::from_code(bytes[4]).ok_or_else(|| format!("sent an unknown op code {}", bytes[4]))?;
-        let u64_at = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[at..at + 8]);
-            u64::from_le_bytes(b)
-        };
-        let mut root = [0u8; 4];
-        root.copy_from_slice(&bytes[24..28]);
-        Ok(OpHeader { kind, seq: u64_at(8), len: u64_at(16), root: u32::from_le_bytes(root) })
-    }
-
-    fn describe(&self) -> String {
-        let root = match self.kind {
-            OpKind::Broadcast => format!(" from root {}", self.root),
-            _ => String::new(),
-        };
-        format!("{} #{} of {} elements{root}", self.kind.name(), self.seq, self.len)
     }
 }
 
@@ -394,7 +320,7 @@ fn check_header(
     ours: &OpHeader,
 ) -> Result<(), CollectiveError> {
     let theirs =
-        OpHeader::decode(received).map_err(|why| ctx.invalid(format!("{} {why}", prev.describe())))?;
+        OpHeader::parse(received).map_err(|why| ctx.invalid(format!("{} {why}", prev.describe())))?;
     if theirs != *ours {
         return Err(ctx.invalid(format!(
             "ranks disagree on the op: {} is in {}, this rank is in {}",
@@ -431,18 +357,6 @@ fn wait_ready(links: &Links, read: bool, write: bool, limit: Duration) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_round_trips_and_rejects_garbage() {
-        let h = OpHeader { kind: OpKind::Broadcast, seq: 7, len: 4099, root: 2 };
-        assert_eq!(OpHeader::decode(&h.encode()), Ok(h));
-        let mut bad = h.encode();
-        bad[0] = b'X';
-        assert!(OpHeader::decode(&bad).unwrap_err().contains("not an op header"));
-        let mut bad = h.encode();
-        bad[4] = 99;
-        assert!(OpHeader::decode(&bad).unwrap_err().contains("unknown op code 99"));
-    }
 
     #[test]
     fn combine_applies_the_documented_arithmetic() {

@@ -87,7 +87,11 @@ impl Driver {
                     Body::Heartbeat(_) | Body::Hello(_) => Ok(None),
                     Body::Step(m) => {
                         if rank == 0 {
-                            let step = m.epoch * self.shared.data.steps_per_epoch as u64 + m.step + 1;
+                            let step = m
+                                .epoch
+                                .saturating_mul(self.shared.data.steps_per_epoch as u64)
+                                .saturating_add(m.step)
+                                .saturating_add(1);
                             self.reached_step = self.reached_step.max(step);
                         }
                         self.progress.step(rank, &m);

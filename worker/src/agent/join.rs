@@ -187,8 +187,11 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
-        let mut config: JobConfig = toml::from_str(&reply.job_config_toml)
-            .context("the coordinator sent a job config this worker cannot read")?;
+        let mut config = JobConfig::from_toml_str(
+            &reply.job_config_toml,
+            std::path::Path::new("the job config the coordinator sent"),
+        )
+        .context("the coordinator sent a job config this worker cannot read")?;
         config.train.device = rank_device(args, &config.train.device);
         config.validate().context("the job config (with this worker's device) is invalid")?;
         if reply.world_size == 0 || reply.rank >= reply.world_size {

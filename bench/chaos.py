@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Chaos benchmark: faults at random times, and what the job did about them. Every job must
-finish bitwise equal to an uninterrupted run of the same config and world size (or, for a
-damaged checkpoint or a full disk, stop with a code that tells a supervisor not to retry).
+finish bitwise equal to an uninterrupted run of the same config and world size; a run folder
+that fills up must stop with exit 5 (storage, not retried) without spending a restart and then
+resume to the same end, and one too small from the start must be refused with exit 5.
 
     cargo build --release --bins
     python3 bench/chaos.py --data aclImdb_v1.tar.gz            # 20 kill-worker trials (make chaos)
@@ -19,7 +20,7 @@ coordinator's first line about it (its own lines, not the worker lines it relays
 user saw is that line. The network kinds run the job in a network namespace of its own
 (only its loopback), so that iptables rules and a delay on `lo` touch nothing else on the
 machine; they need root and iptables (deploy/tests/netfaults.py makes them) and are skipped
-with a line that says why otherwise, as is the full disk without root (a tmpfs mount).
+with a line that says why otherwise, as are the disk kinds without root (a tmpfs mount).
 
 Prints a row per trial and a table per kind; nothing here is timed against a target. Only
 the standard library is needed. Exits 1 when a trial did not do what its kind expects.
@@ -90,15 +91,18 @@ KINDS = {
     "stray-ring-client": ("a client connects to each ring listener as soon as it appears, four times: "
                           "64 random bytes, a hello with a wrong job token, a hello whose token length is "
                           "2^32-1, and a connection that sends nothing for 5 s", "equal"),
-    "bitflip": ("the coordinator killed (SIGKILL) after its first checkpoint, then in the latest "
+    "bitflip": ("the coordinator killed (SIGKILL) after its second checkpoint, then in the latest "
                 "checkpoint-*.safetensors the lowest exponent bit of a random element of a random model "
                 "parameter flipped (the value doubles or halves), then --resume",
-                "equal (falls back to the previous checkpoint), or a stop with a code a supervisor does not retry (not 0, 1 or 75)"),
-    "truncated": ("the coordinator killed after its first checkpoint, the latest checkpoint-*.safetensors "
+                "equal: the damaged file named and set aside, the previous checkpoint restored"),
+    "truncated": ("the coordinator killed after its second checkpoint, the latest checkpoint-*.safetensors "
                   "cut to half its length, then --resume",
-                  "equal (falls back to the previous checkpoint), or a stop with a code a supervisor does not retry (not 0, 1 or 75)"),
-    "full-disk": ("--out on a tmpfs with room for one checkpoint and 256 KiB more (a private mount "
-                  "namespace)", "equal, or a stop with a code a supervisor does not retry (not 0, 1 or 75)"),
+                  "equal: the damaged file named and set aside, the previous checkpoint restored"),
+    "full-disk": ("--out on a 64 MiB tmpfs; once a checkpoint is committed, a file takes every free byte; "
+                  "when the job has stopped, the file is deleted and the job resumed with --resume",
+                  "exit 5 (or 0 if no checkpoint came after) with no restart spent, then equal after the resume"),
+    "disk-too-small": ("--out on a tmpfs with room for one checkpoint and 64 KiB more",
+                       "refused at the start with exit 5, before any worker starts"),
 }
 NETWORK_KINDS = ["latency", "partition-ring", "partition-coordinator", "stray-ring-client"]
 # A coordinator line about a problem (its own lines; the workers' arrive as "[worker pid N] ...").
@@ -388,10 +392,12 @@ def one_trial(args: argparse.Namespace, kind: str, n: int, world: int, work: Pat
     bitwise = (result.get("exit") == 0 and result.get("checksum") == ref["final_parameter_checksum"]
                and result.get("test_accuracy") == ref["test_accuracy"])
     result["bitwise"] = bitwise
-    if kind in ("bitflip", "truncated", "full-disk"):
-        # Or a stop that a supervisor will not retry: 1 is "anything else, maybe retry" in the
-        # README's table (and Kubernetes retries it), 75 is "retry".
-        ok = bitwise or result.get("exit") not in (0, 1, 75, "timeout", None)
+    if kind in ("bitflip", "truncated"):
+        ok = bitwise and "cannot be restored" in result.get("saw", "")
+    elif kind == "full-disk":
+        ok = bitwise and result.get("exits", [None])[0] in (0, 5) and result.get("restarts") == 0
+    elif kind == "disk-too-small":
+        ok = result.get("exit") == 5 and not result.get("workers_started")
     elif kind == "latency":
         ok = bitwise and result.get("restarts") == 0
     elif kind == "term-coordinator":
@@ -439,8 +445,8 @@ def detected(result: dict, job: Job, since: float, pattern: re.Pattern = PROBLEM
 
 def run_trial(args, kind, rng, world, out, ns, rules, result, ref) -> None:
     deadline = time.monotonic() + args.trial_timeout
-    if kind == "full-disk":
-        run_full_disk(args, rng, world, out, result, ref, deadline)
+    if kind in ("full-disk", "disk-too-small"):
+        run_full_disk(args, kind, rng, world, out, result, ref, deadline)
         return
     stray = None
     if kind == "stray-ring-client":
@@ -618,10 +624,17 @@ def supervise(args, job: Job, world: int, out: Path, result: dict, deadline: flo
 
 
 def damage_checkpoint(args, kind, job: Job, rng, world, out: Path, result, deadline) -> None:
-    """Kills the coordinator after its first checkpoint, damages the latest checkpoint file,
-    and resumes."""
+    """Kills the coordinator after its second checkpoint (so that there is a previous one to
+    fall back to), damages the latest checkpoint file, and resumes."""
     pointer = out / "checkpoint.json"
-    wait_until(job, pointer.exists, 60)
+
+    def second_checkpoint() -> bool:
+        try:
+            return json.loads(pointer.read_text()).get("previous_file") is not None
+        except (OSError, ValueError):
+            return False
+
+    wait_until(job, second_checkpoint, 60)
     t = time.monotonic() + rng.uniform(0.0, 0.5)
     wait_until(job, lambda: time.monotonic() >= t, 1)
     if job.proc.poll() is not None:
@@ -665,34 +678,59 @@ def damage_checkpoint(args, kind, job: Job, rng, world, out: Path, result, deadl
     result.setdefault("saw", "nothing")
 
 
-def run_full_disk(args, rng, world, out: Path, result, ref, deadline) -> None:
-    """The job with --out on a small tmpfs, in a mount namespace of its own."""
-    size_kib = args.disk_kib or -(-(ref["checkpoint_bytes"] + 256 * 1024) // 4096) * 4
-    keep = out.with_name(out.name + "-kept")
+def run_full_disk(args, kind, rng, world, out: Path, result, ref, deadline) -> None:
+    """--out on a tmpfs. full-disk: a file takes every free byte once a checkpoint is
+    committed; when the job has stopped the file goes and the job is resumed. disk-too-small:
+    a tmpfs with room for one checkpoint and 64 KiB more, which the job must refuse."""
+    small = kind == "disk-too-small"
+    size_kib = args.disk_kib or (-(-(ref["checkpoint_bytes"] + 64 * 1024) // 4096) * 4 if small else 64 * 1024)
     out.mkdir(parents=True)
-    keep.mkdir(parents=True, exist_ok=True)
-    script = ('mount -t tmpfs -o size="$1"k chaos-full "$2" || exit 99; out=$2; keep=$3; shift 3; "$@"; rc=$?; '
-              'cp "$out/summary.json" "$keep/" 2>/dev/null; df -k "$out" > "$keep/df.txt"; exit $rc')
-    wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(size_kib), str(out),
-            str(keep)]
-    job = Job(args, world, out, wrap=wrap)
-    result["faults"] = 1
-    result["fault_at"] = job.started
-    result["damage"] = f"--out on a {size_kib} KiB tmpfs (a checkpoint is {ref['checkpoint_bytes']} bytes)"
-    code = job.wait(deadline - time.monotonic())
-    note_restarts(job, result)
-    result["exits"] = [code]
-    result["exit"] = code
-    if code == 0 and (keep / "summary.json").exists():
-        s = summary(keep)
-        result.update(restarts=s["restarts"], steps_lost=s["steps_lost"],
-                      checksum=s["final_parameter_checksum"], test_accuracy=s["test_accuracy"])
-    else:
-        result["restarts"] = None
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "chaos-disk", str(out)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        result["error"] = f"cannot mount a tmpfs: {mounted.stderr.strip()}"
+        return
+    filler = out / "filler"
+    try:
+        job = Job(args, world, out, extra=["--checkpoint-failures", "2"])
+        result["damage"] = f"--out on a {size_kib} KiB tmpfs (a checkpoint is {ref['checkpoint_bytes']} bytes)"
+        if small:
+            result["faults"] = 1
+            result["fault_at"] = job.started
+        else:
+            committed = re.compile(r"checkpoint committed")
+            wait_until(job, lambda: job.first(job.started, committed) is not None, 60)
+            with open(filler, "wb") as f:
+                block = b"\0" * 65536
+                for size in (65536, 4096, 1):
+                    try:
+                        while True:
+                            f.write(block[:size])
+                            f.flush()
+                    except OSError:
+                        pass
+            result["faults"] = 1
+            result["fault_at"] = time.monotonic()
+        code = job.wait(deadline - time.monotonic())
+        note_restarts(job, result)
+        result["exits"] = [code]
+        result["exit"] = code
+        result["workers_started"] = any("worker registered" in line for _, line in job.lines)
         result["error"] = job.last_error() or f"exit {code}"
-    detected(result, job, job.started)
+        detected(result, job, result["fault_at"])
+        if not small and code != "timeout":
+            filler.unlink(missing_ok=True)
+            if code != 0:
+                resumed = Job(args, world, out, extra=["--resume"])
+                finish(resumed, out, result, deadline)
+            elif (out / "summary.json").exists():
+                s = summary(out)
+                result.update(restarts=s["restarts"], steps_lost=s["steps_lost"],
+                              checksum=s["final_parameter_checksum"], test_accuracy=s["test_accuracy"])
+                result.pop("error", None)
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
     result.setdefault("saw", "nothing")
-    shutil.rmtree(keep, ignore_errors=True)
 
 
 # --- reports -------------------------------------------------------------------------------
@@ -862,7 +900,8 @@ def main() -> None:
     p.add_argument("--coordinator", type=Path, default=ROOT / "target/release/coordinator")
     p.add_argument("--worker", type=Path, default=ROOT / "target/release/worker")
     p.add_argument("--trial-timeout", type=float, default=180.0)
-    p.add_argument("--disk-kib", type=int, help="the full-disk tmpfs size (default: one checkpoint + 256 KiB)")
+    p.add_argument("--disk-kib", type=int, help="the tmpfs size of the disk kinds (default: 64 MiB for "
+                   "full-disk, one checkpoint + 64 KiB for disk-too-small)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--results", type=Path, help="rewrite the chaos section (kill-worker trials) of this markdown file")
     p.add_argument("--reliability", type=Path, help="rewrite this file (bench/RELIABILITY.md): a row per kind")
@@ -881,8 +920,9 @@ def main() -> None:
             why = can["latency" if k == "latency" else "partition"]
             if k in kinds and why:
                 skipped[k] = why
-    if "full-disk" in kinds and (os.geteuid() != 0 or shutil.which("unshare") is None):
-        skipped["full-disk"] = "needs root and unshare (a tmpfs in a private mount namespace)"
+    for disk_kind in ("full-disk", "disk-too-small"):
+        if disk_kind in kinds and os.geteuid() != 0:
+            skipped[disk_kind] = "needs root (a tmpfs mount)"
     for k, why in skipped.items():
         print(f"skipped: --kind {k}: {why}")
     rng = random.Random(args.seed)

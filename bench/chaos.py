@@ -700,15 +700,18 @@ def run_full_disk(args, kind, rng, world, out: Path, result, ref, deadline) -> N
         else:
             committed = re.compile(r"checkpoint committed")
             wait_until(job, lambda: job.first(job.started, committed) is not None, 60)
-            with open(filler, "wb") as f:
-                block = b"\0" * 65536
+            # Unbuffered: every byte the filesystem takes stays taken, down to the last one.
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
                 for size in (65536, 4096, 1):
+                    block = b"\0" * size
                     try:
-                        while True:
-                            f.write(block[:size])
-                            f.flush()
+                        while os.write(fd, block) > 0:
+                            pass
                     except OSError:
                         pass
+            finally:
+                os.close(fd)
             result["faults"] = 1
             result["fault_at"] = time.monotonic()
         code = job.wait(deadline - time.monotonic())
@@ -716,6 +719,7 @@ def run_full_disk(args, kind, rng, world, out: Path, result, ref, deadline) -> N
         result["exits"] = [code]
         result["exit"] = code
         result["workers_started"] = any("worker registered" in line for _, line in job.lines)
+        result["restarts"] = None
         result["error"] = job.last_error() or f"exit {code}"
         detected(result, job, result["fault_at"])
         if not small and code != "timeout":

@@ -6,7 +6,7 @@
 //! - [`optim`]: Adam, AdamW and SGD, the schedule, clipping.
 //! - [`trainer`]: [`Trainer`], the replica: `train_step`, `evaluate`, `broadcast_parameters`,
 //!   `parameter_checksum`; the collective point between backward and the optimizer step.
-//! - [`checkpoint`]: checkpoints and exported models (safetensors).
+//! - [`checkpoint`]: checkpoints and exported models; [`tensor_file`]: their safetensors I/O.
 //! - [`run`]: `worker train`, the single-process loop over the trainer's steps.
 //! - [`agent`]: `worker join`, a rank of a distributed job, driven by the coordinator.
 //! - [`collective`]: the all-reduce and broadcast between ranks (TCP ring, NCCL).
@@ -28,6 +28,7 @@ pub mod predict;
 pub mod profile;
 pub mod run;
 pub mod tbptt;
+pub mod tensor_file;
 pub mod trainer;
 
 pub use error::{Result, WorkerError};

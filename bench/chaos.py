@@ -853,7 +853,7 @@ def write_reliability(args: argparse.Namespace, kinds: list[str], results: list[
         "expected*: what the kind's expectation (below) asks. *Time to detect*: from the fault to the "
         "coordinator's first line about it (its own lines, not the worker lines it relays; for the stray "
         "client the workers' refusals count); for a damaged checkpoint, from the start of the resumed run; "
-        "for the full disk, from the start. *What the user saw*: that line, from the first trial that had one.",
+        "for the full disk, from the moment it was filled; for a folder too small, from the start. *What the user saw*: that line, from the first trial that had one.",
         "",
         "| fault | trials | completed | bitwise equal | as expected | restarts | exit codes | time to detect | what the user saw |",
         "|---|---|---|---|---|---|---|---|---|",

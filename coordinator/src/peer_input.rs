@@ -19,17 +19,7 @@ pub const MAX_TEXT_FIELD: usize = 256;
 pub const MAX_DEVICES: usize = 64;
 /// Largest artifact an upload may declare.
 pub const MAX_ARTIFACT_BYTES: u64 = 64 * 1024 * 1024 * 1024;
-/// A worker's error message is cut to this many bytes before it is logged and shown.
-pub const MAX_ERROR_MESSAGE: usize = 16 * 1024;
-
-/// `s` cut to at most `max` bytes at a character boundary.
-pub fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
+pub use trainer_proto::{cut_error_message as cut_message, truncate};
 
 pub fn check_register(req: &RegisterRequest) -> Result<(), Status> {
     if req.protocol_version == 0 {
@@ -151,7 +141,7 @@ fn epoch(field: &str, value: u64, limits: &SessionLimits) -> Result<(), String> 
 }
 
 /// Checks a session message against the job; `Err` is why the session is closed. A
-/// worker's error text (an error, a storage failure) longer than [`MAX_ERROR_MESSAGE`] is
+/// worker's error text (an error, a storage failure) longer than [`trainer_proto::MAX_ERROR_MESSAGE`] is
 /// cut, not refused.
 pub fn check_session_body(body: &mut Body, limits: &SessionLimits) -> Result<(), String> {
     let l = limits;
@@ -204,19 +194,11 @@ pub fn check_session_body(body: &mut Body, limits: &SessionLimits) -> Result<(),
     }
 }
 
-/// Cuts a worker's error text to [`MAX_ERROR_MESSAGE`] bytes, saying how much went.
-fn cut_message(message: &mut String) {
-    if message.len() > MAX_ERROR_MESSAGE {
-        let kept = truncate(message, MAX_ERROR_MESSAGE).to_string();
-        let cut = message.len() - kept.len();
-        *message = format!("{kept} [... {cut} more bytes cut]");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use trainer_proto::v1::{ArtifactDone, EvalResult, StepMetrics, WorkerError};
+    use trainer_proto::MAX_ERROR_MESSAGE;
 
     const LIMITS: SessionLimits = SessionLimits {
         epochs: 3,

@@ -17,6 +17,28 @@ pub use auth::{AuthError, ClientAuth, JobSecret, ServerAuth};
 /// Bump it on every change that an old peer would misread.
 pub const PROTOCOL_VERSION: u32 = 5;
 
+/// The longest error text a worker sends and the coordinator keeps (a failure's message, a
+/// storage error): far below the message limit, and still room for a whole error chain.
+pub const MAX_ERROR_MESSAGE: usize = 16 * 1024;
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Cuts an error text to [`MAX_ERROR_MESSAGE`] bytes, saying how much went.
+pub fn cut_error_message(message: &mut String) {
+    if message.len() > MAX_ERROR_MESSAGE {
+        let kept = truncate(message, MAX_ERROR_MESSAGE).to_string();
+        let cut = message.len() - kept.len();
+        *message = format!("{kept} [... {cut} more bytes cut]");
+    }
+}
+
 /// How the message of an UploadArtifact status starts when the coordinator's storage refused
 /// the artifact (with RESOURCE_EXHAUSTED): rank 0 then reports it in ArtifactDone and
 /// trains on, rather than failing.

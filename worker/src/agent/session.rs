@@ -22,9 +22,6 @@ use super::rendezvous::NcclSupport;
 use super::step_loop::{replica_thread, ReplicaContext, ReplicaEvent, Work};
 use super::{CheckpointAt, Factory, RestartRequested};
 
-/// The longest failure text sent to the coordinator (it keeps no more than that either).
-const MAX_ERROR_BYTES: usize = 16 * 1024;
-
 impl Agent {
     pub(super) async fn serve(
         mut self,
@@ -102,14 +99,7 @@ impl Agent {
                 // Best effort: tell the coordinator why, and give the message a moment to leave.
                 // Cut to what the coordinator keeps of it, far below the message limit.
                 let mut message = format!("{e:#}");
-                if message.len() > MAX_ERROR_BYTES {
-                    let mut end = MAX_ERROR_BYTES;
-                    while !message.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    message.truncate(end);
-                    message.push_str(" [cut]");
-                }
+                trainer_proto::cut_error_message(&mut message);
                 let msg = self.message(worker_message::Body::Error(WorkerError { message }));
                 if up.try_send(msg).is_ok() {
                     // The coordinator may answer with a restart of the group: join it again

@@ -34,6 +34,23 @@ pub fn cache_key(corpus_checksum: &str, min_freq: u32, max_vocab: usize) -> Stri
     hex::encode(&h.finalize()[..16])
 }
 
+/// The cache key for any tokenizer: `basic_english`'s is [`cache_key`]'s, unchanged, so
+/// caches written before subword tokenizers existed still hit; a subword tokenizer's hashes
+/// its kind, settings and version instead of the word-vocabulary settings.
+pub fn cache_key_for(
+    corpus_checksum: &str,
+    min_freq: u32,
+    max_vocab: usize,
+    tokenizer: &crate::subword::TokenizerSettings,
+) -> String {
+    if !tokenizer.is_subword() {
+        return cache_key(corpus_checksum, min_freq, max_vocab);
+    }
+    let mut h = Sha256::new();
+    h.update(format!("{corpus_checksum}\n{}", tokenizer.key_text()));
+    hex::encode(&h.finalize()[..16])
+}
+
 pub fn cache_path(cache_dir: &Path, key: &str) -> PathBuf {
     cache_dir.join(format!("encoded-{key}.bin"))
 }
@@ -67,6 +84,11 @@ fn encode_payload(corpus: &EncodedCorpus) -> Vec<u8> {
         put_u8s(&mut out, &split.ratings);
         put_u64s(&mut out, &split.offsets);
         put_u32s(&mut out, &split.tokens);
+    }
+    // A subword corpus carries its tokenizer.json after the splits (a word corpus's payload
+    // is what it always was).
+    if let Some(json) = &corpus.tokenizer_json {
+        put_u8s(&mut out, json.as_bytes());
     }
     out
 }
@@ -173,10 +195,15 @@ fn parse(bytes: &[u8], key: &str) -> std::result::Result<EncodedCorpus, String> 
     let vocab = Vocab::from_word_list(words.split('\n').map(str::to_string).collect())?;
     let train = decode_split(&mut cur, vocab.len())?;
     let test = decode_split(&mut cur, vocab.len())?;
+    let tokenizer_json = if cur.bytes.is_empty() {
+        None
+    } else {
+        Some(String::from_utf8(cur.u8s()?).map_err(|_| "tokenizer.json is not UTF-8")?)
+    };
     if !cur.bytes.is_empty() {
         return Err("trailing bytes".into());
     }
-    Ok(EncodedCorpus { vocab, train, test, checksum: header.checksum })
+    Ok(EncodedCorpus { vocab, train, test, checksum: header.checksum, tokenizer_json })
 }
 
 /// Writes the cache under a temporary name and renames it into place.

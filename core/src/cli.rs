@@ -48,6 +48,7 @@ impl DataArgs {
             use_cache: !self.no_cache,
             min_freq: config.data.min_freq,
             max_vocab: config.data.max_vocab,
+            tokenizer: crate::subword::TokenizerSettings::from_config(&config.data),
         }
     }
 }

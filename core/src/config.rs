@@ -85,9 +85,75 @@ impl Optimizer {
     }
 }
 
+/// How reviews become tokens (issue 21).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    /// torchtext's `basic_english` words and a word vocabulary (`min_freq`, `max_vocab`).
+    #[default]
+    BasicEnglish,
+    /// Byte-pair encoding trained on the train split (`vocab_size`, `min_frequency`).
+    Bpe,
+    /// A Unigram language model trained on the train split (`vocab_size`).
+    Unigram,
+}
+
+impl TokenizerKind {
+    pub const NAMES: &'static str = "basic_english, bpe or unigram";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BasicEnglish => "basic_english",
+            Self::Bpe => "bpe",
+            Self::Unigram => "unigram",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::BasicEnglish, Self::Bpe, Self::Unigram].into_iter().find(|k| k.name() == name)
+    }
+
+    pub fn is_basic_english(&self) -> bool {
+        *self == Self::BasicEnglish
+    }
+}
+
+// By hand, so that an unknown name is refused with the field's name and the allowed ones.
+impl<'de> Deserialize<'de> for TokenizerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Self::from_name(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!("data.tokenizer must be {}, got {name:?}", Self::NAMES))
+        })
+    }
+}
+
+pub const DEFAULT_VOCAB_SIZE: usize = 16_000;
+pub const DEFAULT_MIN_FREQUENCY: u64 = 2;
+
+fn is_default_vocab_size(v: &usize) -> bool {
+    *v == DEFAULT_VOCAB_SIZE
+}
+
+fn is_default_min_frequency(v: &u64) -> bool {
+    *v == DEFAULT_MIN_FREQUENCY
+}
+
+// The subword fields are left out of the TOML when they hold their defaults, so that a
+// `basic_english` job's resolved config.toml (and its checkpoints' same-job check) is
+// what it was before they existed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
+    /// `basic_english` (the default), `bpe` or `unigram`.
+    #[serde(skip_serializing_if = "TokenizerKind::is_basic_english")]
+    pub tokenizer: TokenizerKind,
+    /// Subword tokenizers: the vocabulary size, the specials `<pad>` and `<unk>` included.
+    #[serde(skip_serializing_if = "is_default_vocab_size")]
+    pub vocab_size: usize,
+    /// `bpe`: a pair of tokens seen fewer times than this in the train split is never merged.
+    #[serde(skip_serializing_if = "is_default_min_frequency")]
+    pub min_frequency: u64,
     /// Words seen fewer times than this in the train split map to `<unk>`.
     pub min_freq: u32,
     /// Keep at most this many words (besides the specials); 0 keeps all.
@@ -106,6 +172,9 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
+            tokenizer: TokenizerKind::BasicEnglish,
+            vocab_size: DEFAULT_VOCAB_SIZE,
+            min_frequency: DEFAULT_MIN_FREQUENCY,
             min_freq: 1,
             max_vocab: 0,
             max_len: 0,
@@ -360,6 +429,13 @@ impl JobConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.data;
         check(d.min_freq >= 1, "data.min_freq", "at least 1", d.min_freq)?;
+        check(
+            (crate::subword::MIN_VOCAB_SIZE..=crate::subword::MAX_VOCAB_SIZE).contains(&d.vocab_size),
+            "data.vocab_size",
+            &format!("{}..={}", crate::subword::MIN_VOCAB_SIZE, crate::subword::MAX_VOCAB_SIZE),
+            d.vocab_size,
+        )?;
+        check(d.min_frequency >= 1, "data.min_frequency", "at least 1", d.min_frequency)?;
         check(
             d.val_fraction >= 0.0 && d.val_fraction < 1.0,
             "data.val_fraction",

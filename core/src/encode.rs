@@ -84,6 +84,8 @@ pub struct EncodedCorpus {
     pub test: EncodedSplit,
     /// The corpus checksum this was built from.
     pub checksum: String,
+    /// A subword run's `tokenizer.json` (`crate::subword`); `None` for `basic_english`.
+    pub tokenizer_json: Option<String>,
 }
 
 /// One chunk's tokens as chunk-local word ids, with the chunk's words and their counts.
@@ -178,7 +180,7 @@ pub fn encode_corpus(raw: &RawCorpus, min_freq: u32, max_vocab: usize) -> (Encod
         || assemble(&raw.train, &train_chunks, &vocab),
         || assemble(&raw.test, &test_chunks, &vocab),
     );
-    (EncodedCorpus { vocab, train, test, checksum: raw.checksum.clone() }, token_counts)
+    (EncodedCorpus { vocab, train, test, checksum: raw.checksum.clone(), tokenizer_json: None }, token_counts)
 }
 
 /// Encodes one text with an existing vocabulary (for `predict`).

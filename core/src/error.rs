@@ -45,6 +45,10 @@ pub enum DataError {
     CacheIo { path: PathBuf, cause: std::io::Error },
     #[error("vocabulary file {path}: {message}")]
     Vocab { path: PathBuf, message: String },
+    #[error("subword tokenizer: {message}")]
+    Tokenizer { message: String },
+    #[error("tokenizer file {path}: {message}")]
+    TokenizerFile { path: PathBuf, message: String },
     #[error("{0}")]
     Config(#[from] ConfigError),
     #[error("shard plan: {0}")]

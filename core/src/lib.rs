@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod shard;
 pub mod splits;
 pub mod stats;
+pub mod subword;
 pub mod tokenizer;
 pub mod vocab;
 

@@ -16,6 +16,7 @@ use crate::cache::{self, CacheMiss};
 use crate::corpus::{self, DataSource, DownloadSpec};
 use crate::encode::{encode_corpus, EncodedCorpus};
 use crate::error::{io_err, Result};
+use crate::subword::{self, SubwordTokenizer, TokenizerSettings};
 
 /// Where the corpus comes from and where derived files go.
 #[derive(Debug, Clone)]
@@ -27,6 +28,15 @@ pub struct PrepareOptions {
     pub use_cache: bool,
     pub min_freq: u32,
     pub max_vocab: usize,
+    /// `basic_english` (then `min_freq` and `max_vocab` apply) or a subword tokenizer to
+    /// train on the train split.
+    pub tokenizer: TokenizerSettings,
+}
+
+impl PrepareOptions {
+    fn cache_key(&self, checksum: &str) -> String {
+        cache::cache_key_for(checksum, self.min_freq, self.max_vocab, &self.tokenizer)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -178,10 +188,17 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
 
     // 4. Tokenize, build the vocab from the train split, encode, and store the cache.
     let t = Instant::now();
-    let (corpus, counts) = encode_corpus(&raw, options.min_freq, options.max_vocab);
-    stages.push(("tokenize + vocab + encode".into(), t.elapsed().as_secs_f64()));
+    let (corpus, counts) = if options.tokenizer.is_subword() {
+        let (corpus, _, counts) = subword::encode_corpus(&raw, &options.tokenizer)?;
+        stages.push(("train tokenizer + encode".into(), t.elapsed().as_secs_f64()));
+        (corpus, counts)
+    } else {
+        let encoded = encode_corpus(&raw, options.min_freq, options.max_vocab);
+        stages.push(("tokenize + vocab + encode".into(), t.elapsed().as_secs_f64()));
+        encoded
+    };
     let cache = if options.use_cache {
-        let key = cache::cache_key(&raw.checksum, options.min_freq, options.max_vocab);
+        let key = options.cache_key(&raw.checksum);
         let path = cache::cache_path(cache_dir, &key);
         let status = match miss_reason {
             Some(CacheMiss::Invalid(reason)) => {
@@ -216,8 +233,11 @@ fn try_cache(
     stages: &mut Vec<(String, f64)>,
 ) -> std::result::Result<(EncodedCorpus, PipelineReport), CacheMiss> {
     let t = Instant::now();
-    let key = cache::cache_key(checksum, options.min_freq, options.max_vocab);
+    let key = options.cache_key(checksum);
     let corpus = cache::load(&cache::cache_path(&options.download.cache_dir, &key), &key)?;
+    if options.tokenizer.is_subword() {
+        check_cached_tokenizer(&corpus).map_err(CacheMiss::Invalid)?;
+    }
     stages.push(("cache load".into(), t.elapsed().as_secs_f64()));
     let report = PipelineReport {
         source: source.path().display().to_string(),
@@ -228,4 +248,15 @@ fn try_cache(
         train_distinct_words: None,
     };
     Ok((corpus, report))
+}
+
+/// A subword cache must carry a tokenizer whose vocabulary is the cached one.
+fn check_cached_tokenizer(corpus: &EncodedCorpus) -> std::result::Result<(), String> {
+    let json = corpus.tokenizer_json.as_deref().ok_or("no tokenizer.json in a subword cache")?;
+    let tokenizer = SubwordTokenizer::from_json(json)?;
+    let vocab = tokenizer.vocab().map_err(|e| e.to_string())?;
+    if vocab != corpus.vocab {
+        return Err("its tokenizer.json does not match its vocabulary".into());
+    }
+    Ok(())
 }

@@ -54,6 +54,7 @@ test: bootstrap
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --all-targets
+	scripts/tokenizers_env.sh
 	$(CARGO) test --workspace
 	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) scripts/fuzz.sh ring_wire config_toml corpus_tar corpus_folder auth_metadata
 	deploy/tests/run.sh

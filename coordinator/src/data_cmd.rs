@@ -2,6 +2,7 @@
 
 use clap::Args;
 use trainer_core::cli::{ConfigArgs, DataArgs};
+use trainer_core::corpus::{read_corpus, DataSource};
 use trainer_core::pipeline::prepare;
 use trainer_core::stats::corpus_stats;
 
@@ -17,6 +18,16 @@ pub struct DataCmd {
     /// Also write the vocabulary (one word per line, in id order) to this file.
     #[arg(long)]
     vocab_out: Option<std::path::PathBuf>,
+    /// Also write a subword config's trained tokenizer.json to this file.
+    #[arg(long)]
+    tokenizer_out: Option<std::path::PathBuf>,
+    /// Also write `--samples` reviews of each split as JSON lines, each with its text and the
+    /// token ids that training uses (`{"split", "id", "label", "text", "ids"}`): what the
+    /// Python parity test encodes again with `tokenizer.json`. Reads the corpus once more.
+    #[arg(long)]
+    sample_out: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 200)]
+    samples: usize,
 }
 
 pub fn run(cmd: &DataCmd) -> anyhow::Result<()> {
@@ -24,6 +35,36 @@ pub fn run(cmd: &DataCmd) -> anyhow::Result<()> {
     let (corpus, report) = prepare(&cmd.data.prepare_options(&config))?;
     if let Some(path) = &cmd.vocab_out {
         corpus.vocab.save(path)?;
+    }
+    if let Some(path) = &cmd.tokenizer_out {
+        let json = corpus.tokenizer_json.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("--tokenizer-out needs a subword data.tokenizer (bpe or unigram)")
+        })?;
+        trainer_core::write_atomically(path, json.as_bytes())?;
+    }
+    if let Some(path) = &cmd.sample_out {
+        let data = cmd.data.data.as_ref().ok_or_else(|| anyhow::anyhow!("--sample-out needs --data"))?;
+        let raw = read_corpus(&DataSource::from_path(data)?)?;
+        let mut lines = String::new();
+        for (name, reviews, split) in
+            [("train", &raw.train, &corpus.train), ("test", &raw.test, &corpus.test)]
+        {
+            anyhow::ensure!(reviews.len() == split.len(), "the {name} split changed while it was read");
+            let stride = (reviews.len() / cmd.samples.max(1)).max(1);
+            for i in (0..reviews.len()).step_by(stride).take(cmd.samples) {
+                let r = &reviews[i];
+                anyhow::ensure!(
+                    r.id == split.ids[i] && r.label == split.labels[i],
+                    "review {i} of the {name} split is not the encoded one"
+                );
+                let line = serde_json::json!({
+                    "split": name, "id": r.id, "label": r.label, "text": r.text, "ids": split.review(i),
+                });
+                lines.push_str(&line.to_string());
+                lines.push('\n');
+            }
+        }
+        trainer_core::write_atomically(path, lines.as_bytes())?;
     }
     let stats = corpus_stats(&corpus, report);
     if cmd.json {

@@ -185,12 +185,24 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates the folder and writes the vocabulary and the config right away. A fresh run
-    /// starts a new metrics file; a resumed one appends to its own.
-    pub fn create(dir: &Path, vocab: &Vocab, config: &JobConfig, resumed: bool) -> anyhow::Result<Self> {
+    /// Creates the folder and writes the vocabulary, a subword run's `tokenizer.json` and the
+    /// config right away. A fresh run starts a new metrics file; a resumed one appends to its own.
+    pub fn create(
+        dir: &Path,
+        vocab: &Vocab,
+        tokenizer_json: Option<&str>,
+        config: &JobConfig,
+        resumed: bool,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the run folder {}", dir.display()))?;
         vocab.save(&dir.join(VOCAB_FILE))?;
+        if let Some(json) = tokenizer_json {
+            trainer_core::write_atomically(
+                &dir.join(trainer_core::subword::TOKENIZER_FILE),
+                json.as_bytes(),
+            )?;
+        }
         trainer_core::write_atomically(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
         if !resumed {
             trainer_core::write_atomically(&dir.join(METRICS_FILE), b"")?;

@@ -325,7 +325,13 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     if let Some(c) = &resume {
         tracing::info!(at = %c.describe(), restarts = c.progress.restarts, "resuming the job from its checkpoint");
     }
-    let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config, resume.is_some())?;
+    let run_dir = RunDir::create(
+        &args.out,
+        &corpus.vocab,
+        corpus.tokenizer_json.as_deref(),
+        &data.config,
+        resume.is_some(),
+    )?;
     drop(corpus);
     let fault = FaultTolerance {
         max_restarts: args.max_restarts,

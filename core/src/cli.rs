@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::config::{BatchOrder, JobConfig};
+use crate::config::{BatchOrder, JobConfig, TokenizerKind};
 use crate::corpus::{DownloadSpec, OFFICIAL_MD5, OFFICIAL_SHA256, OFFICIAL_URL};
 use crate::error::ConfigError;
 use crate::pipeline::{default_cache_dir, PrepareOptions};
@@ -65,6 +65,12 @@ pub struct ConfigArgs {
     /// Keep at most this many words besides the specials (0: all).
     #[arg(long, env = "TRAINER_MAX_VOCAB")]
     pub max_vocab: Option<usize>,
+    /// basic_english (words), bpe or unigram (subword, trained on the train split).
+    #[arg(long, env = "TRAINER_TOKENIZER", value_parser = parse_tokenizer)]
+    pub tokenizer: Option<TokenizerKind>,
+    /// Subword tokenizers: the vocabulary size, specials included [config default: 16000].
+    #[arg(long, env = "TRAINER_VOCAB_SIZE")]
+    pub vocab_size: Option<usize>,
     /// Truncate reviews to this many tokens (0: no limit).
     #[arg(long, env = "TRAINER_MAX_LEN")]
     pub max_len: Option<usize>,
@@ -143,6 +149,10 @@ fn collect_env_names(command: &clap::Command, names: &mut Vec<std::ffi::OsString
     }
 }
 
+fn parse_tokenizer(s: &str) -> Result<TokenizerKind, String> {
+    TokenizerKind::from_name(s).ok_or_else(|| format!("must be {}, got {s}", TokenizerKind::NAMES))
+}
+
 fn parse_batch_order(s: &str) -> Result<BatchOrder, String> {
     match s {
         "unsorted" => Ok(BatchOrder::Unsorted),
@@ -167,6 +177,8 @@ impl ConfigArgs {
         }
         set!(min_freq => data.min_freq);
         set!(max_vocab => data.max_vocab);
+        set!(tokenizer => data.tokenizer);
+        set!(vocab_size => data.vocab_size);
         set!(max_len => data.max_len);
         set!(val_fraction => data.val_fraction);
         set!(train_subset => data.train_subset);

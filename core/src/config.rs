@@ -513,6 +513,29 @@ mod tests {
     }
 
     #[test]
+    fn the_tokenizer_is_named_and_basic_english_configs_serialise_as_before() {
+        let c: JobConfig = toml::from_str("[data]\ntokenizer = \"bpe\"\nvocab_size = 8000\n").unwrap();
+        assert_eq!((c.data.tokenizer, c.data.vocab_size), (TokenizerKind::Bpe, 8000));
+        assert!(c.to_toml().contains("tokenizer = \"bpe\""));
+        let e = JobConfig::from_toml_str("[data]\ntokenizer = \"wordpiece\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.tokenizer must be basic_english, bpe or unigram") && e.contains("wordpiece"),
+            "{e}"
+        );
+        let small =
+            JobConfig::from_toml_str("[data]\ntokenizer = \"bpe\"\nvocab_size = 10\n", Path::new("c"));
+        let e = small.unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("data.vocab_size"), "{e}");
+        // The default tokenizer's fields stay out of the resolved config.
+        let text = JobConfig::default().to_toml();
+        assert!(
+            !text.contains("tokenizer") && !text.contains("vocab_size") && !text.contains("min_frequency")
+        );
+    }
+
+    #[test]
     fn the_optimizer_is_adam_adamw_or_sgd() {
         let c: JobConfig = toml::from_str("[train]\noptimizer = \"sgd\"\n").unwrap();
         assert_eq!(c.train.optimizer, Optimizer::Sgd);

@@ -216,11 +216,14 @@ impl SubwordTokenizer {
     fn finish(tokenizer: Tokenizer, settings: &TokenizerSettings) -> Result<Self> {
         let size = tokenizer.get_vocab_size(true);
         if size > settings.vocab_size {
-            return Err(tok_err(format!(
-                "data.vocab_size = {} is too small: the train split needs {size} tokens for its \
-                 characters and the specials alone; use a larger vocab_size",
-                settings.vocab_size
-            )));
+            // The alphabet alone (every character of the train split) and the specials
+            // did not fit: a config error, named as one.
+            return Err(crate::ConfigError::OutOfRange {
+                field: "data.vocab_size",
+                allowed: format!("at least {size} (the train split's characters and the specials)"),
+                value: settings.vocab_size.to_string(),
+            }
+            .into());
         }
         let json = tokenizer.to_string(false).map_err(tok_err)?;
         let trained = Self { inner: tokenizer, json };
@@ -440,7 +443,7 @@ mod tests {
         let texts = texts();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let e = SubwordTokenizer::train(&refs, &settings(TokenizerKind::Bpe, 10)).unwrap_err().to_string();
-        assert!(e.contains("vocab_size = 10 is too small"), "{e}");
+        assert!(e.contains("data.vocab_size must be at least") && e.contains("got 10"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(TOKENIZER_FILE);
         let e = SubwordTokenizer::load(&path).unwrap_err().to_string();

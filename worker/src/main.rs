@@ -97,7 +97,8 @@ struct PredictCmd {
     /// A run folder written by `worker train`.
     #[arg(long, env = "WORKER_MODEL")]
     model: PathBuf,
-    /// One JSON object per review (label, probability, positive_probability, tokens).
+    /// One JSON object per review (label, probability, positive_probability, tokens,
+    /// unknown_tokens).
     #[arg(long, env = "WORKER_JSON")]
     json: bool,
     /// auto, cpu, cuda or cuda:N.

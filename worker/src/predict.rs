@@ -1,4 +1,5 @@
-//! `worker predict`: a trained run folder (model, vocab, config) applied to new reviews.
+//! `worker predict`: a trained run folder (model, vocab, config, and for a subword run its
+//! `tokenizer.json`) applied to new reviews.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use tch::Device;
 use trainer_core::batch::{truncate, Batch};
 use trainer_core::config::JobConfig;
 use trainer_core::encode::encode_text;
+use trainer_core::subword::{SubwordTokenizer, TOKENIZER_FILE};
 use trainer_core::tokenizer::Tokenizer;
 use trainer_core::vocab::UNK_ID;
 use trainer_core::Vocab;
@@ -31,6 +33,14 @@ pub struct Prediction {
     pub positive_probability: f64,
     /// Tokens the model read (after `data.max_len`).
     pub tokens: usize,
+    /// How many of them are `<unk>`.
+    pub unknown_tokens: usize,
+}
+
+/// How a run folder turns text into ids: the run's own tokenizer, never a new one.
+enum TextEncoder {
+    Words(Tokenizer),
+    Subword(SubwordTokenizer),
 }
 
 /// A model loaded from a run folder.
@@ -38,11 +48,12 @@ pub struct Predictor {
     model: LstmClassifier,
     vocab: Vocab,
     config: JobConfig,
-    tokenizer: Tokenizer,
+    encoder: TextEncoder,
 }
 
 impl Predictor {
-    /// Loads `dir/{config.toml, vocab.txt, model.safetensors}` onto `device`.
+    /// Loads `dir/{config.toml, vocab.txt, model.safetensors}` (and `tokenizer.json` when
+    /// the run's `data.tokenizer` is a subword one) onto `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
         let bad = |message: String| WorkerError::ModelDir { path: dir.to_path_buf(), message };
         if !dir.is_dir() {
@@ -63,10 +74,23 @@ impl Predictor {
         let config = JobConfig::from_toml_file(&config_path)?;
         config.validate()?;
         let vocab = Vocab::load(&vocab_path)?;
+        let encoder = if config.data.tokenizer.is_basic_english() {
+            TextEncoder::Words(Tokenizer::new())
+        } else {
+            // A missing or corrupt file is an error naming it; one that is not this run's
+            // (another vocabulary) is refused too.
+            let subword = SubwordTokenizer::load(&dir.join(TOKENIZER_FILE))?;
+            if subword.vocab()? != vocab {
+                return Err(bad(format!(
+                    "{TOKENIZER_FILE} does not match {VOCAB_FILE}: they come from different runs"
+                )));
+            }
+            TextEncoder::Subword(subword)
+        };
         let shape = ModelShape::new(&config.model, vocab.len());
         let mut model = LstmClassifier::new(shape, Dropouts::from_config(&config.model), device)?;
         load_model_weights(&mut model, &model_path)?;
-        Ok(Self { model, vocab, config, tokenizer: Tokenizer::new() })
+        Ok(Self { model, vocab, config, encoder })
     }
 
     pub fn config(&self) -> &JobConfig {
@@ -77,18 +101,15 @@ impl Predictor {
     pub fn predict(&mut self, texts: &[String]) -> Result<Vec<Prediction>> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(PREDICT_BATCH) {
-            let rows: Vec<Vec<u32>> = chunk
-                .iter()
-                .map(|text| {
-                    let ids = encode_text(&mut self.tokenizer, &self.vocab, text);
-                    let ids = truncate(&ids, self.config.data.max_len, self.config.data.truncation);
-                    if ids.is_empty() {
-                        vec![UNK_ID]
-                    } else {
-                        ids
-                    }
-                })
-                .collect();
+            let mut rows: Vec<Vec<u32>> = Vec::with_capacity(chunk.len());
+            for text in chunk {
+                let ids = match &mut self.encoder {
+                    TextEncoder::Words(tokenizer) => encode_text(tokenizer, &self.vocab, text),
+                    TextEncoder::Subword(subword) => subword.encode(text)?,
+                };
+                let ids = truncate(&ids, self.config.data.max_len, self.config.data.truncation);
+                rows.push(if ids.is_empty() { vec![UNK_ID] } else { ids });
+            }
             let batch = batch_of(&rows);
             let probs = positive_probabilities(
                 &self.model,
@@ -104,6 +125,7 @@ impl Predictor {
                     probability,
                     positive_probability: positive,
                     tokens: row.len(),
+                    unknown_tokens: row.iter().filter(|&&id| id == UNK_ID).count(),
                 });
             }
         }

@@ -178,6 +178,9 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         "splits"
     );
     corpus.vocab.save(&out.join(VOCAB_FILE))?;
+    if let Some(json) = &corpus.tokenizer_json {
+        trainer_core::write_atomically(&out.join(trainer_core::subword::TOKENIZER_FILE), json.as_bytes())?;
+    }
     trainer_core::write_atomically(&out.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     let fingerprint = vocab_fingerprint(&corpus.vocab);
 

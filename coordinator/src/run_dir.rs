@@ -187,10 +187,17 @@ pub struct RunDir {
 impl RunDir {
     /// Creates the folder and writes the vocabulary and the config right away. A fresh run
     /// starts a new metrics file; a resumed one appends to its own.
-    pub fn create(dir: &Path, vocab: &Vocab, config: &JobConfig, resumed: bool) -> anyhow::Result<Self> {
+    pub fn create(
+        dir: &Path,
+        vocab: &Vocab,
+        classes: &[String],
+        config: &JobConfig,
+        resumed: bool,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the run folder {}", dir.display()))?;
         vocab.save(&dir.join(VOCAB_FILE))?;
+        trainer_core::labelled::write_labels(dir, classes)?;
         trainer_core::write_atomically(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
         if !resumed {
             trainer_core::write_atomically(&dir.join(METRICS_FILE), b"")?;

@@ -275,7 +275,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         None => register_timeout,
     };
     let term_grace = seconds("term-grace-seconds", args.term_grace_seconds)?;
-    let config = args.config.resolve()?;
+    let config = args.data.configure(args.config.resolve()?)?;
     let secret = job_secret(args.external_workers)?;
     let worker_bin = match (&args.worker_bin, args.external_workers) {
         (_, true) => None,
@@ -301,9 +301,26 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    // A run folder made here and left empty is removed when the data is refused, so that
+    // bad input leaves nothing behind.
+    let out_was_there = args.out.exists();
     check_out_writable(&args.out)?;
-    let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
-    tracing::info!(source = %report.source, cache = ?report.cache, "corpus ready");
+    let (corpus, report) = match prepare(&args.data.prepare_options(&config)) {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            if !out_was_there {
+                let _ = std::fs::remove_dir(&args.out);
+            }
+            return Err(e.into());
+        }
+    };
+    tracing::info!(
+        source = %report.source,
+        cache = ?report.cache,
+        classes = %corpus.classes.join(","),
+        encoded_fingerprint = %corpus.fingerprint(),
+        "corpus ready"
+    );
     let data = Arc::new(JobData::new(&corpus, config, workers)?);
     tracing::info!(
         workers,
@@ -325,7 +342,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     if let Some(c) = &resume {
         tracing::info!(at = %c.describe(), restarts = c.progress.restarts, "resuming the job from its checkpoint");
     }
-    let run_dir = RunDir::create(&args.out, &corpus.vocab, &data.config, resume.is_some())?;
+    let run_dir = RunDir::create(&args.out, &corpus.vocab, &corpus.classes, &data.config, resume.is_some())?;
     drop(corpus);
     let fault = FaultTolerance {
         max_restarts: args.max_restarts,

@@ -11,6 +11,7 @@ pub mod encode;
 pub mod error;
 pub mod exit;
 pub mod integrity;
+pub mod labelled;
 pub mod model_shape;
 #[cfg(test)]
 mod parser_properties;

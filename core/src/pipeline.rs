@@ -16,6 +16,7 @@ use crate::cache::{self, CacheMiss};
 use crate::corpus::{self, DataSource, DownloadSpec};
 use crate::encode::{encode_corpus, EncodedCorpus};
 use crate::error::{io_err, Result};
+use crate::labelled;
 
 /// Where the corpus comes from and where derived files go.
 #[derive(Debug, Clone)]
@@ -27,6 +28,8 @@ pub struct PrepareOptions {
     pub use_cache: bool,
     pub min_freq: u32,
     pub max_vocab: usize,
+    /// How to read a corpus that is not in IMDB's layout.
+    pub labelled: crate::labelled::FormatOptions,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -126,10 +129,16 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
     let cache_dir = &options.download.cache_dir;
     let mut memo = ChecksumMemo::open(cache_dir);
 
-    // 1. Resolve the source, downloading when none is given.
-    let source = match &options.data {
-        Some(path) => DataSource::from_path(path)?,
-        None => {
+    // 1. Resolve the source, downloading when none is given. A corpus of another format
+    // than IMDB's is read by `labelled` and goes straight to step 3.
+    let labelled_input = match &options.data {
+        Some(path) => labelled::detect(path, &options.labelled)?,
+        None => None,
+    };
+    let source = match (&options.data, &labelled_input) {
+        (_, Some(input)) => DataSource::Folder(input.path.clone()),
+        (Some(path), None) => DataSource::from_path(path)?,
+        (None, None) => {
             let target = options.download.target();
             let trusted =
                 memo.lookup(&target).is_some_and(|s| s.eq_ignore_ascii_case(&options.download.sha256));
@@ -159,10 +168,13 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
     // 3. Read (hashing as we go); a folder, or a tarball not seen before, may still have a
     // valid cache under its checksum, and then nothing is tokenized.
     let t = Instant::now();
-    let raw = corpus::read_corpus(&source)?;
+    let raw = match &labelled_input {
+        Some(input) => labelled::read(input, &options.labelled)?,
+        None => corpus::read_corpus(&source)?,
+    };
     stages.push(("read".into(), t.elapsed().as_secs_f64()));
     if options.use_cache {
-        if let DataSource::Tarball(path) = &source {
+        if let (DataSource::Tarball(path), None) = (&source, &labelled_input) {
             memo.remember(path, &raw.checksum);
         }
         if known_checksum.as_deref() != Some(raw.checksum.as_str()) {

@@ -39,7 +39,13 @@ mod tests {
             train.push(i as u32, (i % 2) as u8, 1, &[2 + i as u32]);
             test.push(i as u32, (i % 2) as u8, 1, &[2]);
         }
-        EncodedCorpus { vocab: Vocab::from_counts([("a", 1u64)], 1, 0), train, test, checksum: String::new() }
+        EncodedCorpus {
+            vocab: Vocab::from_counts([("a", 1u64)], 1, 0),
+            train,
+            test,
+            checksum: String::new(),
+            classes: crate::corpus::imdb_classes(),
+        }
     }
 
     #[test]

@@ -153,7 +153,10 @@ fn init_tracing() {
 }
 
 fn train(cmd: &TrainCmd, threads: usize) -> anyhow::Result<()> {
-    let mut config = cmd.config.resolve().context("invalid job config")?;
+    let mut config = cmd
+        .data
+        .configure(cmd.config.resolve().context("invalid job config")?)
+        .context("invalid job config")?;
     if threads > 0 {
         config.train.threads = threads;
     }

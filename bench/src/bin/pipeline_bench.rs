@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
         use_cache,
         min_freq: 1,
         max_vocab: 0,
+        labelled: Default::default(),
     };
     let mut cold = Vec::new();
     let mut stages: Vec<Vec<(String, f64)>> = Vec::new();

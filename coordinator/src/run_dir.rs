@@ -171,6 +171,12 @@ pub struct Summary {
     pub steps_lost: u64,
     /// Checksum of the last epoch's parameters (hex; every rank's equals it).
     pub final_parameter_checksum: String,
+    /// The class names, in label order (as in labels.json).
+    pub classes: Vec<String>,
+    /// The kept model's test accuracy, macro-F1, per-class precision and recall, and
+    /// confusion matrix (rows: the true class, columns: the predicted one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_metrics: Option<trainer_core::class_metrics::ClassMetrics>,
 }
 
 pub fn checksum_hex(checksum: u64) -> String {

@@ -211,6 +211,23 @@ fn check_out_space(out: &Path, config: &trainer_core::JobConfig, vocab_size: usi
     Ok(())
 }
 
+/// Removes the folder it names on drop, if it is empty; [`RemoveIfEmpty::disarm`] keeps it.
+struct RemoveIfEmpty(Option<PathBuf>);
+
+impl RemoveIfEmpty {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveIfEmpty {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// `--flag SECONDS`, checked by the shared rule of `trainer_core::cli::seconds_flag`.
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     trainer_core::cli::seconds_flag(flag, value).map_err(|e| anyhow!(Usage(e)))
@@ -301,19 +318,11 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    // A run folder made here and left empty is removed when the data is refused, so that
-    // bad input leaves nothing behind.
-    let out_was_there = args.out.exists();
+    // A run folder made here is removed (when still empty) if the job is refused before
+    // its files are written, so that bad data leaves nothing behind.
+    let made_out = RemoveIfEmpty((!args.out.exists()).then(|| args.out.clone()));
     check_out_writable(&args.out)?;
-    let (corpus, report) = match prepare(&args.data.prepare_options(&config)) {
-        Ok(prepared) => prepared,
-        Err(e) => {
-            if !out_was_there {
-                let _ = std::fs::remove_dir(&args.out);
-            }
-            return Err(e.into());
-        }
-    };
+    let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
     tracing::info!(
         source = %report.source,
         cache = ?report.cache,
@@ -343,6 +352,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         tracing::info!(at = %c.describe(), restarts = c.progress.restarts, "resuming the job from its checkpoint");
     }
     let run_dir = RunDir::create(&args.out, &corpus.vocab, &corpus.classes, &data.config, resume.is_some())?;
+    made_out.disarm();
     drop(corpus);
     let fault = FaultTolerance {
         max_restarts: args.max_restarts,

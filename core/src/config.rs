@@ -186,6 +186,14 @@ pub struct ModelConfig {
     /// DropConnect on the hidden-to-hidden weights (AWD-LSTM's weight drop): one mask per
     /// batch, applied to `weight_hh` before the fused LSTM call.
     pub weight_drop: f64,
+    /// Outputs of the head, one per class. Set from the corpus' classes when it is read
+    /// (`labels.json` in the run folder names them); a config need not give it.
+    #[serde(skip_serializing_if = "is_two")]
+    pub num_classes: usize,
+}
+
+fn is_two(value: &usize) -> bool {
+    *value == 2
 }
 
 impl Default for ModelConfig {
@@ -200,6 +208,7 @@ impl Default for ModelConfig {
             embedding_dropout: 0.0,
             variational_dropout: 0.0,
             weight_drop: 0.0,
+            num_classes: 2,
         }
     }
 }
@@ -439,6 +448,12 @@ impl JobConfig {
         check((1..=8192).contains(&m.hidden), "model.hidden", "1..=8192", m.hidden)?;
         check((1..=16).contains(&m.layers), "model.layers", "1..=16", m.layers)?;
         check((0.0..1.0).contains(&m.dropout), "model.dropout", "0 <= x < 1", m.dropout)?;
+        check(
+            (2..=crate::labelled::MAX_CLASSES).contains(&m.num_classes),
+            "model.num_classes",
+            "2..=256",
+            m.num_classes,
+        )?;
         for (field, p) in [
             ("model.embedding_dropout", m.embedding_dropout),
             ("model.variational_dropout", m.variational_dropout),

@@ -101,11 +101,16 @@ impl EncodedCorpus {
         for split in [&self.train, &self.test] {
             h.update((split.len() as u64).to_le_bytes());
             h.update(&split.labels);
-            for o in &split.offsets {
-                h.update(o.to_le_bytes());
+            let mut bytes = Vec::with_capacity(1 << 18);
+            for chunk in split.offsets.chunks(1 << 15) {
+                bytes.clear();
+                bytes.extend(chunk.iter().flat_map(|o| o.to_le_bytes()));
+                h.update(&bytes);
             }
-            for t in &split.tokens {
-                h.update(t.to_le_bytes());
+            for chunk in split.tokens.chunks(1 << 16) {
+                bytes.clear();
+                bytes.extend(chunk.iter().flat_map(|t| t.to_le_bytes()));
+                h.update(&bytes);
             }
         }
         hex::encode(h.finalize())

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod class_metrics;
 pub mod cli;
 pub mod config;
 pub mod corpus;

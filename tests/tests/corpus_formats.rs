@@ -170,3 +170,113 @@ fn every_format_of_the_same_corpus_trains_bitwise_equal_to_the_tarball() {
         assert_eq!(c, &checksums[0].1, "{name} trained to other bits than the tarball");
     }
 }
+
+/// IMDB's ratings as four classes, built at test time from the shared corpus' file names
+/// (`<id>_<rating>.txt`): 1-2, 3-4, 7-8 and 9-10 (IMDB has no 5 or 6), as one CSV with
+/// integer-free string labels and a held-out test fraction.
+fn write_rating_classes(dir: &Path, raw: &RawCorpus, per_class: usize) -> PathBuf {
+    let bucket = |rating: u8| match rating {
+        1 | 2 => "1-2",
+        3 | 4 => "3-4",
+        7 | 8 => "7-8",
+        _ => "9-10",
+    };
+    let mut taken = std::collections::BTreeMap::<&str, usize>::new();
+    let mut csv = String::from("text,rating_class\n");
+    for r in raw.train.iter().chain(&raw.test) {
+        let class = bucket(r.rating);
+        let n = taken.entry(class).or_default();
+        if *n < per_class {
+            *n += 1;
+            csv.push_str(&format!("{},{class}\n", csv_field(&r.text)));
+        }
+    }
+    assert!(taken.values().all(|&n| n == per_class), "{taken:?}");
+    let path = dir.join("ratings.csv");
+    std::fs::write(&path, csv).unwrap();
+    path
+}
+
+#[test]
+fn four_rating_classes_train_through_two_workers_with_macro_f1_and_a_confusion_matrix() {
+    let Some(data) = imdb_data() else { return };
+    let raw = read_corpus(&DataSource::from_path(&data).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let csv = write_rating_classes(dir.path(), &raw, 150);
+    drop(raw);
+    let config = write_config(dir.path(), &JOB.replace("epochs = 1", "epochs = 2"));
+    let flags: Vec<String> =
+        ["--data", csv.to_str().unwrap(), "--label-column", "rating_class", "--test-fraction", "0.2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+
+    let stats = json(&run_ok(coordinator_data(cache.path()).args(&flags).arg("--json")));
+    assert_eq!(stats["classes"], serde_json::json!(["1-2", "3-4", "7-8", "9-10"]));
+    assert_eq!(stats["train"]["per_class"], serde_json::json!([120, 120, 120, 120]));
+    assert_eq!(stats["test"]["per_class"], serde_json::json!([30, 30, 30, 30]));
+    let table = stdout(&run_ok(coordinator_data(cache.path()).args(&flags)));
+    assert!(table.contains("9-10") && table.contains("p50"), "{table}");
+
+    let out = dir.path().join("run");
+    let marker = format!("corpus-four-classes-{}", std::process::id());
+    let done = run_ok(&mut coordinator_job(&config, &out, cache.path(), &flags, &marker));
+    assert_none_left(&marker);
+    let screen = stdout(&done);
+    assert!(screen.contains("macro-F1") && screen.contains("confusion"), "{screen}");
+    let s = summary(&out);
+    assert_eq!(s["classes"], serde_json::json!(["1-2", "3-4", "7-8", "9-10"]));
+    let m = &s["test_metrics"];
+    let confusion: Vec<Vec<u64>> = serde_json::from_value(m["confusion"].clone()).unwrap();
+    assert_eq!(confusion.len(), 4);
+    assert!(confusion.iter().all(|row| row.len() == 4));
+    assert_eq!(confusion.iter().flatten().sum::<u64>(), 120);
+    let correct: u64 = (0..4).map(|i| confusion[i][i]).sum();
+    assert!((m["accuracy"].as_f64().unwrap() - correct as f64 / 120.0).abs() < 1e-9);
+    assert_eq!(s["test_accuracy"], m["accuracy"]);
+    let f1 = m["macro_f1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&f1), "{m}");
+    assert_eq!(m["per_class"].as_array().unwrap().len(), 4);
+    for class in m["per_class"].as_array().unwrap() {
+        assert_eq!(class["support"], 30, "{class}");
+        assert!(class["precision"].is_number() && class["recall"].is_number());
+    }
+    let labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("labels.json")).unwrap()).unwrap();
+    assert_eq!(labels, stats["classes"]);
+    assert!(std::fs::read(out.join("confusion.png")).unwrap().starts_with(b"\x89PNG"));
+    // The model's head has four outputs, and predict names the classes.
+    let predicted = stdout(&run_ok(
+        Command::new(bin("worker"))
+            .args(["predict", "--json", "--model"])
+            .arg(&out)
+            .arg("A dreadful, boring film."),
+    ));
+    let p: serde_json::Value = serde_json::from_str(predicted.trim()).unwrap();
+    let probabilities = p["probabilities"].as_object().unwrap();
+    assert_eq!(probabilities.len(), 4, "{p}");
+    assert!((probabilities.values().map(|v| v.as_f64().unwrap()).sum::<f64>() - 1.0).abs() < 1e-4);
+    assert!(labels.as_array().unwrap().contains(&p["class"]), "{p}");
+}
+
+#[test]
+fn bad_data_is_refused_by_the_coordinator_before_the_run_folder_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), JOB);
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "text,label\ngood film,pos\nbad film,neg,oops\n").unwrap();
+    let out = dir.path().join("never");
+    let marker = format!("corpus-bad-{}", std::process::id());
+    let flags = vec!["--data".to_string(), bad.display().to_string(), "--test-fraction".into(), "0.5".into()];
+    let result = run(&mut coordinator_job(&config, &out, cache.path(), &flags, &marker));
+    assert_eq!(result.status.code(), Some(4), "{}", stderr(&result));
+    let err = stderr(&result);
+    assert!(err.contains("bad.csv:3") && err.contains("3 fields"), "{err}");
+    assert!(!out.exists(), "the refused job left {}", out.display());
+    assert_none_left(&marker);
+    // Nothing half-written in the cache either.
+    let left: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.iter().all(|n| !n.to_string_lossy().starts_with("encoded-")), "{left:?}");
+}

@@ -97,7 +97,8 @@ struct PredictCmd {
     /// A run folder written by `worker train`.
     #[arg(long, env = "WORKER_MODEL")]
     model: PathBuf,
-    /// One JSON object per review (label, probability, positive_probability, tokens).
+    /// One JSON object per review (label, class, probability, probabilities of every class,
+    /// positive_probability for IMDB's model, tokens).
     #[arg(long, env = "WORKER_JSON")]
     json: bool,
     /// auto, cpu, cuda or cuda:N.
@@ -203,7 +204,8 @@ fn predict(cmd: &PredictCmd) -> anyhow::Result<()> {
             println!("{value}");
         } else {
             let excerpt: String = text.chars().take(60).collect();
-            println!("{}\t{:.4}\t{excerpt}", p.label, p.probability);
+            let each: Vec<String> = p.probabilities.iter().map(|(c, v)| format!("{c}={v:.4}")).collect();
+            println!("{}\t{:.4}\t{}\t{excerpt}", p.label, p.probability, each.join(" "));
         }
     }
     Ok(())

@@ -64,7 +64,9 @@ fn read_split(dir: &Path, options: &FormatOptions) -> Result<Part> {
     if classes.is_empty() {
         return Err(DataError::BadCorpus {
             path: dir.to_path_buf(),
-            message: "holds no class folders (expected <class>/*.txt, or train/<class>/*.txt)".into(),
+            message: "holds no class folders: expected train/<class>/*.txt (or <class>/*.txt), or \
+                      IMDB's aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt"
+                .into(),
         });
     }
     let mut digest = Sha256::new();

@@ -224,7 +224,7 @@ fn read_delimited(
             line: 1,
             message: format!(
                 "the header has no column {wanted:?} ({flag} names it); its columns: {}",
-                names.join(", ")
+                names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
             ),
         })
     };

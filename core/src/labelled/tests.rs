@@ -132,7 +132,7 @@ fn bad_input_is_one_error_naming_the_file_and_the_line() {
         (
             "nocol.csv",
             b"body,label\na,pos\n".to_vec(),
-            vec!["nocol.csv:1", "no column \"text\"", "body, label"],
+            vec!["nocol.csv:1", "no column \"text\"", "\"body\", \"label\""],
         ),
         ("empty.csv", b"".to_vec(), vec!["empty.csv", "is empty"]),
         ("header-only.csv", b"text,label\n".to_vec(), vec!["header-only.csv", "no examples"]),

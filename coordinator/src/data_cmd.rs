@@ -31,7 +31,7 @@ pub struct DataCmd {
 }
 
 pub fn run(cmd: &DataCmd) -> anyhow::Result<()> {
-    let config = cmd.config.resolve()?;
+    let config = cmd.data.configure(cmd.config.resolve()?)?;
     let (corpus, report) = prepare(&cmd.data.prepare_options(&config))?;
     if let Some(path) = &cmd.vocab_out {
         corpus.vocab.save(path)?;

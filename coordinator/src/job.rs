@@ -13,6 +13,8 @@ use trainer_proto::SHARD_CHUNK_TOKENS;
 pub struct JobData {
     pub config: JobConfig,
     pub world_size: usize,
+    /// The class names, sorted; a label is an index into it (`labels.json`).
+    pub classes: Vec<String>,
     pub splits: JobSplits,
     pub vocab_size: usize,
     /// The vocabulary's fingerprint, which workers write into checkpoints.
@@ -23,7 +25,11 @@ pub struct JobData {
 }
 
 impl JobData {
-    pub fn new(corpus: &EncodedCorpus, config: JobConfig, world_size: usize) -> anyhow::Result<Self> {
+    pub fn new(corpus: &EncodedCorpus, mut config: JobConfig, world_size: usize) -> anyhow::Result<Self> {
+        // The head has one output per class of the data; the workers build it from this
+        // config.
+        config.model.num_classes = corpus.classes.len();
+        config.validate()?;
         let splits = job_splits(corpus, &config.data, config.train.seed);
         // The plan's size does not depend on the epoch: check once that every rank gets a batch.
         let plan =
@@ -36,6 +42,7 @@ impl JobData {
         Ok(Self {
             vocab_size: corpus.vocab.len(),
             vocab_fingerprint: corpus.vocab.fingerprint(),
+            classes: corpus.classes.clone(),
             config,
             world_size,
             splits,

@@ -104,6 +104,8 @@ pub struct SessionLimits {
     /// Reviews of this rank's validation and test shards.
     pub validation_reviews: u64,
     pub test_reviews: u64,
+    /// The model's classes: an evaluation's confusion matrix is classes x classes.
+    pub classes: u64,
 }
 
 impl SessionLimits {
@@ -117,6 +119,7 @@ impl SessionLimits {
             train_tokens: data.splits.train.tokens.len() as u64,
             validation_reviews: shard(data.splits.val.len()),
             test_reviews: shard(data.splits.test.len()),
+            classes: data.config.model.num_classes as u64,
         }
     }
 }
@@ -172,7 +175,20 @@ pub fn check_session_body(body: &mut Body, limits: &SessionLimits) -> Result<(),
             };
             epoch("eval.epoch", e.epoch, l)?;
             at_most("eval.total", e.total, shard)?;
-            at_most("eval.correct", e.correct, e.total)
+            at_most("eval.correct", e.correct, e.total)?;
+            let cells = l.classes.saturating_mul(l.classes);
+            if !e.confusion.is_empty() && e.confusion.len() as u64 != cells {
+                return Err(format!(
+                    "eval.confusion has {} counts; this job's {} classes make {cells}",
+                    e.confusion.len(),
+                    l.classes
+                ));
+            }
+            let counted = e.confusion.iter().try_fold(0u64, |a, &b| a.checked_add(b));
+            if !e.confusion.is_empty() && counted != Some(e.total) {
+                return Err(format!("eval.confusion counts {counted:?} reviews, eval.total = {}", e.total));
+            }
+            Ok(())
         }
         Body::ArtifactDone(a) => {
             match ArtifactKind::try_from(a.kind) {
@@ -207,6 +223,7 @@ mod tests {
         train_tokens: 1000,
         validation_reviews: 5,
         test_reviews: 7,
+        classes: 2,
     };
 
     #[test]
@@ -246,11 +263,24 @@ mod tests {
         assert!(step(StepMetrics { tokens: u64::MAX, ..ok }).unwrap_err().contains("step.tokens"));
 
         let eval = |e: EvalResult| check_session_body(&mut Body::Eval(e), &LIMITS);
-        let ok = EvalResult { split: Split::Test as i32, epoch: 0, correct: 7, total: 7, loss_sum: 1.0 };
-        assert_eq!(eval(ok), Ok(()));
-        assert!(eval(EvalResult { total: 8, ..ok }).unwrap_err().contains("eval.total = 8"));
-        assert!(eval(EvalResult { split: 0, ..ok }).unwrap_err().contains("eval.split = 0"));
-        assert!(eval(EvalResult { split: Split::Train as i32, ..ok }).is_err());
+        let ok = EvalResult {
+            split: Split::Test as i32,
+            epoch: 0,
+            correct: 7,
+            total: 7,
+            loss_sum: 1.0,
+            confusion: vec![3, 0, 0, 4],
+        };
+        assert_eq!(eval(ok.clone()), Ok(()));
+        assert!(eval(EvalResult { total: 8, ..ok.clone() }).unwrap_err().contains("eval.total = 8"));
+        assert!(eval(EvalResult { split: 0, ..ok.clone() }).unwrap_err().contains("eval.split = 0"));
+        assert!(eval(EvalResult { split: Split::Train as i32, ..ok.clone() }).is_err());
+        assert!(eval(EvalResult { confusion: vec![7, 0, 0], ..ok.clone() })
+            .unwrap_err()
+            .contains("eval.confusion"));
+        assert!(eval(EvalResult { confusion: vec![1, 0, 0, 4], ..ok })
+            .unwrap_err()
+            .contains("eval.confusion"));
 
         let done = |a: ArtifactDone| check_session_body(&mut Body::ArtifactDone(a), &LIMITS);
         let ok = ArtifactDone {

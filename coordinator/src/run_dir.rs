@@ -171,6 +171,12 @@ pub struct Summary {
     pub steps_lost: u64,
     /// Checksum of the last epoch's parameters (hex; every rank's equals it).
     pub final_parameter_checksum: String,
+    /// The class names, in label order (as in labels.json).
+    pub classes: Vec<String>,
+    /// The kept model's test accuracy, macro-F1, per-class precision and recall, and
+    /// confusion matrix (rows: the true class, columns: the predicted one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_metrics: Option<trainer_core::class_metrics::ClassMetrics>,
 }
 
 pub fn checksum_hex(checksum: u64) -> String {
@@ -185,12 +191,14 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates the folder and writes the vocabulary, a subword run's `tokenizer.json` and the
-    /// config right away. A fresh run starts a new metrics file; a resumed one appends to its own.
+    /// Creates the folder and writes the vocabulary, a subword run's `tokenizer.json`, the
+    /// class names and the config right away. A fresh run starts a new metrics file; a
+    /// resumed one appends to its own.
     pub fn create(
         dir: &Path,
         vocab: &Vocab,
         tokenizer_json: Option<&str>,
+        classes: &[String],
         config: &JobConfig,
         resumed: bool,
     ) -> anyhow::Result<Self> {
@@ -203,6 +211,7 @@ impl RunDir {
                 json.as_bytes(),
             )?;
         }
+        trainer_core::labelled::write_labels(dir, classes)?;
         trainer_core::write_atomically(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
         if !resumed {
             trainer_core::write_atomically(&dir.join(METRICS_FILE), b"")?;

@@ -211,6 +211,23 @@ fn check_out_space(out: &Path, config: &trainer_core::JobConfig, vocab_size: usi
     Ok(())
 }
 
+/// Removes the folder it names on drop, if it is empty; [`RemoveIfEmpty::disarm`] keeps it.
+struct RemoveIfEmpty(Option<PathBuf>);
+
+impl RemoveIfEmpty {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveIfEmpty {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// `--flag SECONDS`, checked by the shared rule of `trainer_core::cli::seconds_flag`.
 fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
     trainer_core::cli::seconds_flag(flag, value).map_err(|e| anyhow!(Usage(e)))
@@ -275,7 +292,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         None => register_timeout,
     };
     let term_grace = seconds("term-grace-seconds", args.term_grace_seconds)?;
-    let config = args.config.resolve()?;
+    let config = args.data.configure(args.config.resolve()?)?;
     let secret = job_secret(args.external_workers)?;
     let worker_bin = match (&args.worker_bin, args.external_workers) {
         (_, true) => None,
@@ -301,9 +318,18 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    // A run folder made here is removed (when still empty) if the job is refused before
+    // its files are written, so that bad data leaves nothing behind.
+    let made_out = RemoveIfEmpty((!args.out.exists()).then(|| args.out.clone()));
     check_out_writable(&args.out)?;
     let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
-    tracing::info!(source = %report.source, cache = ?report.cache, "corpus ready");
+    tracing::info!(
+        source = %report.source,
+        cache = ?report.cache,
+        classes = %corpus.classes.join(","),
+        encoded_fingerprint = %corpus.fingerprint(),
+        "corpus ready"
+    );
     let data = Arc::new(JobData::new(&corpus, config, workers)?);
     tracing::info!(
         workers,
@@ -329,9 +355,11 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         &args.out,
         &corpus.vocab,
         corpus.tokenizer_json.as_deref(),
+        &corpus.classes,
         &data.config,
         resume.is_some(),
     )?;
+    made_out.disarm();
     drop(corpus);
     let fault = FaultTolerance {
         max_restarts: args.max_restarts,

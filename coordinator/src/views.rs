@@ -150,16 +150,30 @@ impl RunViews {
 
     /// A test evaluation after `epochs` epochs of `model`: "last" (the last epoch's model,
     /// charts `test/*`) or "best" (the kept model, `test_best/*`), as `worker train` names them.
-    pub fn test(&mut self, epochs: usize, model: &str, test: &Eval) {
+    pub fn test(&mut self, epochs: usize, model: &str, test: &Eval, classes: &[String]) {
         let step = epochs as u64 * self.steps_per_epoch;
         let prefix = if model == "best" { "test_best" } else { "test" };
-        self.write(
-            step,
-            &[
-                (&format!("{prefix}/accuracy"), test.accuracy()),
-                (&format!("{prefix}/loss"), test.mean_loss()),
-            ],
-        );
+        let mut scalars = vec![
+            (format!("{prefix}/accuracy"), test.accuracy()),
+            (format!("{prefix}/loss"), test.mean_loss()),
+        ];
+        if let Some(m) = test.class_metrics(classes) {
+            scalars.push((format!("{prefix}/macro_f1"), m.macro_f1));
+            for s in &m.per_class {
+                scalars.push((format!("{prefix}/precision/{}", s.class), s.precision));
+                scalars.push((format!("{prefix}/recall/{}", s.class), s.recall));
+            }
+        }
+        let named: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        self.write(step, &named);
+    }
+
+    /// Draws confusion.png in the run folder; a failure is a warning, never the job's end.
+    pub fn confusion(&mut self, classes: &[String], confusion: &[Vec<u64>]) {
+        let path = self.run_dir.join(trainer_viz::confusion::CONFUSION_FILE);
+        if let Err(e) = trainer_viz::confusion::plot_confusion(&path, classes, confusion) {
+            tracing::warn!(error = %e, "confusion.png is off");
+        }
     }
 
     /// Redraws curves.png from metrics.jsonl (and summary.json once there is one).

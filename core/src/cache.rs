@@ -25,6 +25,10 @@ struct Header {
     checksum: String,
     payload_len: u64,
     payload_crc32: u32,
+    /// The class names; absent in caches written before corpora of other formats, which
+    /// were all IMDB's (`neg`, `pos`).
+    #[serde(default = "crate::corpus::imdb_classes")]
+    classes: Vec<String>,
 }
 
 /// The cache key for a corpus and the settings that change the encoding.
@@ -203,7 +207,19 @@ fn parse(bytes: &[u8], key: &str) -> std::result::Result<EncodedCorpus, String> 
     if !cur.bytes.is_empty() {
         return Err("trailing bytes".into());
     }
-    Ok(EncodedCorpus { vocab, train, test, checksum: header.checksum, tokenizer_json })
+    if header.classes.len() < 2
+        || [&train, &test].iter().any(|s| s.labels.iter().any(|&l| usize::from(l) >= header.classes.len()))
+    {
+        return Err("labels and classes disagree".into());
+    }
+    Ok(EncodedCorpus {
+        vocab,
+        train,
+        test,
+        checksum: header.checksum,
+        classes: header.classes,
+        tokenizer_json,
+    })
 }
 
 /// Writes the cache under a temporary name and renames it into place.
@@ -214,6 +230,7 @@ pub fn store(path: &Path, key: &str, corpus: &EncodedCorpus) -> Result<()> {
         checksum: corpus.checksum.clone(),
         payload_len: payload.len() as u64,
         payload_crc32: crc32fast::hash(&payload),
+        classes: corpus.classes.clone(),
     };
     let header = serde_json::to_vec(&header)
         .map_err(|e| DataError::CacheIo { path: path.to_path_buf(), cause: std::io::Error::other(e) })?;
@@ -243,6 +260,7 @@ mod tests {
             test: vec![r(0, 0, "bad"), r(1, 1, "great")],
             checksum: "abc".into(),
             lossy_utf8: vec![],
+            classes: crate::corpus::imdb_classes(),
         };
         encode_corpus(&raw, 1, 0).0
     }

@@ -8,6 +8,7 @@ use clap::Args;
 use crate::config::{BatchOrder, JobConfig, TokenizerKind};
 use crate::corpus::{DownloadSpec, OFFICIAL_MD5, OFFICIAL_SHA256, OFFICIAL_URL};
 use crate::error::ConfigError;
+use crate::labelled::{CorpusFormat, FormatOptions, InvalidUtf8};
 use crate::pipeline::{default_cache_dir, PrepareOptions};
 
 #[derive(Debug, Clone, Args)]
@@ -32,13 +33,59 @@ pub struct DataArgs {
     /// Neither read nor write the encoded-corpus cache.
     #[arg(long, env = "IMDB_NO_CACHE")]
     pub no_cache: bool,
+    /// The format of --data (data.format): auto (by extension or folder layout), imdb,
+    /// folders, csv, tsv, jsonl or fasttext.
+    #[arg(long, env = "TRAINER_DATA_FORMAT", value_enum)]
+    pub format: Option<CorpusFormat>,
+    /// CSV/TSV column or JSONL key of the text (data.text_column) [config default: text].
+    #[arg(long, env = "TRAINER_TEXT_COLUMN")]
+    pub text_column: Option<String>,
+    /// CSV/TSV column or JSONL key of the label (data.label_column) [config default: label].
+    #[arg(long, env = "TRAINER_LABEL_COLUMN")]
+    pub label_column: Option<String>,
+    /// A separate test file or folder (data.test_data).
+    #[arg(long, env = "TRAINER_TEST_DATA")]
+    pub test_data: Option<PathBuf>,
+    /// Without test data: hold out this share of each class as the test split, seeded
+    /// (data.test_fraction).
+    #[arg(long, env = "TRAINER_TEST_FRACTION")]
+    pub test_fraction: Option<f64>,
+    /// Text that is not UTF-8: refuse (the default) or replace with U+FFFD (data.invalid_utf8).
+    #[arg(long, env = "TRAINER_INVALID_UTF8", value_enum)]
+    pub invalid_utf8: Option<InvalidUtf8>,
 }
 
 impl DataArgs {
+    /// The config with the format flags applied over its `[data]` section, validated again:
+    /// the one config that is recorded, sent to workers and read by [`Self::prepare_options`].
+    pub fn configure(&self, mut config: JobConfig) -> Result<JobConfig, ConfigError> {
+        let d = &mut config.data;
+        if let Some(v) = self.format {
+            d.format = v;
+        }
+        if let Some(v) = &self.text_column {
+            d.text_column = v.clone();
+        }
+        if let Some(v) = &self.label_column {
+            d.label_column = v.clone();
+        }
+        if let Some(v) = &self.test_data {
+            d.test_data = Some(v.clone());
+        }
+        if let Some(v) = self.test_fraction {
+            d.test_fraction = v;
+        }
+        if let Some(v) = self.invalid_utf8 {
+            d.invalid_utf8 = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
     pub fn prepare_options(&self, config: &JobConfig) -> PrepareOptions {
         let cache_dir = self.cache_dir.clone().unwrap_or_else(default_cache_dir);
         PrepareOptions {
-            data: self.data.clone(),
+            data: self.data.clone().or_else(|| config.data.path.clone()),
             download: DownloadSpec {
                 url: self.data_url.clone(),
                 md5: self.data_md5.clone(),
@@ -49,6 +96,7 @@ impl DataArgs {
             min_freq: config.data.min_freq,
             max_vocab: config.data.max_vocab,
             tokenizer: crate::subword::TokenizerSettings::from_config(&config.data),
+            labelled: FormatOptions::of(config),
         }
     }
 }

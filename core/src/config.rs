@@ -3,11 +3,12 @@
 //! Binaries layer their CLI flags over a loaded [`JobConfig`] and call [`JobConfig::validate`]
 //! before anything runs; every invalid value is refused with the field's name and its range.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+pub use crate::labelled::{CorpusFormat, InvalidUtf8};
 
 /// Which part of a review to keep when it is longer than `max_len` tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -167,6 +168,45 @@ pub struct DataConfig {
     pub train_subset: usize,
     /// Use only this many test reviews (a seeded, label-balanced subset); 0 uses all.
     pub test_subset: usize,
+    // The fields below read corpora of other formats (`labelled.rs`); each is left out of a
+    // written config while it has its default, so that an IMDB job's config is as before.
+    /// The corpus when `--data` is not given: IMDB's tarball or folder, a folder of class
+    /// folders, or a CSV, TSV, JSONL or fastText file (each optionally `.gz`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// `auto` (by the file's extension or the folder's layout), `imdb`, `folders`, `csv`,
+    /// `tsv`, `jsonl` or `fasttext`.
+    #[serde(skip_serializing_if = "is_default")]
+    pub format: CorpusFormat,
+    /// The column (CSV, TSV) or key (JSONL) that holds the text.
+    #[serde(skip_serializing_if = "is_text")]
+    pub text_column: String,
+    /// The column or key that holds the label (a string or an integer).
+    #[serde(skip_serializing_if = "is_label")]
+    pub label_column: String,
+    /// A separate test file or folder (for the formats other than IMDB's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_data: Option<PathBuf>,
+    /// Without test data, this share of each class of the train data is held out as the
+    /// test split (seeded by `train.seed`).
+    #[serde(skip_serializing_if = "is_default")]
+    pub test_fraction: f64,
+    /// Text that is not valid UTF-8: `refuse` (an error naming the first line and the count)
+    /// or `replace` (decoded with U+FFFD, and counted). IMDB's layout is always decoded lossily.
+    #[serde(skip_serializing_if = "is_default")]
+    pub invalid_utf8: InvalidUtf8,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
+fn is_text(value: &str) -> bool {
+    value == "text"
+}
+
+fn is_label(value: &str) -> bool {
+    value == "label"
 }
 
 impl Default for DataConfig {
@@ -182,6 +222,13 @@ impl Default for DataConfig {
             val_fraction: 0.1,
             train_subset: 0,
             test_subset: 0,
+            path: None,
+            format: CorpusFormat::Auto,
+            text_column: "text".to_string(),
+            label_column: "label".to_string(),
+            test_data: None,
+            test_fraction: 0.0,
+            invalid_utf8: InvalidUtf8::Refuse,
         }
     }
 }
@@ -208,6 +255,14 @@ pub struct ModelConfig {
     /// DropConnect on the hidden-to-hidden weights (AWD-LSTM's weight drop): one mask per
     /// batch, applied to `weight_hh` before the fused LSTM call.
     pub weight_drop: f64,
+    /// Outputs of the head, one per class. Set from the corpus' classes when it is read
+    /// (`labels.json` in the run folder names them); a config need not give it.
+    #[serde(skip_serializing_if = "is_two")]
+    pub num_classes: usize,
+}
+
+fn is_two(value: &usize) -> bool {
+    *value == 2
 }
 
 impl Default for ModelConfig {
@@ -222,6 +277,7 @@ impl Default for ModelConfig {
             embedding_dropout: 0.0,
             variational_dropout: 0.0,
             weight_drop: 0.0,
+            num_classes: 2,
         }
     }
 }
@@ -404,7 +460,14 @@ impl JobConfig {
             let mut out = Vec::new();
             for (section, value) in root.into_iter().filter(|(k, _)| k != "checkpoint") {
                 if let toml::Value::Table(fields) = value {
-                    out.extend(fields.into_iter().map(|(k, v)| (format!("{section}.{k}"), v.to_string())));
+                    out.extend(
+                        fields
+                            .into_iter()
+                            .map(|(k, v)| (format!("{section}.{k}"), v.to_string()))
+                            // Where the files lie is not what makes a job: the corpus
+                            // checksum (compared beside the config) is.
+                            .filter(|(k, _)| k != "data.path" && k != "data.test_data"),
+                    );
                 }
             }
             out.sort();
@@ -442,11 +505,31 @@ impl JobConfig {
             "0 <= x < 1",
             d.val_fraction,
         )?;
+        check(
+            d.test_fraction >= 0.0 && d.test_fraction < 1.0,
+            "data.test_fraction",
+            "0 <= x < 1",
+            d.test_fraction,
+        )?;
+        check(!d.text_column.is_empty(), "data.text_column", "a column name", "\"\"")?;
+        check(!d.label_column.is_empty(), "data.label_column", "a column name", "\"\"")?;
+        check(
+            d.text_column != d.label_column,
+            "data.label_column",
+            "another column than data.text_column",
+            &d.label_column,
+        )?;
         let m = &self.model;
         check((1..=4096).contains(&m.embed_dim), "model.embed_dim", "1..=4096", m.embed_dim)?;
         check((1..=8192).contains(&m.hidden), "model.hidden", "1..=8192", m.hidden)?;
         check((1..=16).contains(&m.layers), "model.layers", "1..=16", m.layers)?;
         check((0.0..1.0).contains(&m.dropout), "model.dropout", "0 <= x < 1", m.dropout)?;
+        check(
+            (2..=crate::labelled::MAX_CLASSES).contains(&m.num_classes),
+            "model.num_classes",
+            "2..=256",
+            m.num_classes,
+        )?;
         for (field, p) in [
             ("model.embedding_dropout", m.embedding_dropout),
             ("model.variational_dropout", m.variational_dropout),

@@ -42,11 +42,13 @@ impl Split {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Review {
-    /// The `<id>` of `<id>_<rating>.txt`; unique within a split and label.
+    /// The `<id>` of `<id>_<rating>.txt`, unique within a split and label; for other formats
+    /// the example's line (class folders: its index).
     pub id: u32,
-    /// 1..=10, from the file name.
+    /// 1..=10, from the file name (0 for corpora of other formats).
     pub rating: u8,
-    /// 1 for `pos`, 0 for `neg`.
+    /// 1 for `pos`, 0 for `neg`; for other corpora, the index of the class in
+    /// [`RawCorpus::classes`].
     pub label: u8,
     pub text: String,
 }
@@ -60,6 +62,13 @@ pub struct RawCorpus {
     pub checksum: String,
     /// `split/label/name` of every review that was not valid UTF-8 and was decoded lossily.
     pub lossy_utf8: Vec<String>,
+    /// The class names, sorted; a review's label is an index into it (IMDB: `neg`, `pos`).
+    pub classes: Vec<String>,
+}
+
+/// IMDB's classes: `neg` = 0, `pos` = 1.
+pub fn imdb_classes() -> Vec<String> {
+    vec!["neg".to_string(), "pos".to_string()]
 }
 
 /// Where the corpus comes from, as resolved from `--data`.
@@ -287,7 +296,13 @@ impl Collector {
             reviews.sort_unstable_by_key(|r| (r.label, r.id));
         }
         self.lossy_utf8.sort();
-        Ok(RawCorpus { train: self.train, test: self.test, checksum, lossy_utf8: self.lossy_utf8 })
+        Ok(RawCorpus {
+            train: self.train,
+            test: self.test,
+            checksum,
+            lossy_utf8: self.lossy_utf8,
+            classes: imdb_classes(),
+        })
     }
 }
 

@@ -86,6 +86,37 @@ pub struct EncodedCorpus {
     pub checksum: String,
     /// A subword run's `tokenizer.json` (`crate::subword`); `None` for `basic_english`.
     pub tokenizer_json: Option<String>,
+    /// The class names, sorted; a label is an index into it.
+    pub classes: Vec<String>,
+}
+
+impl EncodedCorpus {
+    /// sha256 of what training sees: the classes, the vocabulary, and each split's labels
+    /// and token sequences in order (not the review ids or ratings, which only IMDB has).
+    /// The same corpus in any format has the same fingerprint; the corpus checksum, which
+    /// hashes the files read, differs by nature.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!("classes={}\n", self.classes.join("\u{1f}")));
+        h.update(self.vocab.words().join("\n").as_bytes());
+        for split in [&self.train, &self.test] {
+            h.update((split.len() as u64).to_le_bytes());
+            h.update(&split.labels);
+            let mut bytes = Vec::with_capacity(1 << 18);
+            for chunk in split.offsets.chunks(1 << 15) {
+                bytes.clear();
+                bytes.extend(chunk.iter().flat_map(|o| o.to_le_bytes()));
+                h.update(&bytes);
+            }
+            for chunk in split.tokens.chunks(1 << 16) {
+                bytes.clear();
+                bytes.extend(chunk.iter().flat_map(|t| t.to_le_bytes()));
+                h.update(&bytes);
+            }
+        }
+        hex::encode(h.finalize())
+    }
 }
 
 /// One chunk's tokens as chunk-local word ids, with the chunk's words and their counts.
@@ -180,7 +211,17 @@ pub fn encode_corpus(raw: &RawCorpus, min_freq: u32, max_vocab: usize) -> (Encod
         || assemble(&raw.train, &train_chunks, &vocab),
         || assemble(&raw.test, &test_chunks, &vocab),
     );
-    (EncodedCorpus { vocab, train, test, checksum: raw.checksum.clone(), tokenizer_json: None }, token_counts)
+    (
+        EncodedCorpus {
+            vocab,
+            train,
+            test,
+            checksum: raw.checksum.clone(),
+            classes: raw.classes.clone(),
+            tokenizer_json: None,
+        },
+        token_counts,
+    )
 }
 
 /// Encodes one text with an existing vocabulary (for `predict`).
@@ -205,6 +246,7 @@ mod tests {
             test: vec![review(0, 0, "awful movie"), review(1, 1, "good")],
             checksum: "x".into(),
             lossy_utf8: vec![],
+            classes: crate::corpus::imdb_classes(),
         };
         let (enc, counts) = encode_corpus(&raw, 1, 0);
         assert_eq!(counts.train_tokens, 7);

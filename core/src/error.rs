@@ -53,6 +53,19 @@ pub enum DataError {
     Config(#[from] ConfigError),
     #[error("shard plan: {0}")]
     Shard(String),
+    /// A record of a CSV, TSV, JSONL or fastText file that cannot be used (1-based line).
+    #[error("{path}:{line}: {message}")]
+    BadRecord { path: PathBuf, line: u64, message: String },
+    /// A labelled corpus that cannot be trained on as a whole (no examples, one class, ...).
+    #[error("{path}: {message}")]
+    BadCorpus { path: PathBuf, message: String },
+    #[error("{path}:{line}: label {label:?} is not one of the train data's classes ({classes})")]
+    UnknownLabel { path: PathBuf, line: u64, label: String, classes: String },
+    #[error(
+        "{path}: {rows} examples are not valid UTF-8 (the first at {first}); refused: fix the file, \
+         or pass --invalid-utf8 replace (data.invalid_utf8) to decode them with U+FFFD"
+    )]
+    InvalidUtf8 { path: PathBuf, rows: u64, first: String },
 }
 
 pub type Result<T, E = DataError> = std::result::Result<T, E>;

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod class_metrics;
 pub mod cli;
 pub mod config;
 pub mod corpus;
@@ -11,6 +12,7 @@ pub mod encode;
 pub mod error;
 pub mod exit;
 pub mod integrity;
+pub mod labelled;
 pub mod model_shape;
 #[cfg(test)]
 mod parser_properties;

@@ -6,7 +6,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Head, ModelConfig};
 
+/// IMDB's classes, and the head of every model written before other corpora were read.
 pub const NUM_CLASSES: i64 = 2;
+
+fn two() -> usize {
+    NUM_CLASSES as usize
+}
 
 /// Everything that fixes the parameters' shapes: a checkpoint or a model file only loads
 /// into a model of the same shape.
@@ -20,6 +25,9 @@ pub struct ModelShape {
     /// Files written before the option have no such field: unidirectional.
     #[serde(default)]
     pub bidirectional: bool,
+    /// Outputs of the head, one per class; files written before the field: 2.
+    #[serde(default = "two")]
+    pub num_classes: usize,
 }
 
 impl ModelShape {
@@ -31,6 +39,7 @@ impl ModelShape {
             layers: config.layers,
             head: config.head,
             bidirectional: config.bidirectional,
+            num_classes: config.num_classes,
         }
     }
 
@@ -67,8 +76,9 @@ impl ModelShape {
                 out.push((format!("lstm.bias_hh_l{layer}{suffix}"), vec![4 * h]));
             }
         }
-        out.push(("fc.weight".to_string(), vec![NUM_CLASSES, self.head_inputs() as i64]));
-        out.push(("fc.bias".to_string(), vec![NUM_CLASSES]));
+        let classes = self.num_classes as i64;
+        out.push(("fc.weight".to_string(), vec![classes, self.head_inputs() as i64]));
+        out.push(("fc.bias".to_string(), vec![classes]));
         out
     }
 
@@ -93,6 +103,9 @@ impl ModelShape {
         }
         if self.head != other.head {
             diffs.push(format!("head {:?} vs {:?}", self.head, other.head));
+        }
+        if self.num_classes != other.num_classes {
+            diffs.push(format!("classes {} vs {}", self.num_classes, other.num_classes));
         }
         if self.bidirectional != other.bidirectional {
             diffs.push(format!("bidirectional {} vs {}", self.bidirectional, other.bidirectional));

@@ -270,3 +270,82 @@ fn a_review_over_the_bound_is_refused_naming_it() {
     let e = read_corpus(&DataSource::Folder(dir.path().join("aclImdb"))).unwrap_err().to_string();
     assert!(e.contains("train/neg/3_2.txt") && e.contains("8388609 bytes"), "{e}");
 }
+
+/// Lines of a labelled file, from pieces that matter to its parsers: separators, quotes,
+/// braces, fastText's prefix, a label key, bytes that are not UTF-8.
+fn labelled_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop::sample::select(vec![
+        &b"text"[..],
+        b"label",
+        b",",
+        b"\t",
+        b"\"",
+        b"\n",
+        b"\r\n",
+        b"{",
+        b"}",
+        b":",
+        b"__label__",
+        b"a",
+        b"b",
+        b" ",
+        b"good film",
+        b"\xff",
+        b"{\"text\":\"x\",\"label\":\"a\"}\n",
+        b"{\"text\":\"y\",\"label\":2}\n",
+        b"__label__a nice\n",
+        b"__label__b bad\n",
+        b"text,label\n",
+        b"y,b\n",
+    ]);
+    prop::collection::vec(piece, 0..40).prop_map(|pieces| pieces.concat())
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// CSV, TSV, JSONL and fastText files of any such bytes, plain or gzipped (whole or cut
+    /// short): a corpus whose labels index its sorted classes, or a one-line error.
+    #[test]
+    fn labelled_files_are_a_corpus_or_a_one_line_error(
+        bytes in labelled_bytes(),
+        ext in prop::sample::select(vec!["csv", "tsv", "jsonl", "txt"]),
+        gz in any::<bool>(),
+        cut in any::<prop::sample::Index>(),
+        replace in any::<bool>(),
+    ) {
+        use crate::labelled::{detect, read, FormatOptions, InvalidUtf8};
+        let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let (name, bytes) = if gz {
+            let z = gzip(&bytes);
+            let keep = if cut.index(4) == 0 { cut.index(z.len() + 1) } else { z.len() };
+            (format!("f.{ext}.gz"), z[..keep].to_vec())
+        } else {
+            (format!("f.{ext}"), bytes)
+        };
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let options = FormatOptions {
+            test_fraction: 0.5,
+            invalid_utf8: if replace { InvalidUtf8::Replace } else { InvalidUtf8::Refuse },
+            ..FormatOptions::default()
+        };
+        let input = detect(&path, &options).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(input.is_some());
+        match read(&input.unwrap(), &options) {
+            Ok(corpus) => {
+                prop_assert!(corpus.classes.len() >= 2);
+                for review in corpus.train.iter().chain(&corpus.test) {
+                    prop_assert!(usize::from(review.label) < corpus.classes.len());
+                    prop_assert!(!review.text.trim().is_empty());
+                }
+                prop_assert!(!corpus.train.is_empty() && !corpus.test.is_empty());
+            }
+            Err(e) => {
+                let message = e.to_string();
+                prop_assert!(!message.contains('\n'), "{}", message);
+                prop_assert!(message.contains("f."), "{}", message);
+            }
+        }
+    }
+}

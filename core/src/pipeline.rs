@@ -16,6 +16,7 @@ use crate::cache::{self, CacheMiss};
 use crate::corpus::{self, DataSource, DownloadSpec};
 use crate::encode::{encode_corpus, EncodedCorpus};
 use crate::error::{io_err, Result};
+use crate::labelled;
 use crate::subword::{self, SubwordTokenizer, TokenizerSettings};
 
 /// Where the corpus comes from and where derived files go.
@@ -31,6 +32,8 @@ pub struct PrepareOptions {
     /// `basic_english` (then `min_freq` and `max_vocab` apply) or a subword tokenizer to
     /// train on the train split.
     pub tokenizer: TokenizerSettings,
+    /// How to read a corpus that is not in IMDB's layout.
+    pub labelled: crate::labelled::FormatOptions,
 }
 
 impl PrepareOptions {
@@ -136,10 +139,16 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
     let cache_dir = &options.download.cache_dir;
     let mut memo = ChecksumMemo::open(cache_dir);
 
-    // 1. Resolve the source, downloading when none is given.
-    let source = match &options.data {
-        Some(path) => DataSource::from_path(path)?,
-        None => {
+    // 1. Resolve the source, downloading when none is given. A corpus of another format
+    // than IMDB's is read by `labelled` and goes straight to step 3.
+    let labelled_input = match &options.data {
+        Some(path) => labelled::detect(path, &options.labelled)?,
+        None => None,
+    };
+    let source = match (&options.data, &labelled_input) {
+        (_, Some(input)) => DataSource::Folder(input.path.clone()),
+        (Some(path), None) => DataSource::from_path(path)?,
+        (None, None) => {
             let target = options.download.target();
             let trusted =
                 memo.lookup(&target).is_some_and(|s| s.eq_ignore_ascii_case(&options.download.sha256));
@@ -169,10 +178,13 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
     // 3. Read (hashing as we go); a folder, or a tarball not seen before, may still have a
     // valid cache under its checksum, and then nothing is tokenized.
     let t = Instant::now();
-    let raw = corpus::read_corpus(&source)?;
+    let raw = match &labelled_input {
+        Some(input) => labelled::read(input, &options.labelled)?,
+        None => corpus::read_corpus(&source)?,
+    };
     stages.push(("read".into(), t.elapsed().as_secs_f64()));
     if options.use_cache {
-        if let DataSource::Tarball(path) = &source {
+        if let (DataSource::Tarball(path), None) = (&source, &labelled_input) {
             memo.remember(path, &raw.checksum);
         }
         if known_checksum.as_deref() != Some(raw.checksum.as_str()) {

@@ -168,6 +168,9 @@ pub fn balanced_subset(labels: &[u8], k: usize, seed: u64) -> Vec<usize> {
         return (0..labels.len()).collect();
     }
     let mut rng = rng_for(seed, 0, PURPOSE_SUBSET);
+    if labels.iter().any(|&l| l > 1) {
+        return balanced_subset_of_many(labels, k, &mut rng);
+    }
     let mut by_label: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
     for (i, &l) in labels.iter().enumerate() {
         by_label[usize::from(l.min(1))].push(i);
@@ -185,10 +188,50 @@ pub fn balanced_subset(labels: &[u8], k: usize, seed: u64) -> Vec<usize> {
     out
 }
 
+/// [`balanced_subset`] for more than two classes: `k / classes` of each (the first classes
+/// take one more of the remainder), and what a small class cannot give is taken from the
+/// others, in class order.
+fn balanced_subset_of_many(labels: &[u8], k: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let classes = labels.iter().map(|&l| usize::from(l) + 1).max().unwrap_or(0);
+    let mut by_label: Vec<Vec<usize>> = vec![Vec::new(); classes];
+    for (i, &l) in labels.iter().enumerate() {
+        by_label[usize::from(l)].push(i);
+    }
+    for group in &mut by_label {
+        group.shuffle(rng);
+    }
+    let mut take: Vec<usize> =
+        (0..classes).map(|c| (k / classes + usize::from(c < k % classes)).min(by_label[c].len())).collect();
+    let mut left = k - take.iter().sum::<usize>();
+    for c in 0..classes {
+        let more = left.min(by_label[c].len() - take[c]);
+        take[c] += more;
+        left -= more;
+    }
+    let mut out: Vec<usize> = by_label.iter().zip(&take).flat_map(|(g, &n)| g[..n].iter().copied()).collect();
+    out.sort_unstable();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn subsets_of_many_classes_are_balanced() {
+        let labels: Vec<u8> = (0..1000).map(|i| [0, 1, 2, 3, 3, 3][i % 6]).collect();
+        let s = balanced_subset(&labels, 101, 3);
+        assert_eq!(s.len(), 101);
+        let count = |c: u8| s.iter().filter(|&&i| labels[i] == c).count();
+        assert_eq!((count(0), count(1), count(2), count(3)), (26, 25, 25, 25));
+        assert_eq!(s, balanced_subset(&labels, 101, 3));
+        // A small class gives what it has; the others make up the rest.
+        let labels: Vec<u8> = (0..100).map(|i| if i < 3 { 0 } else { 2 + (i % 2) as u8 }).collect();
+        let s = balanced_subset(&labels, 30, 1);
+        assert_eq!(s.len(), 30);
+        assert_eq!(s.iter().filter(|&&i| labels[i] == 0).count(), 3);
+    }
     use std::collections::HashSet;
 
     proptest! {

@@ -45,6 +45,7 @@ mod tests {
             test,
             checksum: String::new(),
             tokenizer_json: None,
+            classes: crate::corpus::imdb_classes(),
         }
     }
 

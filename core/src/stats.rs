@@ -9,8 +9,13 @@ use crate::vocab::UNK_ID;
 #[derive(Debug, Clone, Serialize)]
 pub struct SplitStats {
     pub reviews: usize,
-    pub pos: usize,
-    pub neg: usize,
+    /// Reviews per class, in the order of [`CorpusStats::classes`].
+    pub per_class: Vec<usize>,
+    /// IMDB's classes by name (for a corpus of exactly the classes `neg` and `pos`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pos: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neg: Option<usize>,
     pub tokens: usize,
     /// Share of tokens that map to `<unk>`.
     pub unk_rate: f64,
@@ -38,6 +43,11 @@ pub struct VocabStats {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CorpusStats {
+    /// The class names, sorted (a label is an index into this list).
+    pub classes: Vec<String>,
+    /// sha256 of the encoded corpus (`EncodedCorpus::fingerprint`): equal for the same
+    /// corpus in any format.
+    pub encoded_fingerprint: String,
     pub train: SplitStats,
     pub test: SplitStats,
     pub vocab: VocabStats,
@@ -53,15 +63,22 @@ fn percentile(sorted: &[usize], p: f64) -> usize {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-pub fn split_stats(split: &EncodedSplit) -> SplitStats {
+pub fn split_stats(split: &EncodedSplit, classes: &[String]) -> SplitStats {
     let mut lengths: Vec<usize> = (0..split.len()).map(|i| split.length(i)).collect();
     lengths.sort_unstable();
-    let pos = split.labels.iter().filter(|&&l| l == 1).count();
+    let mut per_class = vec![0usize; classes.len()];
+    for &l in &split.labels {
+        if let Some(c) = per_class.get_mut(usize::from(l)) {
+            *c += 1;
+        }
+    }
+    let imdb = classes == crate::corpus::imdb_classes();
     let unk = split.tokens.iter().filter(|&&t| t == UNK_ID).count();
     SplitStats {
         reviews: split.len(),
-        pos,
-        neg: split.len() - pos,
+        pos: imdb.then(|| per_class[1]),
+        neg: imdb.then(|| per_class[0]),
+        per_class,
         tokens: split.num_tokens(),
         unk_rate: if split.tokens.is_empty() { 0.0 } else { unk as f64 / split.tokens.len() as f64 },
         length: LengthPercentiles {
@@ -78,8 +95,10 @@ pub fn split_stats(split: &EncodedSplit) -> SplitStats {
 
 pub fn corpus_stats(corpus: &EncodedCorpus, pipeline: PipelineReport) -> CorpusStats {
     CorpusStats {
-        train: split_stats(&corpus.train),
-        test: split_stats(&corpus.test),
+        classes: corpus.classes.clone(),
+        encoded_fingerprint: corpus.fingerprint(),
+        train: split_stats(&corpus.train, &corpus.classes),
+        test: split_stats(&corpus.test, &corpus.classes),
         vocab: VocabStats { words: corpus.vocab.num_words(), size: corpus.vocab.len() },
         pipeline,
     }
@@ -91,17 +110,16 @@ impl CorpusStats {
         let mut out = String::new();
         out.push_str(&format!("corpus      {}\n", self.pipeline.source));
         out.push_str(&format!("checksum    sha256 {}\n", self.pipeline.checksum));
+        out.push_str(&format!("encoded     sha256 {}\n", self.encoded_fingerprint));
         out.push_str(&format!(
-            "{:<6} {:>8} {:>7} {:>7} {:>10} {:>7} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}\n",
-            "split", "reviews", "pos", "neg", "tokens", "unk%", "p50", "p90", "p95", "p99", "max", "mean"
+            "{:<6} {:>8} {:>10} {:>7} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6}\n",
+            "split", "reviews", "tokens", "unk%", "p50", "p90", "p95", "p99", "max", "mean"
         ));
         for (name, s) in [("train", &self.train), ("test", &self.test)] {
             out.push_str(&format!(
-                "{:<6} {:>8} {:>7} {:>7} {:>10} {:>7.3} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6.1}\n",
+                "{:<6} {:>8} {:>10} {:>7.3} {:>5} {:>5} {:>5} {:>5} {:>5} {:>6.1}\n",
                 name,
                 s.reviews,
-                s.pos,
-                s.neg,
                 s.tokens,
                 100.0 * s.unk_rate,
                 s.length.p50,
@@ -110,6 +128,15 @@ impl CorpusStats {
                 s.length.p99,
                 s.length.max,
                 s.length.mean
+            ));
+        }
+        let width = self.classes.iter().map(String::len).max().unwrap_or(5).clamp(5, 40);
+        out.push_str(&format!("{:<width$} {:>8} {:>8}\n", "class", "train", "test"));
+        for (i, class) in self.classes.iter().enumerate() {
+            out.push_str(&format!(
+                "{class:<width$} {:>8} {:>8}\n",
+                self.train.per_class.get(i).copied().unwrap_or(0),
+                self.test.per_class.get(i).copied().unwrap_or(0)
             ));
         }
         out.push_str(&format!(

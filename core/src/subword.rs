@@ -325,6 +325,7 @@ pub fn encode_corpus(
         train,
         test,
         checksum: raw.checksum.clone(),
+        classes: raw.classes.clone(),
         tokenizer_json: Some(tokenizer.json().to_string()),
     };
     Ok((corpus, tokenizer, counts))

@@ -15,7 +15,7 @@ pub use auth::{AuthError, ClientAuth, JobSecret, ServerAuth};
 
 /// The protocol version a worker sends in `Register`; a coordinator refuses any other.
 /// Bump it on every change that an old peer would misread.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The longest error text a worker sends and the coordinator keeps (a failure's message, a
 /// storage error): far below the message limit, and still room for a whole error chain.

@@ -228,7 +228,11 @@ fn damaged_archives_are_refused_with_the_file_named() {
     );
     let empty_dir = dir.path().join("emptydir");
     std::fs::create_dir(&empty_dir).unwrap();
-    fails_with(coordinator_data(cache.path()).arg("--data").arg(&empty_dir), &["emptydir", "train/neg"]);
+    // A folder that is not IMDB's is read as class folders; the error names both layouts.
+    fails_with(
+        coordinator_data(cache.path()).arg("--data").arg(&empty_dir),
+        &["emptydir", "class folders", "aclImdb/{train,test}/{pos,neg}"],
+    );
 }
 
 #[test]

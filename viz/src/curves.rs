@@ -20,7 +20,7 @@ use crate::{io_err, Result, VizError};
 pub const CURVES_FILE: &str = "curves.png";
 const METRICS_FILE: &str = "metrics.jsonl";
 const SUMMARY_FILE: &str = "summary.json";
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 /// The curves of one run.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -202,7 +202,7 @@ pub fn smooth(points: &[(f64, f64)], weight: f64) -> Vec<(f64, f64)> {
     out
 }
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // A failure leaves plotters without a font: drawing then fails with a clear error.
@@ -262,7 +262,7 @@ pub fn plot_runs(runs: &[RunCurves], path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
+pub(crate) fn tmp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map_or_else(|| "curves.png".into(), |n| n.to_string_lossy().into_owned());
     // Keep the .png extension: the bitmap encoder picks the format by extension.
     path.with_file_name(format!(".{name}.{}.png", std::process::id()))

@@ -2,6 +2,7 @@
 //! ([`tensorboard`]) and the `curves.png` plot ([`curves`]). Shared by the coordinator and
 //! `worker train`, so it must not link libtorch.
 
+pub mod confusion;
 pub mod curves;
 pub mod tensorboard;
 

@@ -97,8 +97,8 @@ struct PredictCmd {
     /// A run folder written by `worker train`.
     #[arg(long, env = "WORKER_MODEL")]
     model: PathBuf,
-    /// One JSON object per review (label, probability, positive_probability, tokens,
-    /// unknown_tokens).
+    /// One JSON object per review (label, class, probability, probabilities of every class,
+    /// positive_probability for IMDB's model, tokens, unknown_tokens).
     #[arg(long, env = "WORKER_JSON")]
     json: bool,
     /// auto, cpu, cuda or cuda:N.
@@ -154,7 +154,10 @@ fn init_tracing() {
 }
 
 fn train(cmd: &TrainCmd, threads: usize) -> anyhow::Result<()> {
-    let mut config = cmd.config.resolve().context("invalid job config")?;
+    let mut config = cmd
+        .data
+        .configure(cmd.config.resolve().context("invalid job config")?)
+        .context("invalid job config")?;
     if threads > 0 {
         config.train.threads = threads;
     }
@@ -201,7 +204,8 @@ fn predict(cmd: &PredictCmd) -> anyhow::Result<()> {
             println!("{value}");
         } else {
             let excerpt: String = text.chars().take(60).collect();
-            println!("{}\t{:.4}\t{excerpt}", p.label, p.probability);
+            let each: Vec<String> = p.probabilities.iter().map(|(c, v)| format!("{c}={v:.4}")).collect();
+            println!("{}\t{:.4}\t{}\t{excerpt}", p.label, p.probability, each.join(" "));
         }
     }
     Ok(())

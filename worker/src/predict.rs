@@ -1,6 +1,7 @@
 //! `worker predict`: a trained run folder (model, vocab, config, and for a subword run its
 //! `tokenizer.json`) applied to new reviews.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -18,19 +19,24 @@ use crate::error::{Result, WorkerError};
 use crate::model::{Dropouts, LstmClassifier, ModelShape};
 use crate::run::{CONFIG_FILE, VOCAB_FILE};
 use crate::tbptt::PassOptions;
-use crate::trainer::positive_probabilities;
+use crate::trainer::class_probabilities;
 
 /// Reviews per forward pass.
 const PREDICT_BATCH: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Prediction {
-    /// `positive` or `negative`.
-    pub label: &'static str,
+    /// IMDB's model: `positive` or `negative`; any other: the class name.
+    pub label: String,
+    /// The most probable class's name (as in labels.json).
+    pub class: String,
     /// Probability of `label`.
     pub probability: f64,
-    /// Probability of `positive`.
-    pub positive_probability: f64,
+    /// Probability of `positive` (IMDB's model only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub positive_probability: Option<f64>,
+    /// The probability of every class, by name.
+    pub probabilities: BTreeMap<String, f64>,
     /// Tokens the model read (after `data.max_len`).
     pub tokens: usize,
     /// How many of them are `<unk>`.
@@ -40,7 +46,7 @@ pub struct Prediction {
 /// How a run folder turns text into ids: the run's own tokenizer, never a new one.
 enum TextEncoder {
     Words(Tokenizer),
-    Subword(SubwordTokenizer),
+    Subword(Box<SubwordTokenizer>),
 }
 
 /// A model loaded from a run folder.
@@ -49,6 +55,8 @@ pub struct Predictor {
     vocab: Vocab,
     config: JobConfig,
     encoder: TextEncoder,
+    /// The class names (labels.json; IMDB's `neg`, `pos` for folders written before it).
+    classes: Vec<String>,
 }
 
 impl Predictor {
@@ -73,6 +81,14 @@ impl Predictor {
             (need(CONFIG_FILE)?, need(VOCAB_FILE)?, need(MODEL_FILE)?);
         let config = JobConfig::from_toml_file(&config_path)?;
         config.validate()?;
+        let classes = trainer_core::labelled::read_labels(dir)?;
+        if classes.len() != config.model.num_classes {
+            return Err(bad(format!(
+                "labels.json names {} classes, but config.toml's model has {} outputs",
+                classes.len(),
+                config.model.num_classes
+            )));
+        }
         let vocab = Vocab::load(&vocab_path)?;
         let encoder = if config.data.tokenizer.is_basic_english() {
             TextEncoder::Words(Tokenizer::new())
@@ -85,12 +101,12 @@ impl Predictor {
                     "{TOKENIZER_FILE} does not match {VOCAB_FILE}: they come from different runs"
                 )));
             }
-            TextEncoder::Subword(subword)
+            TextEncoder::Subword(Box::new(subword))
         };
         let shape = ModelShape::new(&config.model, vocab.len());
         let mut model = LstmClassifier::new(shape, Dropouts::from_config(&config.model), device)?;
         load_model_weights(&mut model, &model_path)?;
-        Ok(Self { model, vocab, config, encoder })
+        Ok(Self { model, vocab, config, encoder, classes })
     }
 
     pub fn config(&self) -> &JobConfig {
@@ -111,19 +127,40 @@ impl Predictor {
                 rows.push(if ids.is_empty() { vec![UNK_ID] } else { ids });
             }
             let batch = batch_of(&rows);
-            let probs = positive_probabilities(
+            let probs = class_probabilities(
                 &self.model,
                 &batch,
                 PassOptions::new(self.config.train.bptt, self.model.device()),
             )?;
+            let imdb = self.classes == trainer_core::corpus::imdb_classes();
             for (p, row) in probs.iter().zip(&rows) {
-                let positive = f64::from(*p);
-                let (label, probability) =
-                    if positive >= 0.5 { ("positive", positive) } else { ("negative", 1.0 - positive) };
+                let (best, probability) =
+                    p.iter()
+                        .enumerate()
+                        .fold((0, f32::MIN), |(bi, bp), (i, &v)| if v > bp { (i, v) } else { (bi, bp) });
+                let class = self.classes[best].clone();
+                // IMDB's model keeps its words, and says `positive` on a tie (p >= 0.5).
+                let (label, best, probability) = if imdb {
+                    let positive = f64::from(p[1]);
+                    if positive >= 0.5 {
+                        ("positive".to_string(), 1, positive)
+                    } else {
+                        ("negative".to_string(), 0, 1.0 - positive)
+                    }
+                } else {
+                    (class, best, f64::from(probability))
+                };
                 out.push(Prediction {
                     label,
+                    class: self.classes[best].clone(),
                     probability,
-                    positive_probability: positive,
+                    positive_probability: imdb.then(|| f64::from(p[1])),
+                    probabilities: self
+                        .classes
+                        .iter()
+                        .cloned()
+                        .zip(p.iter().map(|&v| f64::from(v)))
+                        .collect(),
                     tokens: row.len(),
                     unknown_tokens: row.iter().filter(|&&id| id == UNK_ID).count(),
                 });

@@ -26,6 +26,7 @@ use crate::device::{device_name, resolve_device};
 use crate::error::{io_err, Result, WorkerError};
 use crate::tbptt::LstmKernel;
 use crate::trainer::{EvalCounts, Trainer};
+use trainer_core::class_metrics::ClassMetrics;
 
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -97,6 +98,12 @@ pub struct RunSummary {
     pub test_examples: usize,
     /// Checksum of the last step's parameters (the last epoch's model when the run ended).
     pub final_parameter_checksum: String,
+    /// The class names, in label order (as in labels.json).
+    pub classes: Vec<String>,
+    /// The kept model's test accuracy, macro-F1, per-class precision and recall, and
+    /// confusion matrix (rows: the true class, columns: the predicted one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_metrics: Option<trainer_core::class_metrics::ClassMetrics>,
 }
 
 /// Appends one JSON object per line, flushed at once so that a crash loses nothing.
@@ -158,17 +165,28 @@ fn report_profile(out: &Path) -> Result<()> {
 
 pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     let wall = Instant::now();
-    let config = &options.config;
+    let mut config = options.config.clone();
     config.validate()?;
     if config.train.threads > 0 {
         tch::set_num_threads(config.train.threads as i32);
     }
     let out = &options.out;
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
 
-    // Data: the corpus (cached), the three splits, the vocabulary in the run folder.
+    // Data: the corpus (cached), the three splits, the vocabulary in the run folder. The
+    // run folder is made once the data is read, so that refused data leaves nothing.
     let (corpus, report) = prepare(&options.prepare)?;
-    tracing::info!(source = %report.source, cache = ?report.cache, "corpus ready");
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    // The head has one output per class of the data.
+    config.model.num_classes = corpus.classes.len();
+    config.validate()?;
+    let config = &config;
+    tracing::info!(
+        source = %report.source,
+        cache = ?report.cache,
+        classes = %corpus.classes.join(","),
+        encoded_fingerprint = %corpus.fingerprint(),
+        "corpus ready"
+    );
     let splits = job_splits(&corpus, &config.data, config.train.seed);
     tracing::info!(
         train = splits.train.len(),
@@ -181,6 +199,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     if let Some(json) = &corpus.tokenizer_json {
         trainer_core::write_atomically(&out.join(trainer_core::subword::TOKENIZER_FILE), json.as_bytes())?;
     }
+    trainer_core::labelled::write_labels(out, &corpus.classes)?;
     trainer_core::write_atomically(&out.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     let fingerprint = vocab_fingerprint(&corpus.vocab);
 
@@ -355,6 +374,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
                 epoch + 1,
                 &val,
                 state.train_seconds,
+                &corpus.classes,
             )?;
             let better = state.best_val_accuracy.is_none_or(|b| val.accuracy() > b);
             if better {
@@ -372,7 +392,6 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         last_epoch_test = None;
         if options.eval_test_each_epoch {
             let test = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
-            last_epoch_test = Some(test);
             log_eval(
                 &mut metrics,
                 &mut views,
@@ -382,7 +401,9 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
                 epoch + 1,
                 &test,
                 state.train_seconds,
+                &corpus.classes,
             )?;
+            last_epoch_test = Some(test);
         }
         eval_seconds += eval_clock.elapsed().as_secs_f64();
         state.epochs_completed = epoch + 1;
@@ -418,7 +439,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     let (mut test, mut last_test) = (None, None);
     if !interrupted {
         let eval_clock = Instant::now();
-        let last = match last_epoch_test {
+        let last = match last_epoch_test.take() {
             Some(counts) => counts,
             None => {
                 let counts = trainer.evaluate(&splits.test, &all_indices(&splits.test))?;
@@ -431,6 +452,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
                     state.epochs_completed,
                     &counts,
                     state.train_seconds,
+                    &corpus.classes,
                 )?;
                 counts
             }
@@ -440,7 +462,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
             load_model_weights(trainer.model_mut(), &model_path)?;
             trainer.evaluate(&splits.test, &all_indices(&splits.test))?
         } else {
-            last
+            last.clone()
         };
         log_eval(
             &mut metrics,
@@ -451,18 +473,30 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
             state.epochs_completed,
             &kept,
             state.train_seconds,
+            &corpus.classes,
         )?;
         eval_seconds += eval_clock.elapsed().as_secs_f64();
         test = Some(kept);
         last_test = Some(last);
     }
+    let test_metrics =
+        test.as_ref().and_then(|t| ClassMetrics::from_confusion(&corpus.classes, &t.confusion));
+    if let Some(m) = &test_metrics {
+        let path = out.join(trainer_viz::confusion::CONFUSION_FILE);
+        if let Err(e) = trainer_viz::confusion::plot_confusion(&path, &corpus.classes, &m.confusion) {
+            tracing::warn!(error = %e, "confusion.png is off");
+        }
+        if corpus.classes.len() > 2 {
+            eprint!("the kept model on the test split, by class:\n{}", m.render());
+        }
+    }
     let summary = RunSummary {
-        test_accuracy: test.map(|t| t.accuracy()),
-        test_loss: test.map(|t| t.mean_loss()),
+        test_accuracy: test.as_ref().map(|t| t.accuracy()),
+        test_loss: test.as_ref().map(|t| t.mean_loss()),
         kept_model: kept_model.to_string(),
         kept_epoch: state.best_epoch,
-        last_epoch_test_accuracy: last_test.map(|t| t.accuracy()),
-        last_epoch_test_loss: last_test.map(|t| t.mean_loss()),
+        last_epoch_test_accuracy: last_test.as_ref().map(|t| t.accuracy()),
+        last_epoch_test_loss: last_test.as_ref().map(|t| t.mean_loss()),
         best_val_accuracy: state.best_val_accuracy,
         best_epoch: state.best_epoch,
         epochs: state.epochs_completed,
@@ -485,6 +519,8 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         val_examples: splits.val.len(),
         test_examples: splits.test.len(),
         final_parameter_checksum: final_checksum,
+        classes: corpus.classes.clone(),
+        test_metrics,
     };
     let text = serde_json::to_string_pretty(&summary)
         .map_err(|e| WorkerError::Invalid(format!("cannot serialise the summary: {e}")))?;
@@ -505,6 +541,7 @@ fn log_eval(
     epoch: usize,
     counts: &EvalCounts,
     train_seconds: f64,
+    classes: &[String],
 ) -> Result<()> {
     tracing::info!(
         split,
@@ -516,13 +553,18 @@ fn log_eval(
     );
     // TensorBoard: the best model's test result is its own chart.
     let prefix = if model == "best" { format!("{split}_best") } else { split.to_string() };
-    views.scalars(
-        global_step,
-        &[
-            (&format!("{prefix}/accuracy"), counts.accuracy()),
-            (&format!("{prefix}/loss"), counts.mean_loss()),
-        ],
-    );
+    let mut scalars = vec![
+        (format!("{prefix}/accuracy"), counts.accuracy()),
+        (format!("{prefix}/loss"), counts.mean_loss()),
+    ];
+    if let Some(m) = ClassMetrics::from_confusion(classes, &counts.confusion) {
+        scalars.push((format!("{prefix}/macro_f1"), m.macro_f1));
+        for c in &m.per_class {
+            scalars.push((format!("{prefix}/precision/{}", c.class), c.precision));
+            scalars.push((format!("{prefix}/recall/{}", c.class), c.recall));
+        }
+    }
+    views.scalars(global_step, &scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>());
     metrics.write(&json!({
         "type": "eval",
         "split": split,

@@ -111,8 +111,19 @@ pub struct DeviceBatch {
 }
 
 impl DeviceBatch {
-    /// Checks the batch against the vocabulary and moves it to `device`, sorted by length.
+    /// Checks the batch against the vocabulary and moves it to `device`, sorted by length
+    /// (labels of the two classes of IMDB's model).
     pub fn new(batch: &Batch, vocab_size: usize, device: Device) -> Result<Self> {
+        Self::with_classes(batch, vocab_size, NUM_CLASSES as usize, device)
+    }
+
+    /// [`Self::new`] for a model with `num_classes` outputs: labels are `0..num_classes`.
+    pub fn with_classes(
+        batch: &Batch,
+        vocab_size: usize,
+        num_classes: usize,
+        device: Device,
+    ) -> Result<Self> {
         let (size, width) = (batch.size, batch.max_len);
         if size == 0 {
             return Err(WorkerError::Batch("the batch is empty".into()));
@@ -134,8 +145,8 @@ impl DeviceBatch {
                 "token id {id} is outside the vocabulary (0..{vocab_size})"
             )));
         }
-        if let Some(&y) = batch.labels.iter().find(|&&y| !(0..NUM_CLASSES).contains(&y)) {
-            return Err(WorkerError::Batch(format!("label {y}; labels must be 0 or 1")));
+        if let Some(&y) = batch.labels.iter().find(|&&y| !(0..num_classes as i64).contains(&y)) {
+            return Err(WorkerError::Batch(format!("label {y}; labels must be 0..={}", num_classes - 1)));
         }
         let mut order: Vec<usize> = (0..size).collect();
         // Stable, so equal lengths keep their order and the result is deterministic.

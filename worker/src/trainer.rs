@@ -32,12 +32,14 @@ pub struct StepStats {
 }
 
 /// Evaluation results as sums, so that ranks can add theirs up.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EvalCounts {
     pub correct: u64,
     pub total: u64,
     /// Sum of per-review cross-entropy.
     pub loss_sum: f64,
+    /// Row-major `classes x classes` counts, `[true][predicted]`; empty when not counted.
+    pub confusion: Vec<u64>,
 }
 
 impl EvalCounts {
@@ -61,6 +63,13 @@ impl EvalCounts {
         self.correct += other.correct;
         self.total += other.total;
         self.loss_sum += other.loss_sum;
+        if self.confusion.is_empty() {
+            self.confusion = other.confusion.clone();
+        } else if self.confusion.len() == other.confusion.len() {
+            for (a, b) in self.confusion.iter_mut().zip(&other.confusion) {
+                *a += b;
+            }
+        }
     }
 }
 
@@ -367,7 +376,9 @@ impl Trainer {
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepStats> {
         let shape = self.model.shape().clone();
         let device = self.device();
-        let batch = profile::time(Bucket::ToDevice, || DeviceBatch::new(batch, shape.vocab_size, device))?;
+        let batch = profile::time(Bucket::ToDevice, || {
+            DeviceBatch::with_classes(batch, shape.vocab_size, shape.num_classes, device)
+        })?;
         tch::manual_seed(step_seed(self.config.train.seed, self.rank(), self.global_step));
         profile::time(Bucket::ZeroGrad, || self.model.zero_grad())?;
 
@@ -429,13 +440,13 @@ impl Trainer {
         let mut counts = EvalCounts::default();
         for chunk in order.chunks(self.config.train.eval_batch_size.max(1)) {
             let batch = collate(split, chunk, d.max_len, d.truncation);
-            let batch = DeviceBatch::new(&batch, self.model.shape().vocab_size, self.device())?;
+            let shape = self.model.shape();
+            let batch =
+                DeviceBatch::with_classes(&batch, shape.vocab_size, shape.num_classes, self.device())?;
             let out = run_windows(&self.model, &batch, Pass::Eval, self.pass_options)?;
-            counts.add(&EvalCounts {
-                correct: count_correct(&out.logits, &batch.labels)? as u64,
-                total: batch.size as u64,
-                loss_sum: out.loss_sum,
-            });
+            let confusion = confusion_of(&out.logits, &batch.labels, shape.num_classes)?;
+            let correct = (0..shape.num_classes).map(|c| confusion[c * shape.num_classes + c]).sum();
+            counts.add(&EvalCounts { correct, total: batch.size as u64, loss_sum: out.loss_sum, confusion });
         }
         Ok(counts)
     }
@@ -458,15 +469,26 @@ pub fn positive_probabilities(
     batch: &Batch,
     options: PassOptions,
 ) -> Result<Vec<f32>> {
-    let batch = DeviceBatch::new(batch, model.shape().vocab_size, model.device())?;
+    Ok(class_probabilities(model, batch, options)?
+        .into_iter()
+        .map(|p| p.get(1).copied().unwrap_or(0.0))
+        .collect())
+}
+
+/// The probability of every class for each row of `batch`, in the batch's order.
+pub fn class_probabilities(
+    model: &LstmClassifier,
+    batch: &Batch,
+    options: PassOptions,
+) -> Result<Vec<Vec<f32>>> {
+    let shape = model.shape();
+    let classes = shape.num_classes;
+    let batch = DeviceBatch::with_classes(batch, shape.vocab_size, classes, model.device())?;
     let out = run_windows(model, &batch, Pass::Eval, options)?;
-    let probs = batch
-        .unsort(&out.logits)?
-        .f_softmax(1, Kind::Float)?
-        .f_select(1, 1)?
-        .f_to_device(Device::Cpu)?
-        .f_contiguous()?;
-    Ok(Vec::<f32>::try_from(&probs)?)
+    let probs =
+        batch.unsort(&out.logits)?.f_softmax(1, Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    let flat = Vec::<f32>::try_from(&probs.f_flatten(0, -1)?)?;
+    Ok(flat.chunks(classes).map(<[f32]>::to_vec).collect())
 }
 
 /// FNV-1a over the names and f32 bytes of the parameters, in order.
@@ -501,10 +523,17 @@ fn norm_and_correct(norm: &Tensor, logits: &Tensor, labels: &Tensor) -> Result<(
     }
 }
 
-fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
+/// The batch's `classes x classes` confusion counts, `[true][predicted]`, in one host read.
+fn confusion_of(logits: &Tensor, labels: &Tensor, classes: usize) -> Result<Vec<u64>> {
     let predicted = logits.f_argmax(1, false)?;
-    let correct = predicted.f_eq_tensor(labels)?.f_sum(Kind::Int64)?.f_int64_value(&[])?;
-    Ok(correct as usize)
+    let both = Tensor::f_stack(&[labels.f_to_kind(Kind::Int64)?, predicted], 0)?.f_to_device(Device::Cpu)?;
+    let both = Vec::<i64>::try_from(&both.f_flatten(0, -1)?)?;
+    let (truth, predicted) = both.split_at(both.len() / 2);
+    let mut confusion = vec![0u64; classes * classes];
+    for (&t, &p) in truth.iter().zip(predicted) {
+        trainer_core::class_metrics::count(&mut confusion, classes, t as usize, p as usize);
+    }
+    Ok(confusion)
 }
 
 #[cfg(test)]

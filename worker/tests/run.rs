@@ -332,3 +332,60 @@ fn bad_inputs_give_clear_errors() {
     ]));
     assert!(err.contains("needs a CUDA device"), "{err}");
 }
+
+/// Three made-up classes whose words differ, as JSONL with integer-free labels.
+fn three_class_corpus(dir: &Path) -> PathBuf {
+    let words = [
+        ("food", "tasty soup bread cheese"),
+        ("sport", "goal match team score"),
+        ("tech", "chip code disk screen"),
+    ];
+    let mut text = String::new();
+    for i in 0..150 {
+        for (label, vocab) in &words {
+            let w: Vec<&str> = vocab.split(' ').collect();
+            let body = format!("{} {} and {} {}", w[i % 4], w[(i / 4) % 4], w[(i + 1) % 4], i % 7);
+            text.push_str(&serde_json::json!({"body": body, "topic": label}).to_string());
+            text.push('\n');
+        }
+    }
+    let path = dir.join("topics.jsonl");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn worker_train_reads_any_number_of_classes_and_predict_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = three_class_corpus(dir.path());
+    let out = dir.path().join("run");
+    let cache = dir.path().join("cache");
+    let flags = ["--text-column", "body", "--label-column", "topic", "--test-fraction", "0.2"];
+    let mut extra = vec!["--cache-dir", cache.to_str().unwrap()];
+    extra.extend_from_slice(&flags);
+    let s = train(&data, &out, &extra);
+    assert_eq!(s["classes"], serde_json::json!(["food", "sport", "tech"]));
+    let m = &s["test_metrics"];
+    let confusion: Vec<Vec<u64>> = serde_json::from_value(m["confusion"].clone()).unwrap();
+    assert_eq!(confusion.iter().flatten().sum::<u64>(), 90, "{m}");
+    assert!(m["macro_f1"].as_f64().unwrap() > 0.5, "the classes are easy: {m}");
+    assert_eq!(summary(&out)["test_metrics"], *m);
+    assert!(std::fs::read(out.join("confusion.png")).unwrap().starts_with(b"\x89PNG"));
+    let labels: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("labels.json")).unwrap()).unwrap();
+    assert_eq!(labels, s["classes"]);
+    let p = ok(worker(&["predict", "--model", out.to_str().unwrap(), "--json", "tasty soup and cheese"]));
+    let p: serde_json::Value = serde_json::from_str(p.trim()).unwrap();
+    assert_eq!(p["class"], p["label"]);
+    assert_eq!(p["probabilities"].as_object().unwrap().len(), 3, "{p}");
+    let plain = ok(worker(&["predict", "--model", out.to_str().unwrap(), "goal match team"]));
+    assert!(plain.contains("food=") && plain.contains("sport=") && plain.contains("tech="), "{plain}");
+
+    // Refused data leaves no run folder.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"body\": \"x\", \"topic\": \"a\"}\nnot json\n").unwrap();
+    let never = dir.path().join("never");
+    let err = fails(train_output(&bad, &never, &extra));
+    assert!(err.contains("bad.jsonl:2") && err.contains("not JSON"), "{err}");
+    assert!(!never.exists());
+}

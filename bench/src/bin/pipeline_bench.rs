@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         min_freq: 1,
         max_vocab: 0,
         tokenizer: Default::default(),
+        labelled: Default::default(),
     };
     let mut cold = Vec::new();
     let mut stages: Vec<Vec<(String, f64)>> = Vec::new();

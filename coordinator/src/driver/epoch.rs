@@ -66,8 +66,8 @@ impl Driver {
             epoch_seconds: seconds,
             tokens_per_second: epoch_tokens as f64 / seconds.max(1e-9),
             comm_share: if s > 0.0 { c / s } else { 0.0 },
-            val_loss: val.map(|v| v.mean_loss()),
-            val_accuracy: val.map(|v| v.accuracy()),
+            val_loss: val.as_ref().map(|v| v.mean_loss()),
+            val_accuracy: val.as_ref().map(|v| v.accuracy()),
             parameter_checksum: checksum_hex(checksums[0]),
         };
         let st = &mut self.state;
@@ -78,7 +78,7 @@ impl Driver {
         st.checksums = checksums;
         // Early stopping on validation accuracy; the best model is kept.
         let mut improved = false;
-        if let Some(v) = val {
+        if let Some(v) = &val {
             let acc = v.accuracy();
             if st.best.is_none_or(|(b, _)| acc > b) {
                 st.best = Some((acc, epoch as usize + 1));

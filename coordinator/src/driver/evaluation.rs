@@ -27,15 +27,14 @@ impl Driver {
         let ranks: Vec<usize> = (0..self.world()).collect();
         let results = self
             .collect(&ranks, &format!("{} results", split.as_str_name()), |b| match b {
-                Body::Eval(e) if e.split == split as i32 && e.epoch == epoch => Some(*e),
+                Body::Eval(e) if e.split == split as i32 && e.epoch == epoch => Some(e.clone()),
                 _ => None,
             })
             .await?;
-        let eval = results.iter().fold(Eval { correct: 0, total: 0, loss_sum: 0.0 }, |acc, e| Eval {
-            correct: acc.correct + e.correct,
-            total: acc.total + e.total,
-            loss_sum: acc.loss_sum + e.loss_sum,
-        });
+        let mut eval = Eval::default();
+        for e in &results {
+            eval.add(e.correct, e.total, e.loss_sum, &e.confusion);
+        }
         let name = if split == Split::Test { "test" } else { "validation" };
         self.shared.telemetry.eval(name, eval.accuracy(), eval.mean_loss());
         Ok(eval)
@@ -95,7 +94,7 @@ impl Driver {
     /// model), as `worker train` writes them.
     pub(super) fn record_test(&mut self, model: &'static str, test: &Eval) -> anyhow::Result<()> {
         let epochs = self.state.records.len();
-        self.views.test(epochs, model, test);
+        self.views.test(epochs, model, test, &self.shared.data.classes);
         self.run_dir.append_metrics(&EvalRecord {
             kind: "eval",
             split: "test",

@@ -31,7 +31,7 @@ impl Driver {
         // 2. The kept model, exported as model.safetensors: when it is another epoch's, every
         //    rank switches to its copy, and it is tested too.
         let test = if kept_epoch == epochs {
-            last_test
+            last_test.clone()
         } else {
             self.load_best(kept_epoch).await?;
             self.progress.status(&format!("testing the best model (epoch {kept_epoch})"));
@@ -77,7 +77,15 @@ impl Driver {
             restarts: st.restarts,
             steps_lost: st.steps_lost,
             final_parameter_checksum: st.checksums.first().map(|&c| checksum_hex(c)).unwrap_or_default(),
+            test_metrics: test.class_metrics(&data.classes),
+            classes: data.classes.clone(),
         };
+        if let Some(metrics) = &summary.test_metrics {
+            self.views.confusion(
+                &metrics.per_class.iter().map(|s| s.class.clone()).collect::<Vec<_>>(),
+                &metrics.confusion,
+            );
+        }
         self.run_dir.write_summary(&summary)?;
         self.views.plot(world, &self.backend);
         self.shared.telemetry.set_state(JobState::Finished);
@@ -156,6 +164,12 @@ pub fn render_summary(summary: &Summary, records: &[EpochRecord], run_dir: &std:
         summary.replica_checksums.first().map_or("-", String::as_str),
         if summary.replica_checksums.windows(2).all(|w| w[0] == w[1]) { "all ranks equal" } else { "DIFFER" }
     );
+    if let Some(metrics) = summary.test_metrics.as_ref().filter(|_| summary.classes.len() > 2) {
+        let _ = writeln!(s, "  the kept model on the test split, by class:");
+        for line in metrics.render().lines() {
+            let _ = writeln!(s, "    {line}");
+        }
+    }
     let _ = writeln!(s, "  run folder: {}", run_dir.display());
     s
 }

@@ -34,7 +34,7 @@ impl Agent {
             if *totals.get_or_insert(t) != t {
                 bail!("the {what} stream changed its announced totals");
             }
-            append_chunk(&mut out, &chunk, self.job.vocab_size)
+            append_chunk(&mut out, &chunk, self.job.vocab_size, self.job.config.model.num_classes)
                 .map_err(|e| anyhow!("malformed {what}: {e}"))?;
         }
         let (reviews, tokens) = totals.ok_or_else(|| anyhow!("the {what} stream was empty"))?;

@@ -30,6 +30,7 @@ pub(super) fn evaluate(
             correct: c.correct,
             total: c.total,
             loss_sum: c.loss_sum,
+            confusion: c.confusion,
         })
         .with_context(|| format!("evaluation on {} failed", split.as_str_name()))
 }

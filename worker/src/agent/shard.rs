@@ -4,8 +4,14 @@ use trainer_core::EncodedSplit;
 use trainer_proto::v1::ShardChunk;
 
 /// Appends the reviews of `chunk` to `split`, after checking that its fields agree with each
-/// other and that every token id is below `vocab_size`. On error nothing is appended.
-pub fn append_chunk(split: &mut EncodedSplit, chunk: &ShardChunk, vocab_size: usize) -> Result<(), String> {
+/// other, that every token id is below `vocab_size` and every label below `num_classes`. On
+/// error nothing is appended.
+pub fn append_chunk(
+    split: &mut EncodedSplit,
+    chunk: &ShardChunk,
+    vocab_size: usize,
+    num_classes: usize,
+) -> Result<(), String> {
     let n = chunk.review_ids.len();
     if chunk.labels.len() != n || chunk.ratings.len() != n || chunk.lengths.len() != n {
         return Err(format!(
@@ -25,8 +31,8 @@ pub fn append_chunk(split: &mut EncodedSplit, chunk: &ShardChunk, vocab_size: us
     if let Some(bad) = chunk.tokens.iter().find(|&&t| t as usize >= vocab_size) {
         return Err(format!("token id {bad} is outside the vocabulary of {vocab_size} words"));
     }
-    if let Some(bad) = chunk.labels.iter().find(|&&l| l > 1) {
-        return Err(format!("label {bad} is neither 0 nor 1"));
+    if let Some(bad) = chunk.labels.iter().find(|&&l| usize::from(l) >= num_classes) {
+        return Err(format!("label {bad} is not one of the job's {num_classes} classes"));
     }
     if split.offsets.is_empty() {
         split.offsets.push(0);
@@ -72,7 +78,7 @@ mod tests {
     #[test]
     fn chunks_rebuild_reviews() {
         let mut s = EncodedSplit::default();
-        append_chunk(&mut s, &chunk(), 10).unwrap();
+        append_chunk(&mut s, &chunk(), 10, 2).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s.review(1), [7, 8, 9]);
         assert_eq!((s.ids.clone(), s.labels.clone()), (vec![4, 9], vec![0, 1]));
@@ -85,14 +91,14 @@ mod tests {
         let mut s = EncodedSplit::default();
         let mut c = chunk();
         c.lengths = vec![2, 2];
-        assert!(append_chunk(&mut s, &c, 10).unwrap_err().contains("add up to 4"));
+        assert!(append_chunk(&mut s, &c, 10, 2).unwrap_err().contains("add up to 4"));
         let mut c = chunk();
         c.labels.pop();
-        assert!(append_chunk(&mut s, &c, 10).unwrap_err().contains("1 labels"));
-        assert!(append_chunk(&mut s, &chunk(), 9).unwrap_err().contains("token id 9"));
+        assert!(append_chunk(&mut s, &c, 10, 2).unwrap_err().contains("1 labels"));
+        assert!(append_chunk(&mut s, &chunk(), 9, 2).unwrap_err().contains("token id 9"));
         let mut c = chunk();
         c.labels[0] = 3;
-        assert!(append_chunk(&mut s, &c, 10).unwrap_err().contains("label 3"));
+        assert!(append_chunk(&mut s, &c, 10, 2).unwrap_err().contains("label 3"));
         assert!(s.is_empty());
     }
 }

@@ -137,6 +137,7 @@ impl Replica for Toy {
             correct: split.labels.iter().filter(|&&l| l == 1).count() as u64,
             total: split.len() as u64,
             loss_sum: split.len() as f64,
+            confusion: Vec::new(),
         })
     }
 

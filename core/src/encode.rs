@@ -120,14 +120,14 @@ impl EncodedCorpus {
 }
 
 /// One chunk's tokens as chunk-local word ids, with the chunk's words and their counts.
-struct LocalChunk {
-    words: Vec<String>,
-    counts: Vec<u64>,
-    tokens: Vec<u32>,
-    lengths: Vec<u32>,
+pub(crate) struct LocalChunk {
+    pub(crate) words: Vec<String>,
+    pub(crate) counts: Vec<u64>,
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) lengths: Vec<u32>,
 }
 
-fn tokenize_chunk(reviews: &[Review]) -> LocalChunk {
+pub(crate) fn tokenize_chunk(reviews: &[Review]) -> LocalChunk {
     let mut tokenizer = Tokenizer::new();
     let mut index: FxHashMap<String, u32> = FxHashMap::default();
     let mut chunk =
@@ -153,7 +153,7 @@ fn tokenize_chunk(reviews: &[Review]) -> LocalChunk {
     chunk
 }
 
-const CHUNK_REVIEWS: usize = 1024;
+pub(crate) const CHUNK_REVIEWS: usize = 1024;
 
 fn tokenize_split(reviews: &[Review]) -> Vec<LocalChunk> {
     reviews.par_chunks(CHUNK_REVIEWS).map(tokenize_chunk).collect()
@@ -199,29 +199,55 @@ pub struct TokenCounts {
 pub fn encode_corpus(raw: &RawCorpus, min_freq: u32, max_vocab: usize) -> (EncodedCorpus, TokenCounts) {
     let (train_chunks, test_chunks) =
         rayon::join(|| tokenize_split(&raw.train), || tokenize_split(&raw.test));
+    let parts = ChunkedCorpus {
+        train: (&raw.train, &train_chunks),
+        test: (&raw.test, &test_chunks),
+        classes: &raw.classes,
+        checksum: &raw.checksum,
+    };
+    encode_chunks(parts, min_freq, max_vocab)
+}
+
+/// Both splits already tokenized into chunks (whose reviews give the ids, labels and
+/// ratings; their texts are not read), for [`encode_chunks`].
+pub(crate) struct ChunkedCorpus<'a> {
+    pub(crate) train: (&'a [Review], &'a [LocalChunk]),
+    pub(crate) test: (&'a [Review], &'a [LocalChunk]),
+    pub(crate) classes: &'a [String],
+    pub(crate) checksum: &'a str,
+}
+
+/// The vocabulary from the train chunks' counts, then both splits encoded with it: the one
+/// path of [`encode_corpus`] and of the readers that tokenize as they read.
+pub(crate) fn encode_chunks(
+    parts: ChunkedCorpus<'_>,
+    min_freq: u32,
+    max_vocab: usize,
+) -> (EncodedCorpus, TokenCounts) {
+    let (train_reviews, train_chunks) = parts.train;
+    let (test_reviews, test_chunks) = parts.test;
     let mut counts: FxHashMap<&str, u64> = FxHashMap::default();
-    for chunk in &train_chunks {
-        for (w, &c) in chunk.words.iter().zip(&chunk.counts) {
+    for chunk in train_chunks {
+        // A chunk split by rows (a held-out test part) may list words none of its rows has.
+        for (w, &c) in chunk.words.iter().zip(&chunk.counts).filter(|(_, &c)| c > 0) {
             *counts.entry(w.as_str()).or_insert(0) += c;
         }
     }
     let token_counts = TokenCounts { train_tokens: counts.values().sum(), train_distinct: counts.len() };
     let vocab = Vocab::from_counts(counts, min_freq, max_vocab);
     let (train, test) = rayon::join(
-        || assemble(&raw.train, &train_chunks, &vocab),
-        || assemble(&raw.test, &test_chunks, &vocab),
+        || assemble(train_reviews, train_chunks, &vocab),
+        || assemble(test_reviews, test_chunks, &vocab),
     );
-    (
-        EncodedCorpus {
-            vocab,
-            train,
-            test,
-            checksum: raw.checksum.clone(),
-            classes: raw.classes.clone(),
-            tokenizer_json: None,
-        },
-        token_counts,
-    )
+    let corpus = EncodedCorpus {
+        vocab,
+        train,
+        test,
+        checksum: parts.checksum.to_string(),
+        classes: parts.classes.to_vec(),
+        tokenizer_json: None,
+    };
+    (corpus, token_counts)
 }
 
 /// Encodes one text with an existing vocabulary (for `predict`).

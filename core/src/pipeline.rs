@@ -175,6 +175,14 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
         }
     }
 
+    // A subword tokenizer is trained on the whole train split before anything is encoded, so
+    // its corpora are read first (once); a word vocabulary can be counted while reading.
+    let streams =
+        |i: &&labelled::Input| !options.tokenizer.is_subword() && labelled::streams(i, &options.labelled);
+    if let Some(input) = labelled_input.as_ref().filter(streams) {
+        return prepare_streamed(options, input, stages);
+    }
+
     // 3. Read (hashing as we go); a folder, or a tarball not seen before, may still have a
     // valid cache under its checksum, and then nothing is tokenized.
     let t = Instant::now();
@@ -209,30 +217,74 @@ pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineRepor
         stages.push(("tokenize + vocab + encode".into(), t.elapsed().as_secs_f64()));
         encoded
     };
-    let cache = if options.use_cache {
-        let key = options.cache_key(&raw.checksum);
-        let path = cache::cache_path(cache_dir, &key);
-        let status = match miss_reason {
-            Some(CacheMiss::Invalid(reason)) => {
-                tracing::warn!(cache = %path.display(), %reason, "encoded-corpus cache unusable; rebuilding");
-                CacheStatus::Rebuilt(reason)
-            }
-            _ => CacheStatus::Built,
-        };
-        let t = Instant::now();
-        std::fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
-        cache::store(&path, &key, &corpus)?;
-        stages.push(("cache store".into(), t.elapsed().as_secs_f64()));
-        status
-    } else {
-        CacheStatus::Disabled
-    };
+    let cache = store_cache(options, &corpus, miss_reason, &mut stages)?;
     let report = PipelineReport {
         source: source.path().display().to_string(),
         checksum: raw.checksum.clone(),
         cache,
         stages,
         lossy_utf8: raw.lossy_utf8,
+        train_distinct_words: Some(counts.train_distinct),
+    };
+    Ok((corpus, report))
+}
+
+/// Stores the encoded corpus in the cache (when the cache is used); what became of it.
+fn store_cache(
+    options: &PrepareOptions,
+    corpus: &EncodedCorpus,
+    miss_reason: Option<CacheMiss>,
+    stages: &mut Vec<(String, f64)>,
+) -> Result<CacheStatus> {
+    if !options.use_cache {
+        return Ok(CacheStatus::Disabled);
+    }
+    let cache_dir = &options.download.cache_dir;
+    let key = options.cache_key(&corpus.checksum);
+    let path = cache::cache_path(cache_dir, &key);
+    let status = match miss_reason {
+        Some(CacheMiss::Invalid(reason)) => {
+            tracing::warn!(cache = %path.display(), %reason, "encoded-corpus cache unusable; rebuilding");
+            CacheStatus::Rebuilt(reason)
+        }
+        _ => CacheStatus::Built,
+    };
+    let t = Instant::now();
+    std::fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
+    cache::store(&path, &key, corpus)?;
+    stages.push(("cache store".into(), t.elapsed().as_secs_f64()));
+    Ok(status)
+}
+
+/// A CSV, TSV, JSONL or fastText corpus: hashed first, so that a warm cache needs no
+/// parsing; otherwise read while it is encoded (`labelled/stream.rs`).
+fn prepare_streamed(
+    options: &PrepareOptions,
+    input: &labelled::Input,
+    mut stages: Vec<(String, f64)>,
+) -> Result<(EncodedCorpus, PipelineReport)> {
+    let source = DataSource::Folder(input.path.clone());
+    let mut miss_reason = None;
+    if options.use_cache {
+        let t = Instant::now();
+        let checksum = labelled::streamed_checksum(input, &options.labelled)?;
+        stages.push(("hash".into(), t.elapsed().as_secs_f64()));
+        match try_cache(options, &checksum, &source, &mut stages) {
+            Ok(hit) => return Ok(hit),
+            Err(miss) => miss_reason = Some(miss),
+        }
+    }
+    let t = Instant::now();
+    let (corpus, counts, lossy_utf8) =
+        labelled::read_encoded(input, &options.labelled, options.min_freq, options.max_vocab)?;
+    stages.push(("read + tokenize + vocab + encode".into(), t.elapsed().as_secs_f64()));
+    let cache = store_cache(options, &corpus, miss_reason, &mut stages)?;
+    let report = PipelineReport {
+        source: input.path.display().to_string(),
+        checksum: corpus.checksum.clone(),
+        cache,
+        stages,
+        lossy_utf8,
         train_distinct_words: Some(counts.train_distinct),
     };
     Ok((corpus, report))

@@ -148,6 +148,13 @@ fn every_format_of_the_same_corpus_trains_bitwise_equal_to_the_tarball() {
             v["pipeline"]["checksum"].clone(),
         ));
     }
+    // A second look at a file finds the cache without parsing it: only its bytes are hashed.
+    let warm = json(&run_ok(coordinator_data(cache.path()).args(&formats[2].1).arg("--json")));
+    assert_eq!(warm["pipeline"]["cache"]["status"], "hit");
+    let stages: Vec<&str> =
+        warm["pipeline"]["stages"].as_array().unwrap().iter().map(|s| s[0].as_str().unwrap()).collect();
+    assert_eq!(stages, ["hash", "cache load"]);
+    assert_eq!(warm["encoded_fingerprint"].as_str(), Some(fingerprints[0].1.as_str()));
     for (name, fp, checksum) in &fingerprints[1..] {
         assert_eq!(fp, &fingerprints[0].1, "{name}: another encoded corpus than the tarball's");
         assert_ne!(checksum, &fingerprints[0].2, "{name}: the file checksum cannot be the tarball's");

@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod device;
 pub mod error;
+pub mod eval_counts;
 pub mod model;
 pub mod optim;
 #[cfg(test)]

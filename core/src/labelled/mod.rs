@@ -15,6 +15,7 @@
 
 mod folders;
 mod records;
+mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -103,6 +104,8 @@ impl FormatOptions {
         }
     }
 }
+
+pub(crate) use stream::{checksum as streamed_checksum, read_encoded, streams};
 
 /// A corpus source that is not IMDB's layout: its concrete format and path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,35 +248,63 @@ pub fn sort_classes(classes: &mut [String]) {
     }
 }
 
-fn build(input: &Input, train: Part, test: Option<Part>, options: &FormatOptions) -> Result<RawCorpus> {
-    let mut classes: Vec<String> = train.examples.iter().map(|e| e.label.clone()).collect();
+/// The sorted classes of the train data's labels (`names`, in any order, repeats allowed),
+/// refused when fewer than two or more than [`MAX_CLASSES`].
+fn classes_of<'a>(path: &Path, names: impl Iterator<Item = &'a str>) -> Result<Vec<String>> {
+    let mut classes: Vec<String> = names.map(str::to_string).collect();
     classes.sort();
     classes.dedup();
     sort_classes(&mut classes);
+    let bad = |message: String| DataError::BadCorpus { path: path.to_path_buf(), message };
     match classes.len() {
-        0 => {
-            return Err(DataError::BadCorpus {
-                path: train.path.clone(),
-                message: "holds no examples".into(),
-            })
-        }
-        1 => {
-            return Err(DataError::BadCorpus {
-                path: train.path.clone(),
-                message: format!(
-                    "every example has the label {:?}: a classifier needs at least two classes",
-                    classes[0]
-                ),
-            })
-        }
-        n if n > MAX_CLASSES => {
-            return Err(DataError::BadCorpus {
-                path: train.path.clone(),
-                message: format!("has {n} classes; at most {MAX_CLASSES} are supported"),
-            })
-        }
-        _ => {}
+        0 => Err(bad("holds no examples".into())),
+        1 => Err(bad(format!(
+            "every example has the label {:?}: a classifier needs at least two classes",
+            classes[0]
+        ))),
+        n if n > MAX_CLASSES => Err(bad(format!("has {n} classes; at most {MAX_CLASSES} are supported"))),
+        _ => Ok(classes),
     }
+}
+
+/// The corpus checksum: the files' digests and every option that changes what is read.
+fn checksum_of(input: &Input, options: &FormatOptions, train: &str, test: Option<&str>) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(format!(
+        "labelled-v1\nformat={}\ntext_column={}\nlabel_column={}\ninvalid_utf8={:?}\ntrain={train}\n",
+        input.format.name(),
+        options.text_column,
+        options.label_column,
+        options.invalid_utf8,
+    ));
+    match test {
+        Some(test) => hasher.update(format!("test={test}\n")),
+        None => hasher.update(format!("test_fraction={}\nseed={}\n", options.test_fraction, options.seed)),
+    }
+    hex::encode(hasher.finalize())
+}
+
+fn no_test_split(path: &Path) -> DataError {
+    DataError::BadCorpus {
+        path: path.to_path_buf(),
+        message: "has no test split: give --test-data FILE (data.test_data) or hold out part of it with \
+                  --test-fraction F (data.test_fraction)"
+            .into(),
+    }
+}
+
+fn none_held_out(path: &Path, options: &FormatOptions, examples: usize) -> DataError {
+    DataError::BadCorpus {
+        path: path.to_path_buf(),
+        message: format!(
+            "data.test_fraction {} of {examples} examples holds out none; raise it or give --test-data",
+            options.test_fraction
+        ),
+    }
+}
+
+fn build(input: &Input, train: Part, test: Option<Part>, options: &FormatOptions) -> Result<RawCorpus> {
+    let classes = classes_of(&train.path, train.examples.iter().map(|e| e.label.as_str()))?;
     let id_of = |label: &str| classes.binary_search_by(|c| cmp_class(c, label)).ok();
     let to_review =
         |e: Example, id: usize| Review { id: e.line as u32, rating: 0, label: id as u8, text: e.text };
@@ -282,19 +313,10 @@ fn build(input: &Input, train: Part, test: Option<Part>, options: &FormatOptions
         let id = id_of(&e.label).unwrap_or(0);
         train_reviews.push(to_review(e, id));
     }
-    let mut hasher = Sha256::new();
-    hasher.update(format!(
-        "labelled-v1\nformat={}\ntext_column={}\nlabel_column={}\ninvalid_utf8={:?}\ntrain={}\n",
-        input.format.name(),
-        options.text_column,
-        options.label_column,
-        options.invalid_utf8,
-        train.digest
-    ));
+    let checksum = checksum_of(input, options, &train.digest, test.as_ref().map(|t| t.digest.as_str()));
     let mut lossy = train.lossy;
     let test_reviews = match test {
         Some(test) => {
-            hasher.update(format!("test={}\n", test.digest));
             lossy.extend(test.lossy);
             let mut out = Vec::with_capacity(test.examples.len());
             for e in test.examples {
@@ -314,55 +336,36 @@ fn build(input: &Input, train: Part, test: Option<Part>, options: &FormatOptions
             out
         }
         None if options.test_fraction > 0.0 => {
-            hasher.update(format!("test_fraction={}\nseed={}\n", options.test_fraction, options.seed));
             let (kept, held) = hold_out(train_reviews, classes.len(), options.test_fraction, options.seed);
             if held.is_empty() {
-                return Err(DataError::BadCorpus {
-                    path: train.path,
-                    message: format!(
-                        "data.test_fraction {} of {} examples holds out none; raise it or give --test-data",
-                        options.test_fraction,
-                        kept.len()
-                    ),
-                });
+                return Err(none_held_out(&train.path, options, kept.len()));
             }
             train_reviews = kept;
             held
         }
-        None => {
-            return Err(DataError::BadCorpus {
-                path: train.path,
-                message: "has no test split: give --test-data FILE (data.test_data) or hold out part \
-                          of it with --test-fraction F (data.test_fraction)"
-                    .into(),
-            })
-        }
+        None => return Err(no_test_split(&train.path)),
     };
-    Ok(RawCorpus {
-        train: train_reviews,
-        test: test_reviews,
-        checksum: hex::encode(hasher.finalize()),
-        lossy_utf8: lossy,
-        classes,
-    })
+    Ok(RawCorpus { train: train_reviews, test: test_reviews, checksum, lossy_utf8: lossy, classes })
 }
 
-fn cmp_class(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn cmp_class(a: &str, b: &str) -> std::cmp::Ordering {
     match (a.parse::<i64>(), b.parse::<i64>()) {
         (Ok(x), Ok(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
         _ => a.cmp(b),
     }
 }
 
-/// Holds out `round(fraction * n_c)` examples of each class `c` (at most `n_c - 1`), chosen
-/// by a generator seeded with `seed`; both parts keep the file's order.
-fn hold_out(reviews: Vec<Review>, classes: usize, fraction: f64, seed: u64) -> (Vec<Review>, Vec<Review>) {
+/// Which examples to hold out: `round(fraction * n_c)` of each class `c` (at most
+/// `n_c - 1`), chosen by a generator seeded with `seed`.
+fn hold_out_mask(labels: impl Iterator<Item = u8>, classes: usize, fraction: f64, seed: u64) -> Vec<bool> {
     let mut rng = crate::shard::rng_for(seed, 0, PURPOSE_TEST_HOLD_OUT);
-    let mut held = vec![false; reviews.len()];
     let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
-    for (i, review) in reviews.iter().enumerate() {
-        by_class[usize::from(review.label)].push(i);
+    let mut n = 0;
+    for (i, label) in labels.enumerate() {
+        by_class[usize::from(label)].push(i);
+        n += 1;
     }
+    let mut held = vec![false; n];
     for mut members in by_class {
         let take = ((fraction * members.len() as f64).round() as usize).min(members.len().saturating_sub(1));
         members.shuffle(&mut rng);
@@ -370,6 +373,12 @@ fn hold_out(reviews: Vec<Review>, classes: usize, fraction: f64, seed: u64) -> (
             held[i] = true;
         }
     }
+    held
+}
+
+/// Splits `reviews` by [`hold_out_mask`]; both parts keep the file's order.
+fn hold_out(reviews: Vec<Review>, classes: usize, fraction: f64, seed: u64) -> (Vec<Review>, Vec<Review>) {
+    let held = hold_out_mask(reviews.iter().map(|r| r.label), classes, fraction, seed);
     let (mut kept, mut out) = (Vec::new(), Vec::new());
     for (review, held) in reviews.into_iter().zip(held) {
         if held {

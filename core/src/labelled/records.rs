@@ -142,18 +142,54 @@ fn example(path: &Path, line: u64, label: String, text: String) -> Result<Exampl
 }
 
 pub(crate) fn read(path: &Path, format: CorpusFormat, options: &FormatOptions) -> Result<Part> {
+    let mut examples = Vec::new();
+    let mut part = read_each(path, format, options, &mut |e| {
+        examples.push(e);
+        Ok(())
+    })?;
+    part.examples = examples;
+    Ok(part)
+}
+
+/// What a streamed file gave besides its examples.
+pub(crate) struct PartDigest {
+    pub digest: String,
+    pub lossy: Vec<String>,
+}
+
+/// Reads `path`, handing each example to `sink` as soon as it is read; the [`Part`] it
+/// returns has no examples, only the digest and what was decoded lossily.
+pub(crate) fn read_each(
+    path: &Path,
+    format: CorpusFormat,
+    options: &FormatOptions,
+    sink: &mut dyn FnMut(Example) -> Result<()>,
+) -> Result<Part> {
     let mut source = Source::open(path)?;
     let mut utf8 = Utf8::new(options.invalid_utf8);
-    let examples = match format {
-        CorpusFormat::Csv => read_delimited(&mut source, b',', options, &mut utf8)?,
-        CorpusFormat::Tsv => read_delimited(&mut source, b'\t', options, &mut utf8)?,
-        _ => read_lines(&mut source, format, options, &mut utf8)?,
+    let mut count = 0u64;
+    let mut counted = |e: Example| {
+        count += 1;
+        sink(e)
+    };
+    match format {
+        CorpusFormat::Csv => read_delimited(&mut source, b',', options, &mut utf8, &mut counted)?,
+        CorpusFormat::Tsv => read_delimited(&mut source, b'\t', options, &mut utf8, &mut counted)?,
+        _ => read_lines(&mut source, format, options, &mut utf8, &mut counted)?,
     };
     let lossy = utf8.finish(path)?;
-    if examples.is_empty() {
+    if count == 0 {
         return Err(DataError::BadCorpus { path: path.to_path_buf(), message: "holds no examples".into() });
     }
-    Ok(Part { path: path.to_path_buf(), examples, digest: source.digest(), lossy })
+    Ok(Part { path: path.to_path_buf(), examples: Vec::new(), digest: source.digest(), lossy })
+}
+
+/// sha256 of the file's bytes, as [`read_each`] computes it, without parsing them.
+pub(crate) fn digest(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut sha = Sha256::new();
+    std::io::copy(&mut file, &mut sha).map_err(io_err(path))?;
+    Ok(hex::encode(sha.finalize()))
 }
 
 fn read_delimited(
@@ -161,7 +197,8 @@ fn read_delimited(
     delimiter: u8,
     options: &FormatOptions,
     utf8: &mut Utf8,
-) -> Result<Vec<Example>> {
+    sink: &mut dyn FnMut(Example) -> Result<()>,
+) -> Result<()> {
     let path = source.path.clone();
     let reader: &mut dyn BufRead = &mut source.reader;
     let mut csv =
@@ -231,7 +268,6 @@ fn read_delimited(
     let text_at = column(&options.text_column, "--text-column")?;
     let label_at = column(&options.label_column, "--label-column")?;
     let mut record = csv::ByteRecord::new();
-    let mut examples = Vec::new();
     loop {
         match csv.read_byte_record(&mut record) {
             Ok(false) => break,
@@ -241,9 +277,9 @@ fn read_delimited(
         let line = record.position().map_or(last_line + 1, |p| p.line());
         last_line = line;
         let [label, text] = utf8.decode(&path, line, [&record[label_at], &record[text_at]]);
-        examples.push(example(&path, line, label, text)?);
+        sink(example(&path, line, label, text)?)?;
     }
-    Ok(examples)
+    Ok(())
 }
 
 fn read_lines(
@@ -251,9 +287,9 @@ fn read_lines(
     format: CorpusFormat,
     options: &FormatOptions,
     utf8: &mut Utf8,
-) -> Result<Vec<Example>> {
+    sink: &mut dyn FnMut(Example) -> Result<()>,
+) -> Result<()> {
     let path = source.path.clone();
-    let mut examples = Vec::new();
     let mut buf = Vec::new();
     let mut line = 0u64;
     loop {
@@ -284,9 +320,9 @@ fn read_lines(
             CorpusFormat::Jsonl => json_example(&path, line, &text, options)?,
             _ => fasttext_example(&path, line, &text)?,
         };
-        examples.push(example(&path, line, label, text)?);
+        sink(example(&path, line, label, text)?)?;
     }
-    Ok(examples)
+    Ok(())
 }
 
 fn json_example(path: &Path, line: u64, text: &str, options: &FormatOptions) -> Result<(String, String)> {

@@ -260,3 +260,45 @@ fn formats_are_detected_by_name_and_layout() {
     let held = FormatOptions { test_fraction: 0.2, ..options() };
     assert!(detect(&tarball, &held).unwrap_err().to_string().contains("data.test_fraction"));
 }
+
+#[test]
+fn reading_while_encoding_gives_the_bits_of_reading_then_encoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // More rows than one batch of chunks, so that chunks of several batches are joined.
+    let mut csv = String::from("text,label\n");
+    let mut jsonl = String::new();
+    for i in 0..20_000u32 {
+        let label = ["red", "green", "blue"][(i % 3) as usize];
+        let text = format!("word{} and word{} {label} {}", i % 97, i % 13, i % 1000);
+        csv.push_str(&format!("\"{text}\",{label}\n"));
+        if i % 5 == 0 {
+            jsonl.push_str(&serde_json::json!({"text": text, "label": label}).to_string());
+            jsonl.push('\n');
+        }
+    }
+    let train = write(d, "train.csv", csv.as_bytes());
+    let test = write(d, "test.jsonl.gz", &gz(jsonl.as_bytes()));
+    let held = FormatOptions { test_fraction: 0.25, seed: 3, ..options() };
+    let given = FormatOptions { test_data: Some(test), ..options() };
+    for (opts, min_freq, max_vocab) in [(&held, 1, 0), (&held, 2, 50), (&given, 1, 0)] {
+        let input = detect(&train, opts).unwrap().unwrap();
+        assert!(streams(&input, opts));
+        let raw = read(&input, opts).unwrap();
+        let (whole, counts) = crate::encode::encode_corpus(&raw, min_freq, max_vocab);
+        let (streamed, streamed_counts, _) = read_encoded(&input, opts, min_freq, max_vocab).unwrap();
+        assert_eq!(streamed, whole);
+        assert_eq!(streamed_counts, counts);
+        assert_eq!(streamed_checksum(&input, opts).unwrap(), whole.checksum);
+    }
+    // Errors are the same too.
+    let bad = write(d, "bad.csv", b"text,label\na,x\nb,y\nc,z,extra\n");
+    let input = detect(&bad, &held).unwrap().unwrap();
+    let e = read_encoded(&input, &held, 1, 0).err().unwrap().to_string();
+    assert_eq!(e, read(&input, &held).err().unwrap().to_string());
+    let unknown = write(d, "unknown.csv", b"text,label\nc,x\nd,w\n");
+    let given = FormatOptions { test_data: Some(unknown), ..options() };
+    let input = detect(&d.join("train.csv"), &given).unwrap().unwrap();
+    let e = read_encoded(&input, &given, 1, 0).err().unwrap().to_string();
+    assert_eq!(e, read(&input, &given).err().unwrap().to_string());
+}

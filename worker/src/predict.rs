@@ -40,7 +40,7 @@ pub struct Prediction {
 /// How a run folder turns text into ids: the run's own tokenizer, never a new one.
 enum TextEncoder {
     Words(Tokenizer),
-    Subword(SubwordTokenizer),
+    Subword(Box<SubwordTokenizer>),
 }
 
 /// A model loaded from a run folder.
@@ -85,7 +85,7 @@ impl Predictor {
                     "{TOKENIZER_FILE} does not match {VOCAB_FILE}: they come from different runs"
                 )));
             }
-            TextEncoder::Subword(subword)
+            TextEncoder::Subword(Box::new(subword))
         };
         let shape = ModelShape::new(&config.model, vocab.len());
         let mut model = LstmClassifier::new(shape, Dropouts::from_config(&config.model), device)?;

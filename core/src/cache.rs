@@ -290,4 +290,27 @@ mod tests {
         std::fs::write(&path, b"hello").unwrap();
         assert!(matches!(load(&path, &key), Err(CacheMiss::Invalid(m)) if m.contains("magic")));
     }
+
+    #[test]
+    fn subword_settings_have_their_own_key_and_the_tokenizer_travels_with_the_cache() {
+        use crate::config::TokenizerKind;
+        use crate::subword::TokenizerSettings;
+        // basic_english: the key it always had, so that old caches still hit.
+        assert_eq!(cache_key_for("abc", 1, 0, &TokenizerSettings::default()), cache_key("abc", 1, 0));
+        let bpe = TokenizerSettings { kind: TokenizerKind::Bpe, ..Default::default() };
+        let key = cache_key_for("abc", 1, 0, &bpe);
+        assert_ne!(key, cache_key("abc", 1, 0));
+        assert_ne!(key, cache_key_for("abc", 1, 0, &TokenizerSettings { vocab_size: 8000, ..bpe }));
+        assert_ne!(key, cache_key_for("abc", 1, 0, &TokenizerSettings { min_frequency: 3, ..bpe }));
+        assert_ne!(
+            key,
+            cache_key_for("abc", 1, 0, &TokenizerSettings { kind: TokenizerKind::Unigram, ..bpe })
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = cache_path(dir.path(), &key);
+        let mut c = corpus();
+        c.tokenizer_json = Some("{\"json\": true}".into());
+        store(&path, &key, &c).unwrap();
+        assert_eq!(load(&path, &key).unwrap(), c);
+    }
 }

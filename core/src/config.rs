@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::data_kinds::{CorpusFormat, InvalidUtf8};
 use crate::error::ConfigError;
-pub use crate::labelled::{CorpusFormat, InvalidUtf8};
 
 /// Which part of a review to keep when it is longer than `max_len` tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -493,9 +493,9 @@ impl JobConfig {
         let d = &self.data;
         check(d.min_freq >= 1, "data.min_freq", "at least 1", d.min_freq)?;
         check(
-            (crate::subword::MIN_VOCAB_SIZE..=crate::subword::MAX_VOCAB_SIZE).contains(&d.vocab_size),
+            (crate::data_kinds::MIN_VOCAB_SIZE..=crate::data_kinds::MAX_VOCAB_SIZE).contains(&d.vocab_size),
             "data.vocab_size",
-            &format!("{}..={}", crate::subword::MIN_VOCAB_SIZE, crate::subword::MAX_VOCAB_SIZE),
+            &format!("{}..={}", crate::data_kinds::MIN_VOCAB_SIZE, crate::data_kinds::MAX_VOCAB_SIZE),
             d.vocab_size,
         )?;
         check(d.min_frequency >= 1, "data.min_frequency", "at least 1", d.min_frequency)?;
@@ -525,7 +525,7 @@ impl JobConfig {
         check((1..=16).contains(&m.layers), "model.layers", "1..=16", m.layers)?;
         check((0.0..1.0).contains(&m.dropout), "model.dropout", "0 <= x < 1", m.dropout)?;
         check(
-            (2..=crate::labelled::MAX_CLASSES).contains(&m.num_classes),
+            (2..=crate::data_kinds::MAX_CLASSES).contains(&m.num_classes),
             "model.num_classes",
             "2..=256",
             m.num_classes,

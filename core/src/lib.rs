@@ -8,6 +8,7 @@ pub mod class_metrics;
 pub mod cli;
 pub mod config;
 pub mod corpus;
+pub mod data_kinds;
 pub mod encode;
 pub mod error;
 pub mod exit;

@@ -43,10 +43,7 @@ use crate::vocab::{Vocab, PAD, PAD_ID, UNK, UNK_ID};
 pub const SUBWORD_VERSION: &str = "subword-1+tokenizers-0.22.2";
 /// The file in a run folder (and in what `coordinator data --tokenizer-out` writes).
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-/// The smallest `data.vocab_size` the config accepts; training also refuses a size that
-/// the train split's alphabet alone fills.
-pub const MIN_VOCAB_SIZE: usize = 64;
-pub const MAX_VOCAB_SIZE: usize = 1_000_000;
+pub use crate::data_kinds::{MAX_VOCAB_SIZE, MIN_VOCAB_SIZE};
 
 /// What to train: the subword fields of `[data]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,55 +22,13 @@ mod tests;
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::JobConfig;
 use crate::corpus::{RawCorpus, Review};
 use crate::error::{ConfigError, DataError, Result};
 
-/// At most this many classes: a label travels as one byte.
-pub const MAX_CLASSES: usize = 256;
-
-/// `data.format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum CorpusFormat {
-    /// By the file's extension (`.csv`, `.tsv`, `.jsonl`/`.ndjson`, `.txt`/`.ft` for fastText,
-    /// each optionally `.gz`; anything else is read as IMDB's tarball) or the folder's layout
-    /// (`aclImdb/` or a folder holding `imdb.vocab` is IMDB's, any other a class-folder tree).
-    #[default]
-    Auto,
-    Imdb,
-    Folders,
-    Csv,
-    Tsv,
-    Jsonl,
-    Fasttext,
-}
-
-impl CorpusFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Imdb => "imdb",
-            Self::Folders => "folders",
-            Self::Csv => "csv",
-            Self::Tsv => "tsv",
-            Self::Jsonl => "jsonl",
-            Self::Fasttext => "fasttext",
-        }
-    }
-}
-
-/// `data.invalid_utf8`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum InvalidUtf8 {
-    #[default]
-    Refuse,
-    Replace,
-}
+pub use crate::data_kinds::{CorpusFormat, InvalidUtf8, MAX_CLASSES};
 
 /// What of `[data]` (and `train.seed`) the readers need.
 #[derive(Debug, Clone, PartialEq)]

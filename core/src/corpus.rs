@@ -373,9 +373,9 @@ impl<R: Read> Read for Tracked<R> {
 }
 
 /// Reader that feeds everything it passes through to a shared sha256.
-struct Hashing<R> {
-    inner: R,
-    sha: std::rc::Rc<std::cell::RefCell<Sha256>>,
+pub(crate) struct Hashing<R> {
+    pub(crate) inner: R,
+    pub(crate) sha: std::rc::Rc<std::cell::RefCell<Sha256>>,
 }
 
 impl<R: Read> Read for Hashing<R> {

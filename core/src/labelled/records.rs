@@ -11,25 +11,12 @@ use std::rc::Rc;
 use sha2::{Digest, Sha256};
 
 use super::{CorpusFormat, Example, FormatOptions, InvalidUtf8, Part};
-use crate::corpus::MAX_REVIEW_BYTES;
+use crate::corpus::{Hashing, MAX_REVIEW_BYTES};
 use crate::error::{io_err, DataError, Result};
+use crate::integrity::FileDigest;
 
 /// Longest line of a JSONL or fastText file: one example and its JSON escapes.
 const MAX_LINE_BYTES: u64 = 2 * MAX_REVIEW_BYTES as u64 + 4096;
-
-/// Reader that feeds what passes through to a shared sha256.
-struct Hashing<R> {
-    inner: R,
-    sha: Rc<RefCell<Sha256>>,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.sha.borrow_mut().update(&buf[..n]);
-        Ok(n)
-    }
-}
 
 /// An open file: its (decompressed) bytes, and whether they come through gzip.
 struct Source {
@@ -186,10 +173,7 @@ pub(crate) fn read_each(
 
 /// sha256 of the file's bytes, as [`read_each`] computes it, without parsing them.
 pub(crate) fn digest(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(io_err(path))?;
-    let mut sha = Sha256::new();
-    std::io::copy(&mut file, &mut sha).map_err(io_err(path))?;
-    Ok(hex::encode(sha.finalize()))
+    Ok(FileDigest::of_file(path).map_err(io_err(path))?.sha256)
 }
 
 fn read_delimited(

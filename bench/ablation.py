@@ -154,13 +154,19 @@ def write_results(args: argparse.Namespace, results: list[dict], seeds: list[int
     ]
     text = "\n".join(section)
     if args.results:
-        old = args.results.read_text() if args.results.exists() else ""
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-        else:
-            new = old + ("\n" if old else "") + text + "\n"
-        args.results.write_text(new)
+        replace_section(args.results, text, BEGIN, END)
     return text
+
+
+def replace_section(path, text, begin, end):
+    """Puts `text` (which starts with `begin` and ends with `end`) in place of the section
+    between those markers in the markdown file at `path`, or appends it when there is none."""
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + text + old[old.index(end) + len(end):]
+    else:
+        new = old + ("\n" if old else "") + text + "\n"
+    path.write_text(new)
 
 
 def main() -> None:

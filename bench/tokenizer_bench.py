@@ -212,12 +212,7 @@ def main() -> None:
     out.append(END)
     text = "\n".join(out)
     if args.results:
-        old = args.results.read_text() if args.results.exists() else ""
-        if BEGIN in old and END in old:
-            new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-        else:
-            new = old + ("\n" if old else "") + text + "\n"
-        args.results.write_text(new)
+        ablation.replace_section(args.results, text, BEGIN, END)
     print(text)
 
 

@@ -32,7 +32,16 @@ pub struct DataCmd {
 
 pub fn run(cmd: &DataCmd) -> anyhow::Result<()> {
     let config = cmd.data.configure(cmd.config.resolve()?)?;
-    let (corpus, report) = prepare(&cmd.data.prepare_options(&config))?;
+    let options = cmd.data.prepare_options(&config);
+    if let (Some(_), Some(data)) = (&cmd.sample_out, &cmd.data.data) {
+        // It reads the reviews again with their IMDB ids, to check each against its encoding.
+        anyhow::ensure!(
+            trainer_core::labelled::detect(data, &options.labelled)?.is_none(),
+            "--sample-out reads IMDB's layout only, and {} is a corpus of another format",
+            data.display()
+        );
+    }
+    let (corpus, report) = prepare(&options)?;
     if let Some(path) = &cmd.vocab_out {
         corpus.vocab.save(path)?;
     }

@@ -286,4 +286,20 @@ fn bad_data_is_refused_by_the_coordinator_before_the_run_folder_exists() {
     // Nothing half-written in the cache either.
     let left: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.iter().all(|n| !n.to_string_lossy().starts_with("encoded-")), "{left:?}");
+    // `coordinator data --sample-out` (IMDB's layout only) names a CSV as another format,
+    // rather than failing to read it as a tarball.
+    let good = dir.path().join("good.csv");
+    std::fs::write(&good, "text,label\ngood film,pos\nbad film,neg\nfine film,pos\ndull film,neg\n").unwrap();
+    let sampled = run(Command::new(bin("coordinator"))
+        .args(["data", "--config"])
+        .arg(&config)
+        .arg("--data")
+        .arg(&good)
+        .args(["--test-fraction", "0.5", "--cache-dir"])
+        .arg(cache.path())
+        .arg("--sample-out")
+        .arg(dir.path().join("samples.jsonl")));
+    let err = stderr(&sampled);
+    assert!(!sampled.status.success() && err.contains("--sample-out reads IMDB's layout only"), "{err}");
+    assert!(!dir.path().join("samples.jsonl").exists());
 }

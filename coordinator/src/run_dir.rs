@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use trainer_core::encode::EncodedCorpus;
 use trainer_core::integrity::{self, FileDigest, HashingWriter};
-use trainer_core::{JobConfig, Vocab};
+use trainer_core::JobConfig;
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const LAST_MODEL_FILE: &str = "model-last.safetensors";
-pub const VOCAB_FILE: &str = "vocab.txt";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
@@ -191,27 +191,18 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// Creates the folder and writes the vocabulary, a subword run's `tokenizer.json`, the
-    /// class names and the config right away. A fresh run starts a new metrics file; a
-    /// resumed one appends to its own.
+    /// Creates the folder and writes the corpus's run files (the vocabulary, a subword run's
+    /// `tokenizer.json`, the class names) and the config right away. A fresh run starts a
+    /// new metrics file; a resumed one appends to its own.
     pub fn create(
         dir: &Path,
-        vocab: &Vocab,
-        tokenizer_json: Option<&str>,
-        classes: &[String],
+        corpus: &EncodedCorpus,
         config: &JobConfig,
         resumed: bool,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the run folder {}", dir.display()))?;
-        vocab.save(&dir.join(VOCAB_FILE))?;
-        if let Some(json) = tokenizer_json {
-            trainer_core::write_atomically(
-                &dir.join(trainer_core::subword::TOKENIZER_FILE),
-                json.as_bytes(),
-            )?;
-        }
-        trainer_core::labelled::write_labels(dir, classes)?;
+        trainer_core::pipeline::write_run_files(dir, corpus)?;
         trainer_core::write_atomically(&dir.join(CONFIG_FILE), config.to_toml().as_bytes())?;
         if !resumed {
             trainer_core::write_atomically(&dir.join(METRICS_FILE), b"")?;

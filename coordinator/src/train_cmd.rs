@@ -323,13 +323,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     let made_out = RemoveIfEmpty((!args.out.exists()).then(|| args.out.clone()));
     check_out_writable(&args.out)?;
     let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
-    tracing::info!(
-        source = %report.source,
-        cache = ?report.cache,
-        classes = %corpus.classes.join(","),
-        encoded_fingerprint = %corpus.fingerprint(),
-        "corpus ready"
-    );
+    trainer_core::pipeline::log_corpus_ready(&corpus, &report);
     let data = Arc::new(JobData::new(&corpus, config, workers)?);
     tracing::info!(
         workers,
@@ -351,14 +345,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     if let Some(c) = &resume {
         tracing::info!(at = %c.describe(), restarts = c.progress.restarts, "resuming the job from its checkpoint");
     }
-    let run_dir = RunDir::create(
-        &args.out,
-        &corpus.vocab,
-        corpus.tokenizer_json.as_deref(),
-        &corpus.classes,
-        &data.config,
-        resume.is_some(),
-    )?;
+    let run_dir = RunDir::create(&args.out, &corpus, &data.config, resume.is_some())?;
     made_out.disarm();
     drop(corpus);
     let fault = FaultTolerance {

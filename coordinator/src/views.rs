@@ -158,11 +158,7 @@ impl RunViews {
             (format!("{prefix}/loss"), test.mean_loss()),
         ];
         if let Some(m) = test.class_metrics(classes) {
-            scalars.push((format!("{prefix}/macro_f1"), m.macro_f1));
-            for s in &m.per_class {
-                scalars.push((format!("{prefix}/precision/{}", s.class), s.precision));
-                scalars.push((format!("{prefix}/recall/{}", s.class), s.recall));
-            }
+            scalars.extend(m.scalars(prefix));
         }
         let named: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         self.write(step, &named);

@@ -59,6 +59,17 @@ impl ClassMetrics {
         })
     }
 
+    /// TensorBoard's scalars under `prefix` (`test`, `test_best`, ...): `macro_f1`, then each
+    /// class's `precision/<class>` and `recall/<class>`. Both binaries chart these names.
+    pub fn scalars(&self, prefix: &str) -> Vec<(String, f64)> {
+        let mut out = vec![(format!("{prefix}/macro_f1"), self.macro_f1)];
+        for s in &self.per_class {
+            out.push((format!("{prefix}/precision/{}", s.class), s.precision));
+            out.push((format!("{prefix}/recall/{}", s.class), s.recall));
+        }
+        out
+    }
+
     /// The table of the final screen: per-class scores, then the confusion matrix.
     pub fn render(&self) -> String {
         let width = self.per_class.iter().map(|s| s.class.chars().count()).max().unwrap_or(5).clamp(5, 24);
@@ -126,5 +137,8 @@ mod tests {
         assert_eq!(m.per_class[2].support, 1);
         assert!(m.render().contains("macro-F1"));
         assert!(ClassMetrics::from_confusion(&classes, &[1, 2]).is_none());
+        let names: Vec<String> = m.scalars("test").into_iter().map(|(name, _)| name).collect();
+        assert_eq!(names[..3], ["test/macro_f1", "test/precision/a", "test/recall/a"]);
+        assert_eq!(names.len(), 1 + 2 * 3);
     }
 }

@@ -133,6 +133,29 @@ impl ChecksumMemo {
     }
 }
 
+/// Writes what a run folder needs to read text as this corpus did: `vocab.txt`, a subword
+/// run's `tokenizer.json` and `labels.json` (each atomically). The coordinator and
+/// `worker train` both call it, and `worker predict` reads these files.
+pub fn write_run_files(dir: &Path, corpus: &EncodedCorpus) -> Result<()> {
+    corpus.vocab.save(&dir.join(crate::vocab::VOCAB_FILE))?;
+    if let Some(json) = &corpus.tokenizer_json {
+        crate::write_atomically(&dir.join(subword::TOKENIZER_FILE), json.as_bytes())?;
+    }
+    labelled::write_labels(dir, &corpus.classes)
+}
+
+/// The log line of a corpus ready for training (both binaries write it; tests read its
+/// `encoded_fingerprint`).
+pub fn log_corpus_ready(corpus: &EncodedCorpus, report: &PipelineReport) {
+    tracing::info!(
+        source = %report.source,
+        cache = ?report.cache,
+        classes = %corpus.classes.join(","),
+        encoded_fingerprint = %corpus.fingerprint(),
+        "corpus ready"
+    );
+}
+
 /// Loads, checks, tokenizes and encodes the corpus, or loads it from the cache.
 pub fn prepare(options: &PrepareOptions) -> Result<(EncodedCorpus, PipelineReport)> {
     let mut stages: Vec<(String, f64)> = Vec::new();

@@ -12,6 +12,8 @@ pub const UNK: &str = "<unk>";
 pub const PAD_ID: u32 = 0;
 pub const UNK_ID: u32 = 1;
 pub const NUM_SPECIALS: usize = 2;
+/// The vocabulary's file in a run folder (one word per line, in id order).
+pub const VOCAB_FILE: &str = "vocab.txt";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vocab {

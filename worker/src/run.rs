@@ -31,7 +31,7 @@ use trainer_core::class_metrics::ClassMetrics;
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CONFIG_FILE: &str = "config.toml";
-pub const VOCAB_FILE: &str = "vocab.txt";
+pub const VOCAB_FILE: &str = trainer_core::vocab::VOCAB_FILE;
 
 /// One single-process training run.
 #[derive(Debug, Clone)]
@@ -180,13 +180,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
     config.model.num_classes = corpus.classes.len();
     config.validate()?;
     let config = &config;
-    tracing::info!(
-        source = %report.source,
-        cache = ?report.cache,
-        classes = %corpus.classes.join(","),
-        encoded_fingerprint = %corpus.fingerprint(),
-        "corpus ready"
-    );
+    trainer_core::pipeline::log_corpus_ready(&corpus, &report);
     let splits = job_splits(&corpus, &config.data, config.train.seed);
     tracing::info!(
         train = splits.train.len(),
@@ -195,11 +189,7 @@ pub fn run_training(options: &RunOptions) -> Result<RunSummary> {
         vocab = corpus.vocab.len(),
         "splits"
     );
-    corpus.vocab.save(&out.join(VOCAB_FILE))?;
-    if let Some(json) = &corpus.tokenizer_json {
-        trainer_core::write_atomically(&out.join(trainer_core::subword::TOKENIZER_FILE), json.as_bytes())?;
-    }
-    trainer_core::labelled::write_labels(out, &corpus.classes)?;
+    trainer_core::pipeline::write_run_files(out, &corpus)?;
     trainer_core::write_atomically(&out.join(CONFIG_FILE), config.to_toml().as_bytes())?;
     let fingerprint = vocab_fingerprint(&corpus.vocab);
 
@@ -558,11 +548,7 @@ fn log_eval(
         (format!("{prefix}/loss"), counts.mean_loss()),
     ];
     if let Some(m) = ClassMetrics::from_confusion(classes, &counts.confusion) {
-        scalars.push((format!("{prefix}/macro_f1"), m.macro_f1));
-        for c in &m.per_class {
-            scalars.push((format!("{prefix}/precision/{}", c.class), c.precision));
-            scalars.push((format!("{prefix}/recall/{}", c.class), c.recall));
-        }
+        scalars.extend(m.scalars(&prefix));
     }
     views.scalars(global_step, &scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>());
     metrics.write(&json!({

@@ -28,6 +28,11 @@ started (a new IP, as the Job controller would): the job must finish through a r
 the group from that checkpoint, bitwise equal to the uninterrupted run. Every namespace, process and folder is
 removed on exit, also on failure or Ctrl-C.
 
+With --class-folders, N = 2 runs once more on a corpus of one folder per class (IMDB's
+ratings as four classes, cut from the tarball at test time, bound at /corpus/reviews): the
+run must end with labels.json holding the four class names and a 4x4 confusion matrix and a
+macro-F1 in summary.json, as a team's own data would train on a cluster.
+
 With --fault (repeatable; netfaults.py beside this file makes the network faults), the job
 runs again under a fault and must end bitwise equal to the whole run of its N (the same
 final_parameter_checksum and test_accuracy in summary.json). Worker pod 1 is the victim; the
@@ -87,6 +92,40 @@ SUBNET = "10.244.77"
 CLUSTER_DOMAIN = "cluster.local"
 NAMESPACE = "default"
 CORPUS_MOUNT = "/corpus/aclImdb.tar.gz"
+# A corpus folder (--class-folders) is bound here instead.
+FOLDER_MOUNT = "/corpus/reviews"
+
+
+def corpus_mount(corpus):
+    return FOLDER_MOUNT if os.path.isdir(corpus) else CORPUS_MOUNT
+
+
+# IMDB's ratings (the number after the review id in each file name) as four classes.
+RATING_CLASSES = {1: "1-2", 2: "1-2", 3: "3-4", 4: "3-4", 7: "7-8", 8: "7-8", 9: "9-10", 10: "9-10"}
+
+
+def make_class_folders(tarball, dest, per_class={"train": 150, "test": 60}):
+    """A corpus of one folder per class (train/<class>/*.txt, test/<class>/*.txt), as a user
+    brings their own data, cut from the IMDB tarball: four classes by rating."""
+    import tarfile
+    counts = {}
+    with tarfile.open(tarball, "r:*") as tar:
+        for m in tar:
+            parts = m.name.split("/")
+            if not m.isfile() or len(parts) != 4 or parts[1] not in per_class or parts[2] not in ("pos", "neg"):
+                continue
+            split, name = parts[1], parts[3]
+            label = RATING_CLASSES.get(int(name.rsplit("_", 1)[1].split(".")[0]))
+            if label is None or counts.get((split, label), 0) >= per_class[split]:
+                continue
+            counts[(split, label)] = counts.get((split, label), 0) + 1
+            folder = os.path.join(dest, split, label)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(tar.extractfile(m).read())
+            if len(counts) == 8 and all(counts[k] >= per_class[k[0]] for k in counts):
+                break
+    return dest
 
 
 def log(msg):
@@ -346,7 +385,7 @@ def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus, image=None):
         for at in sorted({os.path.join(REPO, ".libtorch"), libtorch}):
             binds.append((libtorch, at, True))
     if corpus:
-        binds.append((corpus, CORPUS_MOUNT, True))
+        binds.append((corpus, corpus_mount(corpus), True))
     binds.append((os.path.join(d, "hosts"), "/etc/hosts", True))
     binds.append((os.path.join(d, "resolv.conf"), "/etc/resolv.conf", True))
 
@@ -403,7 +442,7 @@ def prepare_root(cluster, pod, ns, ip, hosts, binaries, corpus, image=None):
         # The runtime starts from the image's environment; the pod's entries override it.
         env = {**image["env"], **env}
     if corpus and pod.container["name"] == "coordinator":
-        env["IMDB_DATA"] = CORPUS_MOUNT
+        env["IMDB_DATA"] = corpus_mount(corpus)
     cmd = pod.command(env)
     envargs = " ".join(shlex(f"{k}={v}") for k, v in env.items())
     lines.append(
@@ -498,8 +537,9 @@ SCENARIOS = {
     "partition-ring": ("r", "worker pod 1 cut off from its ring peers (port {ring_port}) after a checkpoint"),
     "partition-coordinator": ("c", "worker pod 1 cut off from the coordinator (its ring up) after a checkpoint"),
     "sigstop-coordinator": ("s", "the coordinator stopped (SIGSTOP) for {stop_seconds:g} s after a checkpoint, then continued"),
+    "class-folders": ("f", "a corpus of 4 class folders (IMDB's ratings 1-2, 3-4, 7-8, 9-10) instead of the tarball"),
 }
-FAULTS = [k for k in SCENARIOS if k not in (None, "kill-worker")]
+FAULTS = [k for k in SCENARIOS if k not in (None, "kill-worker", "class-folders")]
 # The faults that must be detected: they run with short timeouts (set through the pods' env).
 DETECTED = ["partition-ring", "partition-coordinator", "sigstop-coordinator"]
 # A coordinator line that names a fault (generic WARN lines, such as an upload that broke
@@ -539,6 +579,9 @@ class Run:
                 "imdb-ddp-workers": {"WORKER_RING_TIMEOUT": f"{args.ring_timeout:g}"},
             }
         self.docs = render(workers, cluster.work, env)
+        self.corpus = args.corpus
+        if scenario == "class-folders":
+            self.corpus = make_class_folders(args.corpus, os.path.join(cluster.work, "reviews"))
         jobs = {d["metadata"]["name"]: d for d in self.docs if d["kind"] == "Job"}
         self.svc = next(d for d in self.docs if d["kind"] == "Service")
         self.coord_job, self.worker_job = jobs["imdb-ddp-coordinator"], jobs["imdb-ddp-workers"]
@@ -588,7 +631,7 @@ class Run:
 
     def start(self, pod):
         self.procs[pod.hostname] = start_pod(
-            self.cluster, pod, self.hosts_file(), self.binaries, self.args.corpus, *self.nets[pod.hostname]
+            self.cluster, pod, self.hosts_file(), self.binaries, self.corpus, *self.nets[pod.hostname]
         )
 
     def replace(self, slot, why):
@@ -795,6 +838,13 @@ class Run:
             ok = ok and restarts == 0
         elif self.scenario in ("partition-ring", "partition-coordinator"):
             ok = ok and restarts >= 1
+        elif self.scenario == "class-folders":
+            # The classes came from the folders, and the 4-class metrics came out.
+            with open(os.path.join(run_dir, "labels.json")) as f:
+                labels = json.load(f)
+            confusion = summary.get("test_metrics", {}).get("confusion", [])
+            ok = ok and labels == sorted(set(RATING_CLASSES.values())) and len(confusion) == 4
+            ok = ok and "macro_f1" in summary.get("test_metrics", {})
         if not ok:
             self.fail(f"summary {json.dumps(summary)}")
         ranks = re.findall(r"worker registered rank=(\d+) hostname=(\S+)", clog)
@@ -832,6 +882,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, action="append", help="N (repeatable; default 2)")
     parser.add_argument("--kill-worker", action="store_true", help="also run with worker pod 1 killed and replaced")
+    parser.add_argument("--class-folders", action="store_true",
+                        help="also run N = 2 on a 4-class corpus of class folders cut from the tarball")
     parser.add_argument("--bin-dir", default=os.path.join(REPO, "target", "debug"))
     parser.add_argument("--corpus", default=os.environ.get("IMDB_DATA"))
     parser.add_argument("--timeout", type=float, default=600)
@@ -901,6 +953,12 @@ def main():
             if a != b:
                 raise SystemExit(f"FAIL: N = {n}, {scenario}: the run ended with {b}, the whole run with {a}")
             log(f"ok: N = {n}, {scenario}: ends bitwise equal to the whole run (checksum {a[0]}, test accuracy {a[1]})")
+    if args.class_folders:
+        summary, report = run(args, 2, "class-folders")
+        reports.append(report)
+        metrics = summary["test_metrics"]
+        log(f"ok: N = 2, class folders: {len(metrics['confusion'])} classes from the folders, "
+            f"test macro-F1 {metrics['macro_f1']:.3f}, confusion {metrics['confusion']}")
     if args.json:
         write_json(args.json, reports)
     return 0

@@ -5,10 +5,13 @@
     scripts/tokenizers_env.sh          # Python tokenizers for the throughput ratio
     python3 bench/tokenizer_bench.py --data $IMDB_DATA                       # everything
     python3 bench/tokenizer_bench.py --data ... --configs cpu-demo --seeds 1,2,3 --results bench/ACCURACY.md
+    python3 bench/tokenizer_bench.py --data ... --configs cpu-best --cells bpe:8000,bpe:16000,unigram:16000 \
+        --sections accuracy --results bench/ACCURACY.md
     python3 bench/tokenizer_bench.py --data ... --sections throughput
 
 Accuracy: every cell is `coordinator --workers 2` on configs/<config>.toml with the
-tokenizer fields changed (basic_english as the config has it; bpe at each --vocab-sizes),
+tokenizer fields changed (basic_english as the config has it; then each --cells entry,
+such as bpe:8000 or unigram:16000), each config in its own marked table,
 one run per seed (bench/ablation.py's runner: a finished run with the same config is not
 trained again). Reported: test accuracy of the kept model (mean, min / max), the train
 split's tokens per review before truncation and the test split's <unk> share (from
@@ -36,8 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablation  # noqa: E402  (the runner, TOML writer and CPU name)
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN = "<!-- tokenizer table: written by bench/tokenizer_bench.py -->"
-END = "<!-- end of tokenizer table -->"
+# One marked section per accuracy config and one for throughput, so that a run of one
+# config (a cpu-best run takes about an hour on 2 cores) rewrites only its own table.
+def markers(section: str) -> tuple[str, str]:
+    return (f"<!-- tokenizer table {section}: written by bench/tokenizer_bench.py -->",
+            f"<!-- end of tokenizer table {section} -->")
 
 PY_THROUGHPUT = r"""
 import json, sys, tarfile, time
@@ -93,46 +99,46 @@ def time_to_target(run_dir: Path, target: float) -> float | None:
 
 def cells(args) -> list[tuple[str, str, dict]]:
     out = [("basic_english", "basic_english (the config's words)", {})]
-    for size in args.vocab_sizes:
-        out.append((f"bpe_{size}", f"bpe, vocab_size {size}", {"data.tokenizer": "bpe", "data.vocab_size": size}))
+    for cell in args.cells:
+        kind, size = cell
+        out.append((f"{kind}_{size}", f"{kind}, vocab_size {size}", {"data.tokenizer": kind, "data.vocab_size": size}))
     return out
 
 
-def accuracy(args, seeds: list[int]) -> list[str]:
+def accuracy(args, seeds: list[int], config_name: str) -> list[str]:
     lines = [
         "| config | tokenizer | test acc. mean | min / max | vs basic_english | tokens/review (train) "
         "| test <unk> | train s | tokens/s | s to val >= target |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for config_name in args.configs:
-        base = tomllib.loads((ROOT / "configs" / f"{config_name}.toml").read_text())
-        epochs = base["train"]["epochs"]
-        baseline_mean = None
-        for name, what, overrides in cells(args):
-            runs, reached = [], []
-            for seed in seeds:
-                config = ablation.row_config(base, overrides, seed, epochs)
-                cell = f"{config_name}-{name}"
-                summary = ablation.run_one(args, cell, config, seed)
-                runs.append(summary)
-                reached.append(time_to_target(args.out / cell / f"seed-{seed}", args.target))
-                print(f"{cell:28} seed {seed}: test {100 * summary['test_accuracy']:.2f}%  "
-                      f"{summary['train_seconds']:.1f} s  {summary['tokens_per_second']:,.0f} tok/s", flush=True)
-            stats = corpus_stats(args, args.out / f"{config_name}-{name}" / f"seed-{seeds[0]}.toml")
-            tests = [r["test_accuracy"] for r in runs]
-            mean = statistics.fmean(tests)
-            if baseline_mean is None:
-                baseline_mean = mean
-            delta = "" if name == "basic_english" else f"{100 * (mean - baseline_mean):+.2f} pt"
-            got = [t for t in reached if t is not None]
-            to_target = (f"{statistics.fmean(got):.1f} ({len(got)}/{len(reached)} runs)" if got
-                         else f"not reached (0/{len(reached)})")
-            lines.append(
-                f"| {config_name} | {what} | {100 * mean:.2f}% | {100 * min(tests):.2f} / {100 * max(tests):.2f} "
-                f"| {delta} | {stats['train']['length']['mean']:.1f} | {100 * stats['test']['unk_rate']:.2f}% "
-                f"| {statistics.fmean(r['train_seconds'] for r in runs):.1f} "
-                f"| {statistics.fmean(r['tokens_per_second'] for r in runs):,.0f} | {to_target} |"
-            )
+    base = tomllib.loads((ROOT / "configs" / f"{config_name}.toml").read_text())
+    epochs = base["train"]["epochs"]
+    baseline_mean = None
+    for name, what, overrides in cells(args):
+        runs, reached = [], []
+        for seed in seeds:
+            config = ablation.row_config(base, overrides, seed, epochs)
+            cell = f"{config_name}-{name}"
+            summary = ablation.run_one(args, cell, config, seed)
+            runs.append(summary)
+            reached.append(time_to_target(args.out / cell / f"seed-{seed}", args.target))
+            print(f"{cell:28} seed {seed}: test {100 * summary['test_accuracy']:.2f}%  "
+                  f"{summary['train_seconds']:.1f} s  {summary['tokens_per_second']:,.0f} tok/s", flush=True)
+        stats = corpus_stats(args, args.out / f"{config_name}-{name}" / f"seed-{seeds[0]}.toml")
+        tests = [r["test_accuracy"] for r in runs]
+        mean = statistics.fmean(tests)
+        if baseline_mean is None:
+            baseline_mean = mean
+        delta = "" if name == "basic_english" else f"{100 * (mean - baseline_mean):+.2f} pt"
+        got = [t for t in reached if t is not None]
+        to_target = (f"{statistics.fmean(got):.1f} ({len(got)}/{len(reached)} runs)" if got
+                     else f"not reached (0/{len(reached)})")
+        lines.append(
+            f"| {config_name} | {what} | {100 * mean:.2f}% | {100 * min(tests):.2f} / {100 * max(tests):.2f} "
+            f"| {delta} | {stats['train']['length']['mean']:.1f} | {100 * stats['test']['unk_rate']:.2f}% "
+            f"| {statistics.fmean(r['train_seconds'] for r in runs):.1f} "
+            f"| {statistics.fmean(r['tokens_per_second'] for r in runs):,.0f} | {to_target} |"
+        )
     return lines
 
 
@@ -183,7 +189,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=os.environ.get("IMDB_DATA"))
     p.add_argument("--configs", default="cpu-demo,cpu-best")
-    p.add_argument("--vocab-sizes", default="8000,16000")
+    p.add_argument("--cells", default="bpe:8000,bpe:16000",
+                   help="subword rows besides basic_english, as TOKENIZER:VOCAB_SIZE (bpe or unigram)")
+    p.add_argument("--vocab-sizes", default="16000", help="the bpe vocabulary size(s) of the throughput section")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--target", type=float, default=0.87, help="validation accuracy for the time-to-accuracy column")
     p.add_argument("--sections", default="accuracy,throughput")
@@ -195,25 +203,40 @@ def main() -> None:
     p.add_argument("--worker", type=Path, default=ROOT / "target" / "release" / "worker")
     p.add_argument("--tokenize-bench", type=Path, default=ROOT / "target" / "release" / "tokenize_bench")
     args = p.parse_args()
+    args.cells_text = args.cells
     if not args.data:
         sys.exit("give the corpus with --data or IMDB_DATA")
     args.configs = [c for c in args.configs.split(",") if c]
     args.vocab_sizes = [int(v) for v in args.vocab_sizes.split(",") if v]
+    args.cells = []
+    for cell in args.cells_text.split(",") if args.cells_text else []:
+        kind, _, size = cell.partition(":")
+        if kind not in ("bpe", "unigram") or not size.isdigit():
+            sys.exit(f"--cells: {cell!r} is not TOKENIZER:VOCAB_SIZE with bpe or unigram")
+        args.cells.append((kind, int(size)))
     seeds = [int(s) for s in args.seeds.split(",") if s]
     sections = set(args.sections.split(","))
-    out = [BEGIN, "", f"Written by `python3 bench/tokenizer_bench.py --configs {','.join(args.configs)} "
-           f"--vocab-sizes {','.join(map(str, args.vocab_sizes))} --seeds {','.join(map(str, seeds))} "
-           f"--sections {args.sections}` on {ablation.cpu_name()} ({os.cpu_count()} cores), "
-           f"`coordinator --workers {args.workers}`; target validation accuracy {args.target}.", ""]
+    machine = f"{ablation.cpu_name()} ({os.cpu_count()} cores)"
+    parts = []
     if "accuracy" in sections:
-        out += accuracy(args, seeds) + [""]
+        for config_name in args.configs:
+            parts.append((config_name, [
+                f"Written by `python3 bench/tokenizer_bench.py --configs {config_name} --cells {args.cells_text} "
+                f"--seeds {','.join(map(str, seeds))} --sections accuracy` on {machine}, "
+                f"`coordinator --workers {args.workers}`; target validation accuracy {args.target}.", "",
+            ] + accuracy(args, seeds, config_name)))
     if "throughput" in sections:
-        out += throughput(args) + [""]
-    out.append(END)
-    text = "\n".join(out)
-    if args.results:
-        ablation.replace_section(args.results, text, BEGIN, END)
-    print(text)
+        parts.append(("throughput", [
+            "## Subword tokenization throughput: ours against Python `tokenizers` (issue 21)", "",
+            f"Written by `python3 bench/tokenizer_bench.py --vocab-sizes {args.vocab_sizes[-1]} "
+            f"--sections throughput` on {machine}.", "",
+        ] + throughput(args)))
+    for section, lines in parts:
+        begin, end = markers(section)
+        text = "\n".join([begin, ""] + lines + ["", end])
+        if args.results:
+            ablation.replace_section(args.results, text, begin, end)
+        print(text)
 
 
 if __name__ == "__main__":

@@ -49,18 +49,20 @@ pub struct JobIdentity {
 impl JobIdentity {
     /// Why `theirs` (a checkpoint's) is another job than this one; empty when it is the same.
     pub fn differences(&self, theirs: &JobIdentity) -> Vec<String> {
-        let mut out = self.config.job_differences(&theirs.config);
+        // The sequence of steps is decided by the global batch, not by how many ranks share
+        // it: a checkpoint resumes at any world size with the same global batch.
+        let steps = |id: &JobIdentity| {
+            let mut config = id.config.clone();
+            config.train.global_batch_size = config.train.global_batch(id.world_size);
+            config.train.batch_size = 0;
+            config
+        };
+        let mut out = steps(self).job_differences(&steps(theirs));
         if self.corpus != theirs.corpus {
             out.push(format!("corpus checksum: {} vs {}", self.corpus, theirs.corpus));
         }
         if self.vocab_fingerprint != theirs.vocab_fingerprint {
             out.push(format!("vocabulary: {} vs {}", self.vocab_fingerprint, theirs.vocab_fingerprint));
-        }
-        if self.world_size != theirs.world_size {
-            out.push(format!(
-                "world size: {} vs {} (resuming with another number of workers is not supported yet)",
-                self.world_size, theirs.world_size
-            ));
         }
         out
     }
@@ -418,6 +420,15 @@ mod tests {
         b.config.train.seed = 9;
         b.world_size = 3;
         let d = a.differences(&b).join("; ");
-        assert!(d.contains("train.seed: 0 vs 9") && d.contains("world size: 2 vs 3"), "{d}");
+        // 2 x 32 against 3 x 32: another global batch, so another sequence of steps.
+        assert!(d.contains("train.seed: 0 vs 9") && d.contains("train.global_batch_size: 64 vs 96"), "{d}");
+        // Another world size with the same global batch is the same job.
+        let mut c = a.clone();
+        c.world_size = 4;
+        c.config.train.global_batch_size = 64;
+        assert!(a.differences(&c).is_empty(), "{:?}", a.differences(&c));
+        c.config.train.batch_size = 16;
+        c.config.train.global_batch_size = 0;
+        assert!(a.differences(&c).is_empty(), "4 x 16 is 2 x 32: {:?}", a.differences(&c));
     }
 }

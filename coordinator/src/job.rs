@@ -32,9 +32,9 @@ impl JobData {
         config.validate()?;
         let splits = job_splits(corpus, &config.data, config.train.seed);
         // The plan's size does not depend on the epoch: check once that every rank gets a batch.
-        let plan =
-            ShardPlan::new(splits.train.len(), world_size, config.train.batch_size, config.train.seed, 0)
-                .context("cannot shard the training split")?;
+        let global_batch = config.train.global_batch(world_size);
+        let plan = ShardPlan::new(splits.train.len(), world_size, global_batch, config.train.seed, 0)
+            .context("cannot shard the training split")?;
         let mut steps_per_epoch = plan.batches_per_rank;
         if config.train.max_steps_per_epoch > 0 {
             steps_per_epoch = steps_per_epoch.min(config.train.max_steps_per_epoch);
@@ -59,8 +59,8 @@ impl JobData {
     ) -> anyhow::Result<(&EncodedSplit, Vec<usize>)> {
         match split {
             Split::Train => {
-                // In the order the rank consumes it: its batches are consecutive runs of
-                // train.batch_size samples.
+                // In the order the rank consumes it: its batches are consecutive runs of its
+                // share of the global batch (shard::share).
                 let plan = ShardPlan::for_epoch(
                     &self.splits.train,
                     self.world_size,

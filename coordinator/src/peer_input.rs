@@ -115,7 +115,7 @@ impl SessionLimits {
         Self {
             epochs: data.config.train.epochs as u64,
             steps_per_epoch: data.steps_per_epoch as u64,
-            batch_size: data.config.train.batch_size as u64,
+            batch_size: trainer_core::shard::share(data.config.train.global_batch(world), world, 0) as u64,
             train_tokens: data.splits.train.tokens.len() as u64,
             validation_reviews: shard(data.splits.val.len()),
             test_reviews: shard(data.splits.test.len()),

@@ -18,6 +18,7 @@ use trainer_core::exit::{Storage, Usage};
 use trainer_core::integrity;
 use trainer_core::model_shape::ModelShape;
 use trainer_core::pipeline::prepare;
+use trainer_core::JobConfig;
 use trainer_proto::v1::coordinator_server::CoordinatorServer;
 use trainer_proto::{JobSecret, ServerAuth, JOB_SECRET_ENV, JOB_SECRET_FILE_ENV, MAX_MESSAGE_BYTES};
 
@@ -161,6 +162,34 @@ fn resume_from(
     Ok(Some(checkpoints::verified(out, &checkpoint)?))
 }
 
+/// `--resume` at another world size goes on along the checkpoint's sequence of steps: unless
+/// the config sets `train.global_batch_size`, the job keeps the checkpoint's global batch and
+/// the new world size only changes each rank's share of it. A config that sets another
+/// global batch is another job, refused by [`resume_from`] with the difference named.
+fn keep_checkpoint_global_batch(
+    out: &Path,
+    mode: Option<ResumeMode>,
+    config: &mut JobConfig,
+    world: usize,
+) -> anyhow::Result<()> {
+    if matches!(mode, None | Some(ResumeMode::No)) || config.train.global_batch_size > 0 {
+        return Ok(());
+    }
+    let Some(checkpoint) = checkpoints::read(out)? else { return Ok(()) };
+    let theirs = &checkpoint.job;
+    if theirs.world_size != world {
+        let global_batch = theirs.config.train.global_batch(theirs.world_size);
+        tracing::info!(
+            checkpoint_world = theirs.world_size,
+            world,
+            global_batch,
+            "resuming at another world size: the checkpoint's global batch is kept"
+        );
+        config.train.global_batch_size = global_batch;
+    }
+    Ok(())
+}
+
 /// Refuses a run folder that cannot be written (exit 5), before the corpus loads.
 fn check_out_writable(out: &Path) -> anyhow::Result<()> {
     let probe = out.join(".write-probe");
@@ -173,7 +202,7 @@ fn check_out_writable(out: &Path) -> anyhow::Result<()> {
 
 /// Refuses a run folder without room for two checkpoints and the two model files (less
 /// what this job's own files there already take), with the figures (exit 5).
-fn check_out_space(out: &Path, config: &trainer_core::JobConfig, vocab_size: usize) -> anyhow::Result<()> {
+fn check_out_space(out: &Path, config: &JobConfig, vocab_size: usize) -> anyhow::Result<()> {
     let shape = ModelShape::new(&config.model, vocab_size);
     // Parameters, Adam's two moments and the best model's copy.
     let checkpoint = shape.safetensors_bytes(4);
@@ -292,7 +321,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         None => register_timeout,
     };
     let term_grace = seconds("term-grace-seconds", args.term_grace_seconds)?;
-    let config = args.data.configure(args.config.resolve()?)?;
+    let mut config = args.data.configure(args.config.resolve()?)?;
     let secret = job_secret(args.external_workers)?;
     let worker_bin = match (&args.worker_bin, args.external_workers) {
         (_, true) => None,
@@ -324,6 +353,7 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     check_out_writable(&args.out)?;
     let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
     trainer_core::pipeline::log_corpus_ready(&corpus, &report);
+    keep_checkpoint_global_batch(&args.out, args.resume, &mut config, workers)?;
     let data = Arc::new(JobData::new(&corpus, config, workers)?);
     tracing::info!(
         workers,

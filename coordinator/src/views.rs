@@ -1,6 +1,7 @@
 //! The run folder's views of a distributed run: TensorBoard events under `tb/` and
-//! `curves.png`. Per-step scalars are rank 0's reports (loss, accuracy, learning rate,
-//! gradient norm; the same on every rank but the loss and accuracy), averaged over the
+//! `curves.png`. Per-step scalars are the global batch's: loss and accuracy over every
+//! rank's samples of the step (so they do not depend on how many ranks share a global
+//! batch), the learning rate and gradient norm (the same on every rank), averaged over the
 //! `log_every` steps since the last point, with all ranks' tokens over rank 0's step time
 //! (tokens/s); per-epoch scalars
 //! are the coordinator's epoch records and evaluations. The x axis is the optimizer step
@@ -8,6 +9,7 @@
 //!
 //! A failure here never stops training: the view is switched off with one warning.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use trainer_proto::v1::StepMetrics;
@@ -30,10 +32,26 @@ struct Window {
     step_seconds: f64,
 }
 
+/// One step's reports so far, until every rank's has come.
+#[derive(Debug, Default)]
+struct PartialStep {
+    ranks: usize,
+    loss_sum: f64,
+    correct: u64,
+    samples: u64,
+    tokens: u64,
+    /// Rank 0's report (its step time; its learning rate and norm are every rank's).
+    rank0: Option<StepMetrics>,
+}
+
 pub struct RunViews {
     run_dir: PathBuf,
     tb: Option<EventWriter>,
     window: Window,
+    /// Ranks of the attempt under way: a step is complete when this many have reported it.
+    world: usize,
+    /// Steps (epoch, step) that some ranks have reported and others not yet.
+    partial: BTreeMap<(u64, u64), PartialStep>,
     log_every: u64,
     steps_per_epoch: u64,
     /// The points written this process, for curves.png while metrics.jsonl has no step records.
@@ -43,7 +61,13 @@ pub struct RunViews {
 }
 
 impl RunViews {
-    pub fn new(run_dir: &Path, config_toml: &str, log_every: usize, steps_per_epoch: usize) -> Self {
+    pub fn new(
+        run_dir: &Path,
+        config_toml: &str,
+        log_every: usize,
+        steps_per_epoch: usize,
+        world: usize,
+    ) -> Self {
         let tb = match EventWriter::create(run_dir, "coordinator") {
             Ok(mut w) => {
                 // Markdown: a fenced block keeps the TOML's lines.
@@ -65,6 +89,8 @@ impl RunViews {
             run_dir: run_dir.to_path_buf(),
             tb,
             window: Window::default(),
+            world: world.max(1),
+            partial: BTreeMap::new(),
             log_every: log_every.max(1) as u64,
             steps_per_epoch: steps_per_epoch as u64,
             loss: Vec::new(),
@@ -83,18 +109,32 @@ impl RunViews {
 
     pub fn start_epoch(&mut self) {
         self.window = Window::default();
+        self.partial.clear();
     }
 
     /// One rank's step report; returns the point (the metrics.jsonl step record) when one
-    /// is due, every `log_every` steps and at the epoch's last.
+    /// is due, every `log_every` steps and at the epoch's last, once every rank has
+    /// reported the step.
     pub fn step(&mut self, rank: usize, m: &StepMetrics) -> Option<StepRecord> {
-        self.window.tokens += m.tokens;
-        if rank != 0 {
+        let key = (m.epoch, m.step);
+        let part = self.partial.entry(key).or_default();
+        part.ranks += 1;
+        part.loss_sum += m.loss_sum;
+        part.correct += m.correct;
+        part.samples += m.samples;
+        part.tokens += m.tokens;
+        if rank == 0 {
+            part.rank0 = Some(*m);
+        }
+        if part.ranks < self.world || part.rank0.is_none() {
             return None;
         }
-        self.window.loss_sum += m.loss_sum;
-        self.window.correct += m.correct;
-        self.window.samples += m.samples;
+        let part = self.partial.remove(&key)?;
+        let m = part.rank0?;
+        self.window.tokens += part.tokens;
+        self.window.loss_sum += part.loss_sum;
+        self.window.correct += part.correct;
+        self.window.samples += part.samples;
         self.window.step_seconds += m.step_seconds;
         let done = m.step + 1;
         if !(done.is_multiple_of(self.log_every) || done == self.steps_per_epoch) || self.window.samples == 0

@@ -131,9 +131,13 @@ pub struct ConfigArgs {
     /// Evaluate on a label-balanced subset of this many test reviews (0: all).
     #[arg(long, env = "TRAINER_TEST_SUBSET")]
     pub test_subset: Option<usize>,
-    /// Per-rank batch size.
+    /// Per-rank batch size (when --global-batch-size is unset).
     #[arg(long, env = "TRAINER_BATCH_SIZE")]
     pub batch_size: Option<usize>,
+    /// Samples per optimizer step over all workers, the same at any world size; each worker
+    /// takes its share (0: world size × --batch-size).
+    #[arg(long, env = "TRAINER_GLOBAL_BATCH_SIZE")]
+    pub global_batch_size: Option<usize>,
     #[arg(long, env = "TRAINER_EPOCHS")]
     pub epochs: Option<usize>,
     #[arg(long, env = "TRAINER_LR")]
@@ -232,6 +236,7 @@ impl ConfigArgs {
         set!(train_subset => data.train_subset);
         set!(test_subset => data.test_subset);
         set!(batch_size => train.batch_size);
+        set!(global_batch_size => train.global_batch_size);
         set!(epochs => train.epochs);
         set!(lr => train.lr);
         set!(bptt => train.bptt);

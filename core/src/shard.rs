@@ -1,23 +1,28 @@
 //! Deterministic selection of samples: the per-epoch shard plan across ranks, the seeded
 //! validation hold-out, and label-balanced subsets for small runs.
 //!
-//! The shard plan is a pure function of (corpus size, world size, batch size, seed, epoch):
-//! the samples are shuffled with a generator seeded by (seed, epoch), and that order is cut
-//! into global batches of `world_size * batch_size` samples; rank `r` takes the `r`-th slice
-//! of `batch_size` samples of every global batch. So step `i` of a `W`-rank run sees exactly
-//! the samples of step `i` of a one-process run with batch `W * batch_size`, which is what
-//! makes the two comparable (and DDP's guarantee). What does not fill a whole global batch
-//! (fewer than `world_size * batch_size` samples) is dropped for that epoch; the shuffle
-//! changes every epoch, so a different few are dropped each time and no sample is repeated.
-//! Every rank therefore runs exactly the same number of steps,
-//! and no collective can wait for a rank that ran out of data.
+//! The shard plan is a pure function of (corpus size, global batch, seed, epoch) in *what*
+//! each optimizer step sees, and of the world size only in *who* holds it: the samples are
+//! shuffled with a generator seeded by (seed, epoch), and that order is cut into global
+//! batches of `global_batch` samples (`train.global_batch_size`, or `world_size *
+//! batch_size` when it is unset). Every global batch is then split across the ranks in
+//! shares that differ by at most one sample ([`share`]; the first ranks take the remainder),
+//! and the trainer weights each rank's gradient by its share, so that a step is the mean over
+//! its global batch whatever the world size. So step `i` of a 2-rank run and step `i` of a
+//! 3-rank run with the same global batch see the same samples (a resize changes only who
+//! holds them), and step `i` of a `W`-rank run is step `i` of a one-process run with batch
+//! `global_batch` (DDP's guarantee). What does not fill a whole global batch is dropped for
+//! that epoch; the shuffle changes every epoch, so a different few are dropped each time and
+//! no sample is repeated. Every rank runs exactly the same number of steps, and no
+//! collective can wait for a rank that ran out of data.
 //!
 //! With length bucketing ([`ShardPlan::for_epoch`] and `batch_order = "bucketed"`) the same
 //! samples are grouped differently: pools of `bucket_pool` global batches are sorted by
-//! length, cut into global batches, and the order of the global batches is shuffled. Each
-//! global batch is still split across the ranks, so at every step all ranks hold reviews of
-//! nearly the same length and finish their compute together instead of waiting for the
-//! rank that drew the long reviews.
+//! length, cut into global batches, and the order of the global batches is shuffled; none of
+//! that depends on the world size either. Each global batch is split across the ranks
+//! strided (rank `r` takes its samples `r, r + W, ...`, which is again [`share`] samples),
+//! so at every step all ranks hold reviews of nearly the same length and finish their
+//! compute together instead of waiting for the rank that drew the long reviews.
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -39,49 +44,91 @@ const PURPOSE_VAL: u64 = 2;
 const PURPOSE_SUBSET: u64 = 3;
 const PURPOSE_BATCHES: u64 = 4;
 
+/// Rank `rank`'s share of a global batch of `global_batch` samples over `world_size` ranks:
+/// shares differ by at most one sample, and the first `global_batch % world_size` ranks take
+/// one more.
+pub fn share(global_batch: usize, world_size: usize, rank: usize) -> usize {
+    global_batch / world_size + usize::from(rank < global_batch % world_size)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardPlan {
     pub world_size: usize,
-    pub batch_size: usize,
+    /// Samples per optimizer step over all ranks.
+    pub global_batch: usize,
+    /// Steps (global batches) in the epoch; every rank runs this many.
     pub batches_per_rank: usize,
     /// Sample indices per rank, in the order the rank consumes them.
     ranks: Vec<Vec<u32>>,
-    /// Samples left out this epoch (fewer than `world_size * batch_size`).
+    /// Samples left out this epoch (fewer than `global_batch`).
     pub dropped: Vec<u32>,
 }
 
 impl ShardPlan {
+    /// The random plan: global batches of the shuffled order, each cut into contiguous shares.
     pub fn new(
         corpus_size: usize,
         world_size: usize,
-        batch_size: usize,
+        global_batch: usize,
         seed: u64,
         epoch: u64,
     ) -> Result<Self> {
-        if world_size == 0 || batch_size == 0 {
+        let order = Self::global_order(corpus_size, world_size, global_batch, seed, epoch)?;
+        Ok(Self::split(order, corpus_size, world_size, global_batch, false))
+    }
+
+    /// The epoch's samples in global-batch order (the world size only checks that every
+    /// rank gets a sample of every global batch).
+    fn global_order(
+        corpus_size: usize,
+        world_size: usize,
+        global_batch: usize,
+        seed: u64,
+        epoch: u64,
+    ) -> Result<Vec<u32>> {
+        if world_size == 0 || global_batch == 0 {
             return Err(DataError::Shard(format!(
-                "world size ({world_size}) and batch size ({batch_size}) must be at least 1"
+                "world size ({world_size}) and global batch ({global_batch}) must be at least 1"
             )));
         }
-        let per_step = world_size * batch_size;
-        let batches_per_rank = corpus_size / per_step;
-        if batches_per_rank == 0 {
+        if global_batch < world_size {
             return Err(DataError::Shard(format!(
-                "{corpus_size} training samples cannot give each of {world_size} ranks one batch of {batch_size}; \
-                 use a smaller batch size or fewer workers"
+                "a global batch of {global_batch} cannot give each of {world_size} ranks a sample; \
+                 raise train.global_batch_size or use fewer workers"
+            )));
+        }
+        let steps = corpus_size / global_batch;
+        if steps == 0 {
+            return Err(DataError::Shard(format!(
+                "{corpus_size} training samples cannot fill one global batch of {global_batch} \
+                 ({world_size} ranks); use a smaller batch size or fewer workers"
             )));
         }
         let mut order: Vec<u32> = (0..corpus_size as u32).collect();
         order.shuffle(&mut rng_for(seed, epoch, PURPOSE_SHARD));
-        let per_rank = batches_per_rank * batch_size;
-        let mut ranks: Vec<Vec<u32>> = vec![Vec::with_capacity(per_rank); world_size];
-        for global_batch in order.chunks_exact(per_step).take(batches_per_rank) {
-            for (rank, slice) in global_batch.chunks_exact(batch_size).enumerate() {
-                ranks[rank].extend_from_slice(slice);
+        Ok(order)
+    }
+
+    /// Cuts `order` into the epoch's global batches and those into the ranks' shares:
+    /// contiguous, or strided (`strided`, for length-sorted global batches).
+    fn split(order: Vec<u32>, corpus_size: usize, world: usize, global_batch: usize, strided: bool) -> Self {
+        let steps = corpus_size / global_batch;
+        let mut ranks: Vec<Vec<u32>> =
+            (0..world).map(|r| Vec::with_capacity(steps * share(global_batch, world, r))).collect();
+        for batch in order.chunks_exact(global_batch).take(steps) {
+            let mut start = 0;
+            for (rank, samples) in ranks.iter_mut().enumerate() {
+                if strided {
+                    samples.extend(batch.iter().skip(rank).step_by(world));
+                } else {
+                    let n = share(global_batch, world, rank);
+                    samples.extend_from_slice(&batch[start..start + n]);
+                    start += n;
+                }
             }
         }
-        let dropped = order[per_rank * world_size..].to_vec();
-        Ok(Self { world_size, batch_size, batches_per_rank, ranks, dropped })
+        let dropped = order[steps * global_batch..].to_vec();
+        Self { world_size: world, global_batch, batches_per_rank: steps, ranks, dropped }
     }
 
     pub fn rank(&self, rank: usize) -> &[u32] {
@@ -97,9 +144,11 @@ impl ShardPlan {
         max_len: usize,
         epoch: u64,
     ) -> Result<Self> {
-        let plan = Self::new(split.len(), world_size, train.batch_size, train.seed, epoch)?;
+        let global_batch = train.global_batch(world_size);
+        let n = split.len();
+        let mut order = Self::global_order(n, world_size, global_batch, train.seed, epoch)?;
         match train.batch_order {
-            BatchOrder::Unsorted => Ok(plan),
+            BatchOrder::Unsorted => Ok(Self::split(order, n, world_size, global_batch, false)),
             BatchOrder::Bucketed => {
                 let length = |i: u32| {
                     let l = split.length(i as usize);
@@ -109,42 +158,49 @@ impl ShardPlan {
                         l
                     }
                 };
-                Ok(plan.bucketed(length, train.bucket_pool, train.seed, epoch))
+                bucket(
+                    &mut order,
+                    global_batch,
+                    n / global_batch,
+                    length,
+                    train.bucket_pool,
+                    train.seed,
+                    epoch,
+                );
+                Ok(Self::split(order, n, world_size, global_batch, true))
             }
         }
     }
 
-    /// Regroups the same samples into length-bucketed global batches (module docs).
-    fn bucketed(self, length: impl Fn(u32) -> usize, pool_batches: usize, seed: u64, epoch: u64) -> Self {
-        let (world, batch) = (self.world_size, self.batch_size);
-        let per_step = world * batch;
-        // The samples in their global-batch order, as `new` laid them out.
-        let mut order: Vec<u32> = Vec::with_capacity(self.batches_per_rank * per_step);
-        for step in 0..self.batches_per_rank {
-            for rank in 0..world {
-                order.extend_from_slice(&self.ranks[rank][step * batch..(step + 1) * batch]);
-            }
-        }
-        let mut global: Vec<&[u32]> = Vec::with_capacity(self.batches_per_rank);
-        for pool in order.chunks_mut(per_step * pool_batches.max(1)) {
-            pool.sort_by_key(|&i| std::cmp::Reverse(length(i)));
-        }
-        global.extend(order.chunks_exact(per_step));
-        global.shuffle(&mut rng_for(seed, epoch, PURPOSE_BATCHES));
-        let mut ranks: Vec<Vec<u32>> = vec![Vec::with_capacity(self.batches_per_rank * batch); world];
-        // Strided within a (sorted) global batch, so every rank's longest review is as long as
-        // the others' to within one neighbour.
-        for global_batch in global {
-            for (rank, samples) in ranks.iter_mut().enumerate() {
-                samples.extend(global_batch.iter().skip(rank).step_by(world));
-            }
-        }
-        Self { ranks, ..self }
-    }
-
-    /// A rank's batches for the epoch: its samples in plan order, `batch_size` at a time.
+    /// A rank's batches for the epoch: its samples in plan order, its share at a time.
     pub fn rank_batches(&self, rank: usize) -> Vec<Vec<u32>> {
-        self.ranks[rank].chunks(self.batch_size).map(<[u32]>::to_vec).collect()
+        self.ranks[rank]
+            .chunks(share(self.global_batch, self.world_size, rank))
+            .map(<[u32]>::to_vec)
+            .collect()
+    }
+}
+
+/// Regroups the first `steps` global batches of `order` into length-bucketed ones (module
+/// docs): pools of `pool_batches` global batches sorted by length, then the global batches
+/// shuffled. The dropped tail stays where it is.
+fn bucket(
+    order: &mut [u32],
+    global_batch: usize,
+    steps: usize,
+    length: impl Fn(u32) -> usize,
+    pool_batches: usize,
+    seed: u64,
+    epoch: u64,
+) {
+    let (used, _dropped) = order.split_at_mut(steps * global_batch);
+    for pool in used.chunks_mut(global_batch * pool_batches.max(1)) {
+        pool.sort_by_key(|&i| std::cmp::Reverse(length(i)));
+    }
+    let mut batches: Vec<Vec<u32>> = used.chunks_exact(global_batch).map(<[u32]>::to_vec).collect();
+    batches.shuffle(&mut rng_for(seed, epoch, PURPOSE_BATCHES));
+    for (slot, batch) in used.chunks_exact_mut(global_batch).zip(batches) {
+        slot.copy_from_slice(&batch);
     }
 }
 
@@ -236,34 +292,67 @@ mod tests {
 
     proptest! {
         #[test]
-        fn shards_are_disjoint_equal_and_cover_all_but_a_remainder(
-            n in 1usize..5000, world in 1usize..9, batch in 1usize..64, seed in any::<u64>(), epoch in 0u64..5
+        fn shards_are_disjoint_within_one_sample_and_cover_all_but_a_remainder(
+            n in 1usize..5000, world in 1usize..9, global in 1usize..300, seed in any::<u64>(), epoch in 0u64..5
         ) {
-            match ShardPlan::new(n, world, batch, seed, epoch) {
-                Err(_) => prop_assert!(n < world * batch),
+            match ShardPlan::new(n, world, global, seed, epoch) {
+                Err(_) => prop_assert!(n < global || global < world),
                 Ok(plan) => {
                     let mut seen = HashSet::new();
                     for r in 0..world {
                         let shard = plan.rank(r);
-                        // Equal batch counts: every rank has exactly batches_per_rank full batches.
-                        prop_assert_eq!(shard.len(), plan.batches_per_rank * batch);
+                        // Every rank runs the same steps, with shares one sample apart at most.
+                        prop_assert_eq!(shard.len(), plan.batches_per_rank * share(global, world, r));
+                        prop_assert!(share(global, world, 0) - share(global, world, r) <= 1);
+                        prop_assert_eq!(plan.rank_batches(r).len(), plan.batches_per_rank);
                         for &i in shard {
                             prop_assert!((i as usize) < n);
                             prop_assert!(seen.insert(i), "sample {} in two shards", i);
                         }
                     }
-                    // Coverage: only fewer than world*batch samples are dropped, none repeated.
-                    prop_assert!(plan.dropped.len() < world * batch);
+                    prop_assert_eq!((0..world).map(|r| share(global, world, r)).sum::<usize>(), global);
+                    // Coverage: only fewer than a global batch is dropped, none repeated.
+                    prop_assert!(plan.dropped.len() < global);
                     for &i in &plan.dropped {
                         prop_assert!(seen.insert(i));
                     }
                     prop_assert_eq!(seen.len(), n);
                     // Pure: the same inputs give the same plan.
-                    prop_assert_eq!(&plan, &ShardPlan::new(n, world, batch, seed, epoch).unwrap());
+                    prop_assert_eq!(&plan, &ShardPlan::new(n, world, global, seed, epoch).unwrap());
                 }
             }
         }
 
+        #[test]
+        fn a_global_batch_is_the_same_samples_at_any_world_size(
+            n in 50usize..3000, global in 6usize..50, seed in any::<u64>(), bucketed in any::<bool>()
+        ) {
+            let lengths: Vec<usize> = (0..n).map(|i| (i * 7919) % 301 + 1).collect();
+            let split = split_with_lengths(&lengths);
+            let train = TrainConfig {
+                global_batch_size: global,
+                bucket_pool: 4,
+                seed,
+                batch_order: if bucketed { BatchOrder::Bucketed } else { BatchOrder::Unsorted },
+                ..TrainConfig::default()
+            };
+            let steps = |world: usize| -> Vec<Vec<u32>> {
+                let plan = ShardPlan::for_epoch(&split, world, &train, 0, 1).unwrap();
+                let per_rank: Vec<Vec<Vec<u32>>> = (0..world).map(|r| plan.rank_batches(r)).collect();
+                (0..plan.batches_per_rank)
+                    .map(|step| {
+                        let mut union: Vec<u32> = per_rank.iter().flat_map(|b| b[step].clone()).collect();
+                        union.sort_unstable();
+                        union
+                    })
+                    .collect()
+            };
+            let one = steps(1);
+            prop_assert_eq!(one.len(), n / global);
+            for world in [2, 3, 4, 5] {
+                prop_assert_eq!(&steps(world), &one, "world size {}", world);
+            }
+        }
         #[test]
         fn subsets_are_balanced_and_val_split_partitions(n in 2usize..3000, k in 1usize..3000, seed in any::<u64>()) {
             let labels: Vec<u8> = (0..n).map(|i| (i % 2) as u8).collect();
@@ -281,7 +370,7 @@ mod tests {
     #[test]
     fn step_i_of_w_ranks_is_step_i_of_one_rank_with_w_times_the_batch() {
         let (n, w, b) = (1000, 4, 8);
-        let multi = ShardPlan::new(n, w, b, 3, 2).unwrap();
+        let multi = ShardPlan::new(n, w, w * b, 3, 2).unwrap();
         let single = ShardPlan::new(n, 1, w * b, 3, 2).unwrap();
         assert_eq!(multi.batches_per_rank, single.batches_per_rank);
         for step in 0..multi.batches_per_rank {
@@ -307,6 +396,7 @@ mod tests {
         let lengths: Vec<usize> = (0..2000).map(|i| (i * 7919) % 997 + 1).collect();
         let split = split_with_lengths(&lengths);
         let mut train = TrainConfig { batch_size: 10, bucket_pool: 20, seed: 5, ..TrainConfig::default() };
+        assert_eq!(train.global_batch(2), 20, "unset: world size times batch_size");
         let unsorted = ShardPlan::for_epoch(&split, 2, &train, 0, 1).unwrap();
         train.batch_order = BatchOrder::Bucketed;
         let bucketed = ShardPlan::for_epoch(&split, 2, &train, 0, 1).unwrap();
@@ -350,11 +440,17 @@ mod tests {
 
     #[test]
     fn epochs_reshuffle_and_too_small_corpus_is_refused() {
-        let a = ShardPlan::new(1000, 2, 10, 7, 0).unwrap();
-        let b = ShardPlan::new(1000, 2, 10, 7, 1).unwrap();
+        let a = ShardPlan::new(1000, 2, 20, 7, 0).unwrap();
+        let b = ShardPlan::new(1000, 2, 20, 7, 1).unwrap();
         assert_ne!(a.rank(0), b.rank(0));
         assert_eq!(a.batches_per_rank, 50);
-        let e = ShardPlan::new(10, 4, 3, 0, 0).unwrap_err().to_string();
-        assert!(e.contains("cannot give each of 4 ranks"), "{e}");
+        let e = ShardPlan::new(10, 4, 12, 0, 0).unwrap_err().to_string();
+        assert!(e.contains("cannot fill one global batch of 12"), "{e}");
+        let e = ShardPlan::new(100, 4, 3, 0, 0).unwrap_err().to_string();
+        assert!(e.contains("cannot give each of 4 ranks a sample"), "{e}");
+        // Uneven shares: 10 over 3 ranks is 4, 3, 3.
+        let plan = ShardPlan::new(100, 3, 10, 7, 0).unwrap();
+        let sizes: Vec<usize> = (0..3).map(|r| plan.rank_batches(r)[0].len()).collect();
+        assert_eq!(sizes, [4, 3, 3]);
     }
 }

@@ -274,20 +274,33 @@ impl Trainer {
     /// that set of rows (an all-reduce of a vocabulary-sized 0/1 mask, identical bits
     /// everywhere), then reduce one compact buffer. For cpu-demo on two ranks that is 16% of
     /// the rows, and the embedding is nearly all of the model (bench/embedding_rows.py).
-    fn reduce_and_clip_gradients(&mut self, token_ids: &Tensor) -> Result<Tensor> {
+    fn reduce_and_clip_gradients(&mut self, token_ids: &Tensor, examples: usize) -> Result<Tensor> {
         let clip = self.config.train.clip_norm;
+        let weight = self.share_weight(examples);
         if self.collective.world_size() > 1 {
             if let Some(rows) =
                 profile::time(Bucket::Flatten, || self.embedding_rows_used_by_any_rank(token_ids))?
             {
-                return profile::time(Bucket::Flatten, || self.reduce_and_clip_compact(&rows, clip));
+                return profile::time(Bucket::Flatten, || self.reduce_and_clip_compact(&rows, clip, weight));
             }
         }
         profile::time(Bucket::Flatten, || self.gather_gradients())?;
+        if let Some(w) = weight {
+            let _ = self.flat_grad.f_mul_scalar_(w)?;
+        }
         profile::time(Bucket::Collective, || self.collective.all_reduce_mean(&mut self.flat_grad))?;
         let norm = profile::time(Bucket::Clip, || clip_global_norm_on_device(&mut self.flat_grad, clip))?;
         profile::time(Bucket::Flatten, || self.scatter_gradients())?;
         Ok(norm)
+    }
+
+    /// What makes the mean over the ranks the mean over the global batch when the shares
+    /// differ by a sample: this rank's gradient (a mean over its `examples`) times `examples
+    /// × world / global batch`. None when that is 1 (equal shares, one rank): nothing to do.
+    fn share_weight(&self, examples: usize) -> Option<f64> {
+        let world = self.collective.world_size();
+        let global = self.config.train.global_batch(world);
+        (examples * world != global).then(|| (examples * world) as f64 / global as f64)
     }
 
     /// The sorted embedding rows that at least one rank's batch used, or None when they are
@@ -304,7 +317,7 @@ impl Trainer {
     }
 
     /// [`Self::reduce_and_clip_gradients`] with only `rows` of the embedding's gradient.
-    fn reduce_and_clip_compact(&mut self, rows: &Tensor, clip: f64) -> Result<Tensor> {
+    fn reduce_and_clip_compact(&mut self, rows: &Tensor, clip: f64, weight: Option<f64>) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let params = self.model.parameters();
         let (embedding, rest) = params
@@ -319,6 +332,9 @@ impl Trainer {
         let mut compact = Tensor::f_empty([head + rest_len], (Kind::Float, self.device()))?;
         compact.f_narrow(0, 0, head)?.f_copy_(&used_rows.f_reshape([-1i64])?)?;
         copy_gradients_into(rest, &mut compact, head)?;
+        if let Some(w) = weight {
+            let _ = compact.f_mul_scalar_(w)?;
+        }
 
         profile::time(Bucket::Collective, || self.collective.all_reduce_mean(&mut compact))?;
         let norm = profile::time(Bucket::Clip, || clip_global_norm_on_device(&mut compact, clip))?;
@@ -355,7 +371,7 @@ impl Trainer {
         }
 
         // The point where ranks meet: one flat buffer, averaged over all of them.
-        let grad_norm = self.reduce_and_clip_gradients(&batch.tokens)?;
+        let grad_norm = self.reduce_and_clip_gradients(&batch.tokens, batch.size)?;
 
         // The optimizer step.
         let lr = self.current_lr();

@@ -117,6 +117,7 @@ impl Driver {
             &shared.data.config.to_toml(),
             shared.data.config.train.log_every,
             shared.data.steps_per_epoch,
+            world,
         );
         shared.telemetry.begin_attempt(0, state.restarts);
         Self {

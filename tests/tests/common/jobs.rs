@@ -47,7 +47,19 @@ pub struct Job {
 
 impl Job {
     pub fn start(config: &Path, out: &Path, data: &Path, marker: &str, extra: &[&str]) -> Job {
-        let mut child = coordinator(2, config, out, data, marker)
+        Self::start_with(2, config, out, data, marker, extra)
+    }
+
+    /// [`Job::start`] with `workers` local workers.
+    pub fn start_with(
+        workers: usize,
+        config: &Path,
+        out: &Path,
+        data: &Path,
+        marker: &str,
+        extra: &[&str],
+    ) -> Job {
+        let mut child = coordinator(workers, config, out, data, marker)
             .args(FAST_FAILURE)
             .args(extra)
             .env("WORKER_RING_TIMEOUT", "3")

@@ -122,10 +122,11 @@ impl Replica for TrainerReplica {
         shard: &EncodedSplit,
         sink: &mut dyn StepSink,
     ) -> anyhow::Result<EpochReport> {
-        let (max_len, truncation, batch_size) =
-            (self.job.config.data.max_len, self.job.config.data.truncation, self.job.config.train.batch_size);
+        let (max_len, truncation) = (self.job.config.data.max_len, self.job.config.data.truncation);
+        let global_batch = self.job.config.train.global_batch(self.job.world_size);
+        let batch_size = trainer_core::shard::share(global_batch, self.job.world_size, self.job.rank);
         // The shard arrives in plan order (random or length-bucketed global batches, split
-        // across ranks), so its batches are consecutive runs of batch_size samples.
+        // across ranks), so its batches are consecutive runs of this rank's share.
         let order: Vec<u32> = (0..shard.len() as u32).collect();
         let mut batches: Vec<Vec<u32>> = order.chunks(batch_size).map(<[u32]>::to_vec).collect();
         batches.truncate(self.job.steps_per_epoch);

@@ -85,6 +85,19 @@ pub struct JobProgress {
     pub checksums: Vec<u64>,
     pub restarts: u32,
     pub steps_lost: u64,
+    /// Changes of the world size (`--workers MIN:MAX`).
+    #[serde(default)]
+    pub resizes: u32,
+    /// The world size from each optimizer step on: the job's history of resizes.
+    #[serde(default)]
+    pub world_sizes: Vec<WorldSpan>,
+}
+
+/// From optimizer step `from_global_step` on, the job ran with `world_size` workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorldSpan {
+    pub from_global_step: u64,
+    pub world_size: usize,
 }
 
 /// `checkpoint.json`.

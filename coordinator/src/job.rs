@@ -12,7 +12,9 @@ use trainer_proto::SHARD_CHUNK_TOKENS;
 #[derive(Debug)]
 pub struct JobData {
     pub config: JobConfig,
-    pub world_size: usize,
+    /// The most workers the job runs with (`--workers N` or the MAX of `MIN:MAX`); an
+    /// attempt's own world size is the driver's and the service's.
+    pub max_world: usize,
     /// The class names, sorted; a label is an index into it (`labels.json`).
     pub classes: Vec<String>,
     pub splits: JobSplits,
@@ -25,15 +27,17 @@ pub struct JobData {
 }
 
 impl JobData {
-    pub fn new(corpus: &EncodedCorpus, mut config: JobConfig, world_size: usize) -> anyhow::Result<Self> {
+    /// The job at up to `max_world` workers. The plan is checked there: the global batch is the
+    /// same at every world size, and the largest gives each rank the smallest share.
+    pub fn new(corpus: &EncodedCorpus, mut config: JobConfig, max_world: usize) -> anyhow::Result<Self> {
         // The head has one output per class of the data; the workers build it from this
         // config.
         config.model.num_classes = corpus.classes.len();
         config.validate()?;
         let splits = job_splits(corpus, &config.data, config.train.seed);
         // The plan's size does not depend on the epoch: check once that every rank gets a batch.
-        let global_batch = config.train.global_batch(world_size);
-        let plan = ShardPlan::new(splits.train.len(), world_size, global_batch, config.train.seed, 0)
+        let global_batch = config.train.global_batch(max_world);
+        let plan = ShardPlan::new(splits.train.len(), max_world, global_batch, config.train.seed, 0)
             .context("cannot shard the training split")?;
         let mut steps_per_epoch = plan.batches_per_rank;
         if config.train.max_steps_per_epoch > 0 {
@@ -44,17 +48,18 @@ impl JobData {
             vocab_fingerprint: corpus.vocab.fingerprint(),
             classes: corpus.classes.clone(),
             config,
-            world_size,
+            max_world,
             splits,
             steps_per_epoch,
         })
     }
 
-    /// The split and the indices into it that `rank` gets; `None` for an unknown split.
+    /// The split and the indices into it that `rank` of `world` ranks gets.
     pub fn shard(
         &self,
         split: Split,
         rank: usize,
+        world: usize,
         epoch: u64,
     ) -> anyhow::Result<(&EncodedSplit, Vec<usize>)> {
         match split {
@@ -63,7 +68,7 @@ impl JobData {
                 // share of the global batch (shard::share).
                 let plan = ShardPlan::for_epoch(
                     &self.splits.train,
-                    self.world_size,
+                    world,
                     &self.config.train,
                     self.config.data.max_len,
                     epoch,
@@ -71,10 +76,8 @@ impl JobData {
                 let indices = plan.rank(rank).iter().map(|&i| i as usize).collect();
                 Ok((&self.splits.train, indices))
             }
-            Split::Validation => {
-                Ok((&self.splits.val, eval_shard(self.splits.val.len(), self.world_size, rank)))
-            }
-            Split::Test => Ok((&self.splits.test, eval_shard(self.splits.test.len(), self.world_size, rank))),
+            Split::Validation => Ok((&self.splits.val, eval_shard(self.splits.val.len(), world, rank))),
+            Split::Test => Ok((&self.splits.test, eval_shard(self.splits.test.len(), world, rank))),
             Split::Unspecified => anyhow::bail!("the split is unspecified"),
         }
     }

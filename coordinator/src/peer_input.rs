@@ -109,8 +109,7 @@ pub struct SessionLimits {
 }
 
 impl SessionLimits {
-    pub fn new(data: &JobData, rank: usize) -> Self {
-        let world = data.world_size;
+    pub fn new(data: &JobData, rank: usize, world: usize) -> Self {
         let shard = |n: usize| crate::job::eval_shard(n, world, rank).len() as u64;
         Self {
             epochs: data.config.train.epochs as u64,

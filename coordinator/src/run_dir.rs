@@ -167,8 +167,13 @@ pub struct Summary {
     pub vocab_size: usize,
     /// Times the group was restarted from a checkpoint.
     pub restarts: u32,
-    /// Optimizer steps run again because of restarts (done after the checkpoint resumed from).
+    /// Optimizer steps run again because of restarts and resizes (done after the checkpoint
+    /// resumed from).
     pub steps_lost: u64,
+    /// Changes of the world size (`--workers MIN:MAX`); `world_size` is the last one.
+    pub resizes: u32,
+    /// The world size from each optimizer step on.
+    pub world_sizes: Vec<crate::checkpoints::WorldSpan>,
     /// Checksum of the last epoch's parameters (hex; every rank's equals it).
     pub final_parameter_checksum: String,
     /// The class names, in label order (as in labels.json).

@@ -54,6 +54,12 @@ pub enum Event {
         rank: usize,
         reason: String,
     },
+    /// A worker asked to join while every rank of the attempt was taken and the job runs
+    /// below its most workers (`--workers MIN:MAX`): it is admitted at the next checkpoint.
+    JoinWaiting {
+        hostname: String,
+        pid: u32,
+    },
     /// A local worker process ended (sent by the launcher).
     ChildExited {
         pid: u32,
@@ -125,6 +131,10 @@ pub struct Shared {
     pub timing: Timing,
     pub out_dir: PathBuf,
     pub backend: BackendChoice,
+    /// `--workers MIN:MAX` with MIN < MAX: rank hints are advisory (a hint beyond the
+    /// attempt's world size gets the lowest free rank), and a worker that comes while every
+    /// rank is taken is told to wait for the next checkpoint.
+    pub elastic: bool,
     /// Metrics and live state for /metrics and `coordinator status`.
     pub telemetry: Arc<Telemetry>,
     config_toml: String,
@@ -140,6 +150,7 @@ const SESSION_BUFFER: usize = 64;
 const NCCL_ID_BYTES: usize = 128;
 
 impl Shared {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         data: Arc<JobData>,
         timing: Timing,
@@ -147,8 +158,9 @@ impl Shared {
         backend: BackendChoice,
         events: mpsc::UnboundedSender<Event>,
         resume: Option<ResumeFrom>,
+        world: usize,
+        elastic: bool,
     ) -> Arc<Self> {
-        let world = data.world_size;
         let config_toml = data.config.to_toml();
         let telemetry = Arc::new(Telemetry::new(world, data.config.train.epochs, data.steps_per_epoch));
         Arc::new(Self {
@@ -157,6 +169,7 @@ impl Shared {
             timing,
             out_dir,
             backend,
+            elastic,
             config_toml,
             state: Mutex::new(State::fresh(world, 0, resume)),
             stored: Mutex::new(std::collections::HashMap::new()),
@@ -165,12 +178,17 @@ impl Shared {
         })
     }
 
-    /// Starts attempt `attempt`: every rank is free again, the rendezvous is open, and old
-    /// sessions are closed (their workers' streams end). `resume` is what the new workers
-    /// restore before training.
-    pub fn begin_attempt(&self, attempt: u32, resume: Option<ResumeFrom>) {
-        *self.state() = State::fresh(self.data.world_size, attempt, resume);
+    /// Starts attempt `attempt` of `world` ranks: every rank is free again, the rendezvous is
+    /// open, and old sessions are closed (their workers' streams end). `resume` is what the
+    /// new workers restore before training.
+    pub fn begin_attempt(&self, attempt: u32, resume: Option<ResumeFrom>, world: usize) {
+        *self.state() = State::fresh(world, attempt, resume);
         self.rendezvous_done.send_replace(None);
+    }
+
+    /// The ranks of the current attempt.
+    pub fn world(&self) -> usize {
+        self.state().slots.len()
     }
 
     /// The digest of the artifact stored as `file_name` (once: the driver takes it when it
@@ -238,7 +256,7 @@ impl Shared {
             Status::failed_precondition(format!(
                 "rank {rank} is not registered ({} of {} ranks are)",
                 st.slots.iter().flatten().count(),
-                self.data.world_size
+                st.slots.len()
             ))
         })?;
         let same = slot.token.len() == who.worker_token.len()
@@ -256,7 +274,10 @@ impl Shared {
 /// rank. Ranks are handed out anew in every attempt, so a restarted worker with a hint gets
 /// the same rank again; two workers with the same hint in one attempt are a mistake (or a
 /// replaced pod that came back before the old one was declared lost: it may retry).
-fn pick_rank(st: &State, hint: Option<u32>, world: usize) -> Result<usize, Status> {
+fn pick_rank(st: &State, hint: Option<u32>, world: usize, elastic: bool) -> Result<usize, Status> {
+    // With --workers MIN:MAX the attempt may have fewer ranks than there are pod indices:
+    // a hint beyond it takes the lowest free rank.
+    let hint = hint.filter(|&h| !(elastic && h as usize >= world));
     match hint {
         Some(hint) => {
             let rank = hint as usize;
@@ -322,14 +343,28 @@ impl Coordinator for CoordinatorService {
         let req = request.into_inner();
         check_register(&req)?;
         let sh = &self.shared;
-        let world = sh.data.world_size;
-        let (rank, token, attempt, resume) = {
+        let (rank, token, attempt, resume, world) = {
             let mut st = sh.state();
-            let rank = pick_rank(&st, req.rank_hint, world)?;
+            let world = st.slots.len();
+            let rank = match pick_rank(&st, req.rank_hint, world, sh.elastic) {
+                Err(e)
+                    if sh.elastic
+                        && e.code() == tonic::Code::ResourceExhausted
+                        && world < sh.data.max_world =>
+                {
+                    sh.emit(Event::JoinWaiting { hostname: req.hostname.clone(), pid: req.pid });
+                    return Err(Status::resource_exhausted(format!(
+                        "the job runs at {world} of up to {} workers: this one is admitted at the next \
+                         checkpoint (keep retrying)",
+                        sh.data.max_world
+                    )));
+                }
+                other => other?,
+            };
             let token = new_token();
             st.slots[rank] =
                 Some(Slot { token: token.clone(), pid: req.pid, hostname: req.hostname.clone() });
-            (rank, token, st.attempt, st.resume.as_ref().map(|r| r.global_step))
+            (rank, token, st.attempt, st.resume.as_ref().map(|r| r.global_step), world)
         };
         sh.emit(Event::Registered { attempt, rank, hostname: req.hostname.clone(), pid: req.pid, peer });
         let (val, test) = (
@@ -374,10 +409,11 @@ impl Coordinator for CoordinatorService {
             )));
         }
         let data = Arc::clone(&self.shared.data);
+        let world = self.shared.world();
         let epoch = req.epoch;
         // Cut the chunks on a blocking thread; the bounded channel keeps only a few in memory.
         let (tx, rx) = mpsc::channel(4);
-        tokio::task::spawn_blocking(move || match data.shard(split, rank, epoch) {
+        tokio::task::spawn_blocking(move || match data.shard(split, rank, world, epoch) {
             Ok((source, indices)) => {
                 for_each_chunk(source, &indices, split, epoch, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
             }
@@ -486,16 +522,16 @@ impl Coordinator for CoordinatorService {
             return Err(Status::invalid_argument("the first session message must be a hello"));
         }
         let (tx, rx) = mpsc::channel(SESSION_BUFFER);
-        let (rank, attempt) = {
+        let (rank, attempt, world) = {
             let mut st = sh.state();
             let rank = sh.check_identity_in(&st, first.worker.as_ref())?;
             if st.sessions[rank].is_some() {
                 return Err(Status::already_exists(format!("rank {rank} already has a session")));
             }
             st.sessions[rank] = Some(tx);
-            (rank, st.attempt)
+            (rank, st.attempt, st.slots.len())
         };
-        let limits = SessionLimits::new(&sh.data, rank);
+        let limits = SessionLimits::new(&sh.data, rank, world);
         sh.emit(Event::SessionOpened { attempt, rank });
         tokio::spawn(async move {
             let reason = loop {
@@ -666,3 +702,7 @@ fn storage_status(e: anyhow::Error, dir: &std::path::Path, file_name: &str) -> S
         dir.display()
     ))
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

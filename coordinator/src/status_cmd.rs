@@ -79,6 +79,7 @@ fn to_json(s: &JobStatus) -> serde_json::Value {
         "backend": s.backend,
         "attempt": s.attempt,
         "restarts": s.restarts,
+        "resizes": s.resizes,
         "tokens_per_second": s.tokens_per_second,
         "loss": finite(s.loss),
         "val_accuracy": finite(s.val_accuracy),
@@ -118,7 +119,7 @@ pub fn render(s: &JobStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "job {}: epoch {}/{}, step {}/{} (global {}/{}), attempt {}, {} restart(s)",
+        "job {}: epoch {}/{}, step {}/{} (global {}/{}), attempt {}, {} restart(s), {} resize(s)",
         s.state,
         s.epoch + 1,
         s.epochs,
@@ -127,7 +128,8 @@ pub fn render(s: &JobStatus) -> String {
         s.global_step,
         s.total_steps,
         s.attempt,
-        s.restarts
+        s.restarts,
+        s.resizes
     );
     let _ = writeln!(
         out,

@@ -90,6 +90,8 @@ struct Metrics {
     workers_registered: Gauge,
     heartbeat_age: Family<RankLabel, FloatGauge>,
     restarts: Counter,
+    resizes: Counter,
+    world_size: Gauge,
     checkpoint_seconds: Histogram,
     epoch: Gauge,
     job_state: Family<StateLabel, Gauge>,
@@ -112,6 +114,8 @@ impl Metrics {
             workers_registered: Gauge::default(),
             heartbeat_age: Family::default(),
             restarts: Counter::default(),
+            resizes: Counter::default(),
+            world_size: Gauge::default(),
             checkpoint_seconds: seconds_histogram(),
             epoch: Gauge::default(),
             job_state: Family::default(),
@@ -163,6 +167,12 @@ impl Metrics {
             m.heartbeat_age.clone(),
         );
         r.register("trainer_restarts", "Restarts of the worker group from a checkpoint", m.restarts.clone());
+        r.register(
+            "trainer_resizes",
+            "Changes of the world size (--workers MIN:MAX): the group went on with fewer or more workers",
+            m.resizes.clone(),
+        );
+        r.register("trainer_world_size", "Workers (ranks) of the current attempt", m.world_size.clone());
         r.register_with_unit(
             "trainer_checkpoint",
             "Time from asking rank 0 for an epoch-end checkpoint to committing it",
@@ -200,6 +210,9 @@ struct Live {
     pace_from: Option<(Instant, u64)>,
     attempt: u32,
     restarts: u32,
+    resizes: u32,
+    /// Ranks of the current attempt.
+    world: usize,
     backend: String,
     loss: f64,
     val_accuracy: f64,
@@ -211,7 +224,6 @@ pub struct Telemetry {
     metrics: Metrics,
     live: Mutex<Live>,
     started: Instant,
-    world: usize,
     epochs: u64,
     steps_per_epoch: u64,
 }
@@ -232,17 +244,19 @@ impl Telemetry {
                 pace_from: None,
                 attempt: 0,
                 restarts: 0,
+                resizes: 0,
+                world,
                 backend: String::new(),
                 loss: f64::NAN,
                 val_accuracy: f64::NAN,
                 ranks: vec![RankLive::default(); world],
             }),
             started: Instant::now(),
-            world,
             epochs: epochs as u64,
             steps_per_epoch: steps_per_epoch as u64,
         };
         t.set_state(JobState::Waiting);
+        t.metrics.world_size.set(world as i64);
         t
     }
 
@@ -261,16 +275,22 @@ impl Telemetry {
         }
     }
 
-    /// A new attempt (the first, or a restart): ranks are given anew.
-    pub fn begin_attempt(&self, attempt: u32, restarts: u32) {
+    /// A new attempt (the first, a restart or a resize) of `world` ranks, given anew.
+    pub fn begin_attempt(&self, attempt: u32, restarts: u32, resizes: u32, world: usize) {
         let mut live = self.live();
         live.attempt = attempt;
         if restarts > live.restarts {
             self.metrics.restarts.inc_by(u64::from(restarts - live.restarts));
         }
+        if resizes > live.resizes {
+            self.metrics.resizes.inc_by(u64::from(resizes - live.resizes));
+        }
         live.restarts = restarts;
+        live.resizes = resizes;
+        live.world = world;
+        self.metrics.world_size.set(world as i64);
         live.pace_from = None;
-        live.ranks = vec![RankLive::default(); self.world];
+        live.ranks = vec![RankLive::default(); world];
         self.metrics.workers_registered.set(0);
         self.metrics.heartbeat_age.clear();
     }
@@ -428,7 +448,8 @@ impl Telemetry {
             global_step: live.global_step,
             total_steps,
             eta_seconds,
-            world_size: self.world as u32,
+            world_size: live.world as u32,
+            resizes: live.resizes,
             backend: live.backend.clone(),
             attempt: live.attempt,
             restarts: live.restarts,
@@ -507,7 +528,7 @@ mod tests {
         t.step(0, &m);
         t.step(1, &m);
         t.eval("validation", 0.75, 0.5);
-        t.begin_attempt(1, 1);
+        t.begin_attempt(1, 1, 1, 3);
         let text = t.encode().unwrap();
         for needle in [
             "trainer_steps_total{rank=\"0\"} 1",
@@ -522,6 +543,8 @@ mod tests {
             "trainer_grad_norm 1.5",
             "trainer_eval_accuracy{split=\"validation\"} 0.75",
             "trainer_restarts_total 1",
+            "trainer_resizes_total 1",
+            "trainer_world_size 3",
             "trainer_epoch 1",
             "trainer_job_state{state=\"training\"} 1",
             "# EOF",
@@ -533,6 +556,7 @@ mod tests {
             (status.epoch, status.step_in_epoch, status.global_step, status.total_steps),
             (0, 1, 1, 30)
         );
-        assert_eq!(status.ranks.len(), 2);
+        // The last attempt was a resize to 3 ranks.
+        assert_eq!((status.ranks.len(), status.world_size, status.resizes), (3, 3, 1));
     }
 }

@@ -33,9 +33,20 @@ use crate::service::{CoordinatorService, Event, Shared, Timing};
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Number of workers (ranks) in the job.
-    #[arg(long, env = "TRAINER_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub workers: Option<u32>,
+    /// Workers (ranks) in the job: N, or MIN:MAX for an elastic job that goes on with fewer
+    /// workers after a loss (down to MIN) and takes more that join (up to MAX). Local
+    /// workers: MAX are started. External: the job starts once MIN have registered and
+    /// --rendezvous-wait has passed, or MAX are there.
+    #[arg(long, env = "TRAINER_WORKERS", value_parser = parse_workers)]
+    pub workers: Option<WorkerRange>,
+    /// Elastic jobs with external workers: seconds to wait for more than MIN workers (up to
+    /// MAX) once MIN have registered.
+    #[arg(long, env = "COORDINATOR_RENDEZVOUS_WAIT", default_value_t = 10.0)]
+    pub rendezvous_wait: f64,
+    /// Elastic jobs: how many times the world size may change before a loss stops the job
+    /// (a budget apart from --max-restarts).
+    #[arg(long, env = "COORDINATOR_MAX_RESIZES", default_value_t = 10)]
+    pub max_resizes: u32,
     /// The run folder: model, vocab, config, metrics, summary and the last checkpoint.
     #[arg(long, env = "TRAINER_OUT", default_value = "runs/latest")]
     pub out: PathBuf,
@@ -302,11 +313,41 @@ fn job_secret(external: bool) -> anyhow::Result<JobSecret> {
     }
 }
 
+/// `--workers N` or `--workers MIN:MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerRange {
+    pub min: usize,
+    pub max: usize,
+}
+
+fn parse_workers(text: &str) -> Result<WorkerRange, String> {
+    let number = |t: &str| -> Result<usize, String> {
+        match t.trim().parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            _ => Err(format!("{t:?} is not a number of workers from 1 to 1024")),
+        }
+    };
+    let range = match text.split_once(':') {
+        None => {
+            let n = number(text)?;
+            WorkerRange { min: n, max: n }
+        }
+        Some((min, max)) => WorkerRange { min: number(min)?, max: number(max)? },
+    };
+    if range.min > range.max {
+        return Err(format!("MIN ({}) is above MAX ({}); write N or MIN:MAX", range.min, range.max));
+    }
+    Ok(range)
+}
+
 pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
-    let workers = args
+    let range = args
         .workers
-        .context("--workers N is required to train (or run a subcommand such as `coordinator data`)")?
-        as usize;
+        .context("--workers N is required to train (or run a subcommand such as `coordinator data`)")?;
+    // The most workers the job runs with: local workers start with all of them.
+    let workers = range.max;
+    let elastic = range.min < range.max;
+    let rendezvous_wait = seconds("rendezvous-wait", args.rendezvous_wait)?;
     let timing = Timing {
         heartbeat_interval: seconds("heartbeat-interval", args.heartbeat_interval)?,
         heartbeat_timeout: seconds("heartbeat-timeout", args.heartbeat_timeout)?,
@@ -354,6 +395,14 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
     let (corpus, report) = prepare(&args.data.prepare_options(&config))?;
     trainer_core::pipeline::log_corpus_ready(&corpus, &report);
     keep_checkpoint_global_batch(&args.out, args.resume, &mut config, workers)?;
+    if elastic && config.train.global_batch_size == 0 {
+        // One global batch for every world size the job may run at: MAX x batch_size.
+        config.train.global_batch_size = workers * config.train.batch_size;
+        tracing::info!(
+            global_batch_size = config.train.global_batch_size,
+            "elastic job: the global batch is fixed at --workers MAX x train.batch_size"
+        );
+    }
     let data = Arc::new(JobData::new(&corpus, config, workers)?);
     tracing::info!(
         workers,
@@ -385,6 +434,10 @@ pub fn run(args: TrainArgs, output: Output) -> anyhow::Result<()> {
         identity,
         resume,
         checkpoint_failures: args.checkpoint_failures,
+        min_world: range.min,
+        max_world: range.max,
+        max_resizes: args.max_resizes,
+        rendezvous_wait,
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -447,6 +500,8 @@ impl Job {
             self.args.backend,
             events_tx.clone(),
             resume,
+            self.data.max_world,
+            self.fault.is_elastic(),
         );
 
         // The gRPC server: the coordinator behind the job secret, and the standard health
@@ -490,8 +545,8 @@ impl Job {
         let local = match &self.worker_bin {
             Some(bin) => {
                 let threads =
-                    self.args.worker_threads.unwrap_or_else(|| threads_per_worker(self.data.world_size));
-                tracing::info!(workers = self.data.world_size, threads, bin = %bin.display(), "starting local workers");
+                    self.args.worker_threads.unwrap_or_else(|| threads_per_worker(self.data.max_world));
+                tracing::info!(workers = self.data.max_world, threads, bin = %bin.display(), "starting local workers");
                 let launch = WorkerLaunch {
                     worker_bin: bin.clone(),
                     coordinator_addr: format!("{}://{advertise}", if self.tls { "https" } else { "http" }),
@@ -502,7 +557,7 @@ impl Job {
                     backend: self.args.backend.name(),
                 };
                 let workers = LocalWorkers::spawn(
-                    self.data.world_size,
+                    self.data.max_world,
                     &launch,
                     events_tx.clone(),
                     self.output.clone(),
@@ -511,7 +566,7 @@ impl Job {
             }
             None => {
                 tracing::info!(
-                    workers = self.data.world_size,
+                    workers = self.data.max_world,
                     address = %advertise,
                     "waiting for external workers"
                 );
@@ -589,5 +644,20 @@ async fn forward_signals(events: mpsc::UnboundedSender<Event>) {
         if events.send(Event::Interrupted { signal }).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_a_number_or_a_range() {
+        assert_eq!(parse_workers("4"), Ok(WorkerRange { min: 4, max: 4 }));
+        assert_eq!(parse_workers("2:4"), Ok(WorkerRange { min: 2, max: 4 }));
+        assert!(parse_workers("4:2").unwrap_err().contains("MIN (4) is above MAX (2)"));
+        assert!(parse_workers("0").unwrap_err().contains("from 1 to 1024"));
+        assert!(parse_workers("2:x").unwrap_err().contains("\"x\" is not a number"));
+        assert!(parse_workers("1:2000").is_err());
     }
 }

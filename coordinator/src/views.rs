@@ -112,6 +112,12 @@ impl RunViews {
         self.partial.clear();
     }
 
+    /// The ranks of a new attempt (a resize changes how many share the global batch).
+    pub fn set_world(&mut self, world: usize) {
+        self.world = world.max(1);
+        self.partial.clear();
+    }
+
     /// One rank's step report; returns the point (the metrics.jsonl step record) when one
     /// is due, every `log_every` steps and at the epoch's last, once every rank has
     /// reported the step.

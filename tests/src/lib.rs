@@ -59,11 +59,22 @@ impl ExternalCoordinator {
     /// --out <tmp>/run ARGS` with `TRAINER_JOB_SECRET=secret` and debug logs, and waits until
     /// it prints its address.
     pub fn start(bin: &Path, workers: usize, secret: &str, corpus: (usize, usize), args: &[&str]) -> Self {
+        Self::start_elastic(bin, &workers.to_string(), secret, corpus, args)
+    }
+
+    /// [`ExternalCoordinator::start`] with `--workers` as given (`N` or `MIN:MAX`).
+    pub fn start_elastic(
+        bin: &Path,
+        workers: &str,
+        secret: &str,
+        corpus: (usize, usize),
+        args: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temporary folder");
         let data = write_synthetic_corpus(dir.path(), corpus.0, corpus.1);
         let out = dir.path().join("run");
         let mut child = Command::new(bin)
-            .args(["--workers", &workers.to_string(), "--external-workers", "--no-cache"])
+            .args(["--workers", workers, "--external-workers", "--no-cache"])
             .arg("--data")
             .arg(&data)
             .arg("--out")

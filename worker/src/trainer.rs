@@ -276,7 +276,7 @@ impl Trainer {
     /// the rows, and the embedding is nearly all of the model (bench/embedding_rows.py).
     fn reduce_and_clip_gradients(&mut self, token_ids: &Tensor, examples: usize) -> Result<Tensor> {
         let clip = self.config.train.clip_norm;
-        let weight = self.share_weight(examples);
+        let weight = self.share_weight(examples)?;
         if self.collective.world_size() > 1 {
             if let Some(rows) =
                 profile::time(Bucket::Flatten, || self.embedding_rows_used_by_any_rank(token_ids))?
@@ -297,10 +297,23 @@ impl Trainer {
     /// What makes the mean over the ranks the mean over the global batch when the shares
     /// differ by a sample: this rank's gradient (a mean over its `examples`) times `examples
     /// × world / global batch`. None when that is 1 (equal shares, one rank): nothing to do.
-    fn share_weight(&self, examples: usize) -> Option<f64> {
+    /// A batch that is not this rank's share is refused: every rank's weight assumes that
+    /// the others hold theirs.
+    fn share_weight(&self, examples: usize) -> Result<Option<f64>> {
         let world = self.collective.world_size();
+        if world == 1 {
+            return Ok(None);
+        }
         let global = self.config.train.global_batch(world);
-        (examples * world != global).then(|| (examples * world) as f64 / global as f64)
+        let share = trainer_core::shard::share(global, world, self.rank());
+        if examples != share {
+            return Err(WorkerError::Invalid(format!(
+                "a batch of {examples} samples, but rank {}'s share of the global batch of {global} \
+                 over {world} ranks is {share}",
+                self.rank()
+            )));
+        }
+        Ok((examples * world != global).then(|| (examples * world) as f64 / global as f64))
     }
 
     /// The sorted embedding rows that at least one rank's batch used, or None when they are
@@ -560,6 +573,8 @@ mod tests {
         // Small enough to bind, so that clipping the compact buffer is checked too.
         c.train.clip_norm = 0.05;
         c.train.device = "cpu".into();
+        // Each rank's batch of four is its share of the global batch.
+        c.train.batch_size = 4;
         c
     }
 

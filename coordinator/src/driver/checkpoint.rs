@@ -92,6 +92,12 @@ impl Driver {
         if self.terminate_by.is_some() {
             return Err(Terminated { checkpoint: Some(at) }.into());
         }
+        // Workers that asked to join come in now, from this checkpoint (--workers MIN:MAX).
+        if !self.joiners.is_empty() && self.world < self.fault.max_world && !self.finished {
+            let to = (self.world + self.joiners.len()).min(self.fault.max_world);
+            let cause = format!("{} worker(s) asked to join; admitted at {at}", self.joiners.len());
+            return Err(super::Resize { to, cause }.into());
+        }
         Ok(())
     }
 

@@ -76,6 +76,8 @@ impl Driver {
             vocab_size: data.vocab_size,
             restarts: st.restarts,
             steps_lost: st.steps_lost,
+            resizes: st.resizes,
+            world_sizes: st.world_sizes.clone(),
             final_parameter_checksum: st.checksums.first().map(|&c| checksum_hex(c)).unwrap_or_default(),
             test_metrics: test.class_metrics(&data.classes),
             classes: data.classes.clone(),

@@ -38,7 +38,7 @@ mod rendezvous;
 mod restart;
 mod sessions;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,14 +47,14 @@ use tokio::sync::mpsc;
 use trainer_core::exit::Lost;
 use trainer_proto::v1::worker_message::Body;
 
-use crate::checkpoints::{JobCheckpoint, JobProgress};
+use crate::checkpoints::{JobCheckpoint, JobProgress, WorldSpan};
 use crate::progress::Progress;
 use crate::run_dir::{checksum_hex, RunDir, Summary};
 use crate::service::{Event, Shared};
 use crate::views::RunViews;
 
 pub use finish::render_summary;
-pub use restart::{FaultTolerance, Interrupted, LocalPool, Terminated};
+pub use restart::{FaultTolerance, Interrupted, LocalPool, Resize, Terminated};
 
 pub struct Driver {
     pub shared: Arc<Shared>,
@@ -71,6 +71,11 @@ pub struct Driver {
     /// The coordinator's progress: epoch records, early stopping, totals.
     pub state: JobProgress,
     attempt: u32,
+    /// The ranks of the current attempt (`--workers N`, or within MIN:MAX).
+    world: usize,
+    /// Workers (pids) that asked to join while every rank was taken (`--workers MIN:MAX`):
+    /// the group grows at the next checkpoint.
+    joiners: HashSet<u32>,
     rank_of_pid: HashMap<u32, usize>,
     registered: usize,
     last_seen: Vec<Option<Instant>>,
@@ -109,9 +114,13 @@ impl Driver {
         local: Option<LocalPool>,
         fault: FaultTolerance,
     ) -> Self {
-        let world = shared.data.world_size;
+        let world = shared.world();
         let checkpoint = fault.resume.clone();
-        let state = checkpoint.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
+        let mut state: JobProgress = checkpoint.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
+        let from_global_step = checkpoint.as_ref().map_or(0, |c| c.global_step);
+        if state.world_sizes.last().map(|s| s.world_size) != Some(world) {
+            state.world_sizes.push(WorldSpan { from_global_step, world_size: world });
+        }
         let views = RunViews::new(
             run_dir.path(),
             &shared.data.config.to_toml(),
@@ -119,7 +128,7 @@ impl Driver {
             shared.data.steps_per_epoch,
             world,
         );
-        shared.telemetry.begin_attempt(0, state.restarts);
+        shared.telemetry.begin_attempt(0, state.restarts, state.resizes, world);
         Self {
             views,
             shared,
@@ -133,6 +142,8 @@ impl Driver {
             checkpoint,
             state,
             attempt: 0,
+            world,
+            joiners: HashSet::new(),
             rank_of_pid: HashMap::new(),
             registered: 0,
             last_seen: vec![None; world],
@@ -148,20 +159,38 @@ impl Driver {
     }
 
     fn world(&self) -> usize {
-        self.shared.data.world_size
+        self.world
     }
 
     /// Runs the job to its end, restarting the group from the last checkpoint when a worker
-    /// is lost, up to `--max-restarts` times.
+    /// is lost, up to `--max-restarts` times; with `--workers MIN:MAX`, going on with fewer
+    /// workers or more (a resize, up to `--max-resizes` times).
     pub async fn run(&mut self) -> anyhow::Result<Outcome> {
         loop {
             let error = match self.run_attempt().await {
                 Ok(outcome) => return Ok(outcome),
                 Err(e) => e,
             };
-            let retryable = error.chain().any(|c| c.is::<Lost>()) && self.terminate_by.is_none();
+            if self.terminate_by.is_some() {
+                return Err(error);
+            }
+            if let Some(resize) = error.downcast_ref::<Resize>().cloned() {
+                self.resize(resize).await?;
+                continue;
+            }
+            let retryable = error.chain().any(|c| c.is::<Lost>());
             if !retryable {
                 return Err(error);
+            }
+            // Local workers of an elastic job are not replaced: the group goes on without the
+            // lost one while at least MIN are left.
+            if self.fault.is_elastic() && self.local.is_some() {
+                let to = self.world - 1;
+                if to < self.fault.min_world {
+                    return Err(self.fault.below_minimum(to, error));
+                }
+                self.resize(Resize { to, cause: format!("{error:#}") }).await?;
+                continue;
             }
             if self.state.restarts >= self.fault.max_restarts {
                 return Err(error.context(format!(

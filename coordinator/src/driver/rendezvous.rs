@@ -2,11 +2,12 @@
 //! (restoring the checkpoint the attempt resumes from, then rank 0's broadcast), and reports
 //! ready; the replicas must then be identical and hold the same best model.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use trainer_proto::v1::worker_message::Body;
 
+use super::sessions::DeadlinePassed;
 use super::{check_checksums, Driver};
 use crate::run_dir::checksum_hex;
 use crate::telemetry::JobState;
@@ -17,11 +18,28 @@ impl Driver {
         let timeout = if self.attempt == 0 { self.register_timeout } else { self.fault.rejoin_timeout };
         let flag = if self.attempt == 0 { "--register-timeout" } else { "--rejoin-timeout" };
         let deadline = Instant::now() + timeout;
+        // External workers of an elastic job: once MIN are there, the group starts with those
+        // that came within --rendezvous-wait (first attempt) or --rejoin-timeout (after a loss).
+        let elastic = self.fault.is_elastic() && self.external_workers;
+        let mut enough_since: Option<Instant> = None;
         self.shared.telemetry.set_state(JobState::Waiting);
         self.progress.status("waiting for workers");
         while self.registered < world || self.last_seen.iter().any(Option::is_none) {
-            let m = self
-                .next(Some(deadline), &|d: &Self| {
+            if elastic && self.registered >= self.fault.min_world && enough_since.is_none() {
+                enough_since = Some(Instant::now());
+            }
+            let elastic_deadline = enough_since.map(|t| {
+                let wait = if self.attempt == 0 { self.fault.rendezvous_wait } else { timeout };
+                let t = if self.attempt == 0 { t } else { deadline - timeout };
+                (t + wait).min(deadline)
+            });
+            // Registrations arrive as events that `next` handles itself: look again every
+            // quarter second whether MIN are there.
+            let poll = elastic.then(|| Instant::now() + Duration::from_millis(250));
+            let until =
+                [Some(deadline), elastic_deadline, poll].into_iter().flatten().min().unwrap_or(deadline);
+            let next = self
+                .next(Some(until), &|d: &Self| {
                     let hint = if d.external_workers {
                         format!(
                             "; start them with `worker join` and {}=<this address>, {}=<the job secret>",
@@ -39,7 +57,35 @@ impl Driver {
                         timeout.as_secs_f64()
                     )
                 })
-                .await?;
+                .await;
+            let m = match next {
+                Ok(m) => m,
+                Err(e) if !e.is::<DeadlinePassed>() => return Err(e),
+                // The wait for more is over: go on with the registered ones, in a group of
+                // their number (they register again and get its world size).
+                Err(_)
+                    if elastic_deadline.is_some_and(|t| Instant::now() >= t) && self.registered < world =>
+                {
+                    let to = self.registered;
+                    let (wait, flag) = if self.attempt == 0 {
+                        (self.fault.rendezvous_wait, "--rendezvous-wait")
+                    } else {
+                        (timeout, "--rejoin-timeout")
+                    };
+                    return Err(super::Resize {
+                        to,
+                        cause: format!(
+                            "{to} of {world} workers registered within {:.0} s ({flag})",
+                            wait.as_secs_f64()
+                        ),
+                    }
+                    .into());
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(if elastic { self.fault.below_minimum(self.registered, e) } else { e });
+                }
+                Err(_) => continue,
+            };
             self.pending.push_back(m);
         }
         self.progress.status("building replicas");

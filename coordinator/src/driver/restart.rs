@@ -1,8 +1,17 @@
 //! How an attempt ends and the next one starts. A lost worker ends the attempt with an error
 //! marked [`trainer_core::exit::Lost`]; [`Driver::run`](super::Driver::run) then calls
 //! [`Driver::restart`]: the group stops, ranks are given anew, every rank restores the last
-//! committed checkpoint, and training goes on at its step. Ctrl-C ([`Interrupted`]) and
-//! SIGTERM ([`Terminated`]) end the job instead.
+//! committed checkpoint, and training goes on at its step. With `--workers MIN:MAX` the
+//! next group may be smaller or larger ([`Resize`], [`Driver::resize`]): the same regroup
+//! from the last checkpoint, at another world size, counted apart from restarts. Ctrl-C
+//! ([`Interrupted`]) and SIGTERM ([`Terminated`]) end the job instead.
+//!
+//! Why from the last checkpoint and not from the last step that the survivors hold: the
+//! survivors' replicas are identical only up to the step whose all-reduce every rank
+//! finished, and the coordinator cannot tell which step a rank that died mid-collective
+//! reached; the checkpoint is the one state that is known to be whole and verified. A
+//! resize that grows the group happens right after a checkpoint is committed, so it loses
+//! at most the steps the ranks ran while it was being stored.
 
 use std::time::Duration;
 
@@ -46,6 +55,22 @@ impl std::fmt::Display for Terminated {
 
 impl std::error::Error for Terminated {}
 
+/// The group goes on at another world size (`--workers MIN:MAX`): fewer workers after a loss
+/// that no replacement made good, more when workers asked to join.
+#[derive(Debug, Clone)]
+pub struct Resize {
+    pub to: usize,
+    pub cause: String,
+}
+
+impl std::fmt::Display for Resize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the group goes on with {} workers: {}", self.to, self.cause)
+    }
+}
+
+impl std::error::Error for Resize {}
+
 /// Local worker processes and how to start them again.
 pub struct LocalPool {
     pub launch: WorkerLaunch,
@@ -66,12 +91,52 @@ pub struct FaultTolerance {
     pub resume: Option<JobCheckpoint>,
     /// Checkpoints in a row the storage may refuse before the job stops (exit 5).
     pub checkpoint_failures: u32,
+    /// `--workers MIN:MAX` (equal for a fixed world size).
+    pub min_world: usize,
+    pub max_world: usize,
+    /// Resizes the job may make before a loss stops it.
+    pub max_resizes: u32,
+    /// External workers of an elastic job: once MIN have registered, how long to wait for
+    /// more (up to MAX) before the group starts with those there are.
+    pub rendezvous_wait: Duration,
+}
+
+impl FaultTolerance {
+    pub fn is_elastic(&self) -> bool {
+        self.min_world < self.max_world
+    }
+
+    /// The job cannot go on: `left` workers are fewer than MIN (exit 75, a supervisor may
+    /// bring more).
+    pub fn below_minimum(&self, left: usize, cause: anyhow::Error) -> anyhow::Error {
+        let message = format!(
+            "{left} worker(s) left, fewer than the {} that --workers {}:{} needs",
+            self.min_world, self.min_world, self.max_world
+        );
+        cause.context(trainer_core::exit::Lost(message))
+    }
 }
 
 impl Driver {
-    /// Stops the group and starts the next attempt from the last checkpoint.
+    /// Stops the group and starts the next attempt from the last checkpoint, at the same
+    /// world size.
     pub(super) async fn restart(&mut self, cause: &anyhow::Error) -> anyhow::Result<()> {
-        let cause = format!("{cause:#}");
+        self.regroup(format!("{cause:#}"), self.world, false).await
+    }
+
+    /// Stops the group and starts the next attempt from the last checkpoint with `to`
+    /// workers; a resize of its own budget (`--max-resizes`), not a restart.
+    pub async fn resize(&mut self, resize: Resize) -> anyhow::Result<()> {
+        if self.state.resizes >= self.fault.max_resizes {
+            return Err(anyhow::anyhow!(trainer_core::exit::Lost(format!(
+                "{resize}; but the job made {} resize(s) already (--max-resizes {})",
+                self.state.resizes, self.fault.max_resizes
+            ))));
+        }
+        self.regroup(resize.cause, resize.to, true).await
+    }
+
+    async fn regroup(&mut self, cause: String, to: usize, resize: bool) -> anyhow::Result<()> {
         // Nothing is restored unchecked: a damaged checkpoint is set aside and the previous
         // one takes its place; none intact stops the job (exit 6).
         if let Some(current) = &self.checkpoint {
@@ -80,18 +145,30 @@ impl Driver {
         let resumed = self.checkpoint.clone();
         let resumed_step = resumed.as_ref().map_or(0, |c| c.global_step);
         let steps_lost = self.reached_step.saturating_sub(resumed_step);
-        let restarts = self.state.restarts + 1;
+        let restarts = self.state.restarts + u32::from(!resize);
+        let resizes = self.state.resizes + u32::from(resize);
+        let from_world = self.world;
         let from =
             resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
         // Said the moment it is decided, not after the old group has stopped.
-        self.progress.line(&format!(
-            "restart {restarts}/{}: {cause}; resuming from {from}, {steps_lost} steps lost",
-            self.fault.max_restarts
-        ));
+        if resize {
+            self.progress.line(&format!(
+                "resize {resizes}/{}: {from_world} -> {to} workers: {cause}; resuming from {from}, \
+                 {steps_lost} steps lost",
+                self.fault.max_resizes
+            ));
+        } else {
+            self.progress.line(&format!(
+                "restart {restarts}/{}: {cause}; resuming from {from}, {steps_lost} steps lost",
+                self.fault.max_restarts
+            ));
+        }
         self.run_dir.append_metrics(&serde_json::json!({
-            "type": "restart",
+            "type": if resize { "resize" } else { "restart" },
             "attempt": self.attempt + 1,
             "cause": cause,
+            "world_size_before": from_world,
+            "world_size_after": to,
             "resumed_from_global_step": resumed_step,
             "resumed_from": from,
             "steps_lost": steps_lost,
@@ -103,15 +180,30 @@ impl Driver {
         }
         // 2. The next attempt: fresh ranks, the coordinator's state as of the checkpoint.
         let total_lost = self.state.steps_lost + steps_lost;
+        let mut world_sizes = std::mem::take(&mut self.state.world_sizes);
+        if to != from_world {
+            // A group that never made a step (it re-formed at once) leaves no entry.
+            if world_sizes.last().is_some_and(|s| s.from_global_step >= resumed_step) {
+                world_sizes.pop();
+            }
+            world_sizes
+                .push(crate::checkpoints::WorldSpan { from_global_step: resumed_step, world_size: to });
+        }
         self.state = resumed.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
         self.state.restarts = restarts;
+        self.state.resizes = resizes;
         self.state.steps_lost = total_lost;
+        self.state.world_sizes = world_sizes;
         self.attempt += 1;
+        self.world = to;
+        self.joiners.clear();
+        self.views.set_world(to);
         self.shared.telemetry.set_state(JobState::Restarting);
-        self.shared.telemetry.begin_attempt(self.attempt, restarts);
+        self.shared.telemetry.begin_attempt(self.attempt, restarts, resizes, to);
         self.shared.begin_attempt(
             self.attempt,
             resumed.as_ref().map(|c| checkpoints::resume_from(self.run_dir.path(), c)),
+            to,
         );
         self.rank_of_pid.clear();
         // The new replicas say which best model they restored (Ready).
@@ -123,12 +215,7 @@ impl Driver {
         self.reached_step = resumed_step;
         // 3. Local workers: new processes.
         if let Some(pool) = self.local.as_mut() {
-            pool.workers = LocalWorkers::spawn(
-                self.shared.data.world_size,
-                &pool.launch,
-                pool.events.clone(),
-                pool.output.clone(),
-            )?;
+            pool.workers = LocalWorkers::spawn(to, &pool.launch, pool.events.clone(), pool.output.clone())?;
         }
         Ok(())
     }

@@ -33,6 +33,18 @@ pub(super) fn command(body: coordinator_message::Body) -> CoordinatorMessage {
     CoordinatorMessage { body: Some(body) }
 }
 
+/// [`Driver::next`]'s deadline passed (its message says what was missing).
+#[derive(Debug)]
+pub(super) struct DeadlinePassed(pub String);
+
+impl std::fmt::Display for DeadlinePassed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DeadlinePassed {}
+
 /// A lost worker: the attempt ends, and the group may restart.
 pub(super) fn lost(message: String) -> anyhow::Error {
     anyhow!(Lost(message))
@@ -118,6 +130,16 @@ impl Driver {
                     return Ok(None);
                 }
                 Err(self.explain_disconnect(rank, reason).await)
+            }
+            Event::JoinWaiting { hostname, pid } => {
+                if self.fault.is_elastic() && self.world < self.fault.max_world && self.joiners.insert(pid) {
+                    self.progress.line(&format!(
+                        "worker pid {pid} on {hostname} asks to join ({} of up to {} workers now): \
+                         it comes in at the next checkpoint",
+                        self.world, self.fault.max_world
+                    ));
+                }
+                Ok(None)
             }
             Event::ChildExited { pid, status } => {
                 if self.finished || !self.is_current_pid(pid) {
@@ -234,7 +256,7 @@ impl Driver {
                     }
                 }
                 _ = tick.tick() => self.heartbeat_tick()?,
-                _ = &mut sleep => bail!("{}", on_deadline(self)),
+                _ = &mut sleep => return Err(DeadlinePassed(on_deadline(self)).into()),
                 _ = terminate => return Err(Terminated { checkpoint: None }.into()),
             }
         }

@@ -59,7 +59,19 @@ impl Job {
         marker: &str,
         extra: &[&str],
     ) -> Job {
-        let mut child = coordinator(workers, config, out, data, marker)
+        Self::start_range(&workers.to_string(), config, out, data, marker, extra)
+    }
+
+    /// [`Job::start`] with `--workers` as given (`N` or `MIN:MAX`).
+    pub fn start_range(
+        workers: &str,
+        config: &Path,
+        out: &Path,
+        data: &Path,
+        marker: &str,
+        extra: &[&str],
+    ) -> Job {
+        let mut child = coordinator_range(workers, config, out, data, marker)
             .args(FAST_FAILURE)
             .args(extra)
             .env("WORKER_RING_TIMEOUT", "3")

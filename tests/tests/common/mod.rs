@@ -193,9 +193,14 @@ pub fn scrubbed(mut cmd: Command, marker: &str) -> Command {
 }
 
 pub fn coordinator(workers: usize, config: &Path, out: &Path, data: &Path, marker: &str) -> Command {
+    coordinator_range(&workers.to_string(), config, out, data, marker)
+}
+
+/// [`coordinator`] with `--workers` as given (`N` or `MIN:MAX`).
+pub fn coordinator_range(workers: &str, config: &Path, out: &Path, data: &Path, marker: &str) -> Command {
     let mut cmd = scrubbed(Command::new(bin("coordinator")), marker);
     cmd.arg("--workers")
-        .arg(workers.to_string())
+        .arg(workers)
         .arg("--config")
         .arg(config)
         .arg("--data")

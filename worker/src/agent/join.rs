@@ -197,7 +197,9 @@ impl Agent {
         if reply.world_size == 0 || reply.rank >= reply.world_size {
             bail!("the coordinator assigned rank {} of world size {}", reply.rank, reply.world_size);
         }
-        if rank_hint.is_some_and(|hint| hint != reply.rank) {
+        // An elastic job (--workers MIN:MAX) that runs below its most workers gives a hint
+        // beyond its world size the lowest free rank; any other difference is a mistake.
+        if rank_hint.is_some_and(|hint| hint != reply.rank && hint < reply.world_size) {
             bail!(
                 "asked for rank {} but the coordinator assigned rank {} (a coordinator that predates rank hints?)",
                 rank_hint.unwrap_or_default(),
@@ -215,6 +217,14 @@ impl Agent {
             steps_per_epoch: reply.steps_per_epoch as usize,
             resume: None,
         };
+        if let Some(hint) = rank_hint.filter(|&h| h != reply.rank) {
+            tracing::info!(
+                hint,
+                rank = reply.rank,
+                world = reply.world_size,
+                "the job runs with fewer workers than rank hints: took a free rank"
+            );
+        }
         tracing::info!(rank = job.rank, world = job.world_size, attempt = reply.attempt, "registered");
         Ok(Self {
             client,

@@ -13,6 +13,9 @@ pub(super) struct Liveness {
     started: Instant,
     last_seen_ms: AtomicU64,
     closed: AtomicBool,
+    /// The coordinator said that the group restarts (a stop with `restart`): a wait that the
+    /// session's end cuts short is then a rejoin, not a loss.
+    restart: AtomicBool,
     reason: std::sync::Mutex<String>,
     timeout: Duration,
 }
@@ -24,6 +27,7 @@ impl Liveness {
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            restart: AtomicBool::new(false),
             reason: std::sync::Mutex::new(String::new()),
             timeout,
         }
@@ -32,6 +36,11 @@ impl Liveness {
     /// A message came from the coordinator.
     pub(super) fn touch(&self) {
         self.last_seen_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The coordinator asked this rank to join the group again (it restarts or resizes).
+    pub(super) fn restart_requested(&self) {
+        self.restart.store(true, Ordering::Release);
     }
 
     /// The session stream ended, for `reason`.
@@ -45,6 +54,9 @@ impl Liveness {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
+            if self.restart.load(Ordering::Acquire) {
+                return anyhow!(super::RestartRequested);
+            }
             if self.closed.load(Ordering::Acquire) {
                 let reason = self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 return anyhow!(trainer_core::exit::Lost(format!("lost the coordinator: {reason}")));

@@ -150,6 +150,13 @@ impl Agent {
                 match inbound.message().await {
                     Ok(Some(CoordinatorMessage { body: Some(body) })) => {
                         reader_live.touch();
+                        // Seen here too, so that a restart during the start-up waits (shards,
+                        // the rendezvous) rejoins instead of failing.
+                        if let coordinator_message::Body::Stop(stop) = &body {
+                            if stop.restart {
+                                reader_live.restart_requested();
+                            }
+                        }
                         if !matches!(body, coordinator_message::Body::Heartbeat(_))
                             && commands_tx.send(body).is_err()
                         {

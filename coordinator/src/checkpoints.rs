@@ -24,7 +24,7 @@ use trainer_core::exit::CorruptCheckpoint;
 use trainer_core::integrity::{self, FileDigest};
 use trainer_core::JobConfig;
 
-use crate::run_dir::EpochRecord;
+use crate::run_dir::{EpochRecord, WorldSpan};
 
 pub const POINTER_FILE: &str = "checkpoint.json";
 pub const FORMAT: &str = "imdb-ddp-job-checkpoint/2";
@@ -91,13 +91,6 @@ pub struct JobProgress {
     /// The world size from each optimizer step on: the job's history of resizes.
     #[serde(default)]
     pub world_sizes: Vec<WorldSpan>,
-}
-
-/// From optimizer step `from_global_step` on, the job ran with `world_size` workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorldSpan {
-    pub from_global_step: u64,
-    pub world_size: usize,
 }
 
 /// `checkpoint.json`.

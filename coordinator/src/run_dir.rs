@@ -173,7 +173,7 @@ pub struct Summary {
     /// Changes of the world size (`--workers MIN:MAX`); `world_size` is the last one.
     pub resizes: u32,
     /// The world size from each optimizer step on.
-    pub world_sizes: Vec<crate::checkpoints::WorldSpan>,
+    pub world_sizes: Vec<WorldSpan>,
     /// Checksum of the last epoch's parameters (hex; every rank's equals it).
     pub final_parameter_checksum: String,
     /// The class names, in label order (as in labels.json).
@@ -182,6 +182,13 @@ pub struct Summary {
     /// confusion matrix (rows: the true class, columns: the predicted one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_metrics: Option<trainer_core::class_metrics::ClassMetrics>,
+}
+
+/// From optimizer step `from_global_step` on, the job ran with `world_size` workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorldSpan {
+    pub from_global_step: u64,
+    pub world_size: usize,
 }
 
 pub fn checksum_hex(checksum: u64) -> String {

@@ -47,9 +47,9 @@ use tokio::sync::mpsc;
 use trainer_core::exit::Lost;
 use trainer_proto::v1::worker_message::Body;
 
-use crate::checkpoints::{JobCheckpoint, JobProgress, WorldSpan};
+use crate::checkpoints::{JobCheckpoint, JobProgress};
 use crate::progress::Progress;
-use crate::run_dir::{checksum_hex, RunDir, Summary};
+use crate::run_dir::{checksum_hex, RunDir, Summary, WorldSpan};
 use crate::service::{Event, Shared};
 use crate::views::RunViews;
 

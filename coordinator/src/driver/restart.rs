@@ -186,8 +186,7 @@ impl Driver {
             if world_sizes.last().is_some_and(|s| s.from_global_step >= resumed_step) {
                 world_sizes.pop();
             }
-            world_sizes
-                .push(crate::checkpoints::WorldSpan { from_global_step: resumed_step, world_size: to });
+            world_sizes.push(crate::run_dir::WorldSpan { from_global_step: resumed_step, world_size: to });
         }
         self.state = resumed.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
         self.state.restarts = restarts;

@@ -193,3 +193,77 @@ fn external_workers_start_below_max_and_a_late_one_joins_at_a_checkpoint() {
     }
     assert_none_left(&marker);
 }
+
+/// External workers at 3 of `2:3`: one is killed and none replaces it within
+/// --rejoin-timeout, so the group goes on with 2; a new worker then joins and the group is 3
+/// again from the next checkpoint (3 -> 2 -> 3).
+#[test]
+fn external_workers_shrink_after_a_loss_and_grow_back_when_a_worker_joins() {
+    const SECRET: &str = "elastic-test-secret-8a2f";
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[model]\nembed_dim = 8\nhidden = 8\nlayers = 1\ndropout = 0.0\n\n\
+         [train]\nbatch_size = 4\nepochs = 12\nseed = 3\ndevice = \"cpu\"\nlog_every = 5\nthreads = 1\n\n\
+         [checkpoint]\nevery_steps = 5\nevery_seconds = 0\n",
+    );
+    let mut coord = trainer_tests::ExternalCoordinator::start_elastic(
+        &bin("coordinator"),
+        "2:3",
+        SECRET,
+        (200, 20),
+        &["--config", config.to_str().unwrap(), "--heartbeat-timeout", "3", "--rejoin-timeout", "4"],
+    );
+    let marker = format!("elastic-back-{}", std::process::id());
+    let join = |addr: &str| {
+        scrubbed(std::process::Command::new(bin("worker")), &marker)
+            .arg("join")
+            .env("COORDINATOR_ADDR", addr)
+            .env("TRAINER_JOB_SECRET", SECRET)
+            .env("WORKER_RING_TIMEOUT", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a worker")
+    };
+    let addr = coord.addr().to_string();
+    let mut workers = vec![join(&addr), join(&addr)];
+    let mut victim = join(&addr);
+    let wait_for = |coord: &trainer_tests::ExternalCoordinator, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !coord.stderr().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?}:\n{}", coord.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&coord, "checkpoint committed");
+    victim.kill().expect("kill a worker");
+    let _ = victim.wait();
+    wait_for(&coord, "resize 1/10: 3 -> 2 workers");
+    workers.push(join(&addr));
+    let (status, _) = coord.wait(Duration::from_secs(180));
+    let log = coord.stderr();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(log.contains("2 of 3 workers registered within 4 s (--rejoin-timeout)"), "{log}");
+    assert!(log.contains("resize 2/10: 2 -> 3 workers"), "{log}");
+    let s = summary(&coord.out);
+    assert_eq!(
+        (s["world_size"].as_u64(), s["resizes"].as_u64(), s["restarts"].as_u64()),
+        (Some(3), Some(2), Some(1)),
+        "{log}"
+    );
+    let sizes: Vec<u64> = s["world_sizes"]
+        .as_array()
+        .expect("world_sizes")
+        .iter()
+        .map(|w| w["world_size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [3, 2, 3], "{log}");
+    let sums = s["replica_checksums"].as_array().expect("replica_checksums");
+    assert!(sums.len() == 3 && sums.iter().all(|c| c == &sums[0]), "{sums:?}");
+    for worker in &mut workers {
+        let status = wait_exit(worker, Duration::from_secs(20));
+        assert!(status.success(), "a worker {status}\n{log}");
+    }
+    assert_none_left(&marker);
+}

@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -168,12 +167,7 @@ fn restarts_used_up_end_the_job_with_the_last_cause() {
 fn external_workers_rejoin_and_a_replacement_registers_as_a_new_worker() {
     const SECRET: &str = "restart-test-secret-1b7c";
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        "[model]\nembed_dim = 8\nhidden = 8\nlayers = 1\ndropout = 0.0\n\n\
-         [train]\nbatch_size = 4\nepochs = 2\nseed = 3\ndevice = \"cpu\"\nlog_every = 5\nthreads = 1\n\n\
-         [checkpoint]\nevery_steps = 5\nevery_seconds = 0\n",
-    );
+    let config = write_config(dir.path(), &external_job(2));
     let mut coord = trainer_tests::ExternalCoordinator::start(
         &bin("coordinator"),
         2,
@@ -182,25 +176,11 @@ fn external_workers_rejoin_and_a_replacement_registers_as_a_new_worker() {
         &["--config", config.to_str().unwrap(), "--heartbeat-timeout", "3", "--rejoin-timeout", "60"],
     );
     let marker = format!("external-{}", std::process::id());
-    let join = |addr: &str| {
-        scrubbed(std::process::Command::new(bin("worker")), &marker)
-            .arg("join")
-            .env("COORDINATOR_ADDR", addr)
-            .env("TRAINER_JOB_SECRET", SECRET)
-            .env("WORKER_RING_TIMEOUT", "3")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a worker")
-    };
+    let join = |addr: &str| join_worker(addr, SECRET, &marker);
     let addr = coord.addr().to_string();
     let mut survivor = join(&addr);
     let mut victim = join(&addr);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !coord.stderr().contains("checkpoint committed") {
-        assert!(Instant::now() < deadline, "no checkpoint:\n{}", coord.stderr());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(&coord, "checkpoint committed");
     victim.kill().expect("kill a worker");
     let _ = victim.wait();
     // The supervisor's part: a new worker in place of the dead one.

@@ -7,88 +7,15 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-
-/// 320 training reviews, global batches of 15: 21 steps per epoch, shared 8 + 7 by two
-/// workers and 5 + 5 + 5 by three; a step record for every step.
-const JOB: &str = r#"
-[data]
-min_freq = 1
-max_vocab = 2000
-max_len = 100
-truncation = "head"
-val_fraction = 0.2
-train_subset = 400
-test_subset = 200
-
-[model]
-embed_dim = 12
-hidden = 12
-layers = 1
-dropout = 0.0
-head = "last"
-
-[train]
-global_batch_size = 15
-epochs = 2
-lr = 5e-3
-warmup_steps = 4
-schedule = "cosine"
-clip_norm = 1.0
-bptt = 32
-batch_order = "bucketed"
-bucket_pool = 4
-seed = 7
-device = "cpu"
-log_every = 1
-eval_batch_size = 64
-
-[checkpoint]
-every_steps = 3
-every_seconds = 0
-"#;
-
-/// (global step, loss, gradient norm) of every step record.
-fn steps(out: &Path) -> Vec<(u64, f64, f64)> {
-    metrics_records(out, |v| v["type"] == "step")
-        .iter()
-        .map(|v| {
-            (
-                v["global_step"].as_u64().unwrap(),
-                v["loss"].as_f64().unwrap(),
-                v["grad_norm"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn relative(a: f64, b: f64) -> f64 {
-    (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
-}
-
-/// Every step of `b` that `a` also logged agrees with it to `tolerance` (relative) in loss
-/// and gradient norm; returns how many were compared.
-fn assert_same_steps(a: &[(u64, f64, f64)], b: &[(u64, f64, f64)], tolerance: f64, what: &str) -> usize {
-    let mut compared = 0;
-    for &(step, loss, norm) in b {
-        let Some(&(_, loss_a, norm_a)) = a.iter().find(|s| s.0 == step) else { continue };
-        assert!(
-            relative(loss, loss_a) <= tolerance && relative(norm, norm_a) <= tolerance,
-            "{what}: step {step}: loss {loss_a} vs {loss}, gradient norm {norm_a} vs {norm}"
-        );
-        compared += 1;
-    }
-    compared
-}
 
 #[test]
 fn one_global_batch_trains_the_same_at_two_and_three_workers() {
     let Some(data) = imdb_data() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), JOB);
+    let config = write_config(dir.path(), GLOBAL_BATCH_JOB);
     let marker = format!("world-size-{}", std::process::id());
     let mut runs = Vec::new();
     for workers in [2usize, 3] {
@@ -96,7 +23,7 @@ fn one_global_batch_trains_the_same_at_two_and_three_workers() {
         run_ok(coordinator(workers, &config, &out, &data, &marker).args(FAST_FAILURE));
         let s = summary(&out);
         assert_eq!(s["world_size"], workers as u64);
-        runs.push((steps(&out), s));
+        runs.push((step_records(&out), s));
     }
     let ((two, s2), (three, s3)) = (&runs[0], &runs[1]);
     assert_eq!(two.len(), 42, "21 steps per epoch at any world size: {two:?}");
@@ -118,11 +45,11 @@ fn a_checkpoint_of_four_workers_resumes_with_two_on_the_same_steps() {
     let marker = format!("resize-resume-{}", std::process::id());
     // The per-rank meaning: no global_batch_size, so 4 workers x 4 = 16 per step; resumed
     // with 2 workers, the job keeps 16 (8 each), not 2 x 4.
-    let job = JOB.replace("global_batch_size = 15", "batch_size = 4");
+    let job = GLOBAL_BATCH_JOB.replace("global_batch_size = 15", "batch_size = 4");
     let config = write_config(dir.path(), &job);
     let whole = dir.path().join("whole");
     run_ok(coordinator(4, &config, &whole, &data, &marker).args(FAST_FAILURE));
-    let reference = steps(&whole);
+    let reference = step_records(&whole);
 
     let out = dir.path().join("resized");
     let mut first = Job::start_with(4, &config, &out, &data, &marker, &[]);
@@ -147,7 +74,7 @@ fn a_checkpoint_of_four_workers_resumes_with_two_on_the_same_steps() {
     let s = summary(&out);
     assert_eq!(s["world_size"], 2);
     assert_eq!(s["epochs"], 2);
-    let after = steps(&out);
+    let after = step_records(&out);
     // Every step was logged once, by the 4 workers or the 2 (a step after the checkpoint
     // that the 4 logged before SIGTERM is logged again by the 2), and both epochs' steps agree
     // with the uninterrupted 4-worker run.

@@ -464,3 +464,108 @@ pub fn model_checksum(path: &Path) -> String {
     }
     format!("{hash:016x}")
 }
+
+/// The small job of the external-worker tests (a synthetic corpus, a checkpoint every 5 steps).
+pub fn external_job(epochs: usize) -> String {
+    format!(
+        "[model]\nembed_dim = 8\nhidden = 8\nlayers = 1\ndropout = 0.0\n\n\
+         [train]\nbatch_size = 4\nepochs = {epochs}\nseed = 3\ndevice = \"cpu\"\nlog_every = 5\nthreads = 1\n\n\
+         [checkpoint]\nevery_steps = 5\nevery_seconds = 0\n"
+    )
+}
+
+/// `worker join` to the coordinator at `addr` with the job secret, quiet, carrying `marker`.
+pub fn join_worker(addr: &str, secret: &str, marker: &str) -> Child {
+    scrubbed(Command::new(bin("worker")), marker)
+        .arg("join")
+        .env("COORDINATOR_ADDR", addr)
+        .env("TRAINER_JOB_SECRET", secret)
+        .env("WORKER_RING_TIMEOUT", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a worker")
+}
+
+/// Waits (up to 90 s) until the external coordinator's log holds `what`.
+pub fn wait_for_log(coord: &trainer_tests::ExternalCoordinator, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !coord.stderr().contains(what) {
+        assert!(Instant::now() < deadline, "no {what:?}:\n{}", coord.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The world-size tests' job (tests/tests/world_size.rs, elastic.rs): 320 training reviews,
+/// global batches of 15, so 21 steps per epoch, shared 8 + 7 by two workers and 5 + 5 + 5 by
+/// three; dropout off; a step record for every step and a checkpoint every 3.
+pub const GLOBAL_BATCH_JOB: &str = r#"
+[data]
+min_freq = 1
+max_vocab = 2000
+max_len = 100
+truncation = "head"
+val_fraction = 0.2
+train_subset = 400
+test_subset = 200
+
+[model]
+embed_dim = 12
+hidden = 12
+layers = 1
+dropout = 0.0
+head = "last"
+
+[train]
+global_batch_size = 15
+epochs = 2
+lr = 5e-3
+warmup_steps = 4
+schedule = "cosine"
+clip_norm = 1.0
+bptt = 32
+batch_order = "bucketed"
+bucket_pool = 4
+seed = 7
+device = "cpu"
+log_every = 1
+eval_batch_size = 64
+threads = 1
+
+[checkpoint]
+every_steps = 3
+every_seconds = 0
+"#;
+
+/// (global step, loss, gradient norm) of every step record of metrics.jsonl.
+pub fn step_records(out: &Path) -> Vec<(u64, f64, f64)> {
+    metrics_records(out, |v| v["type"] == "step")
+        .iter()
+        .map(|v| {
+            (
+                v["global_step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+pub fn relative(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
+}
+
+/// Every step of `b` that `a` also logged agrees with it to `tolerance` (relative) in loss
+/// and gradient norm; returns how many were compared.
+pub fn assert_same_steps(a: &[(u64, f64, f64)], b: &[(u64, f64, f64)], tolerance: f64, what: &str) -> usize {
+    let mut compared = 0;
+    for &(step, loss, norm) in b {
+        let Some(&(_, loss_a, norm_a)) = a.iter().find(|s| s.0 == step) else { continue };
+        assert!(
+            relative(loss, loss_a) <= tolerance && relative(norm, norm_a) <= tolerance,
+            "{what}: step {step}: loss {loss_a} vs {loss}, gradient norm {norm_a} vs {norm}"
+        );
+        compared += 1;
+    }
+    compared
+}

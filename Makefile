@@ -18,7 +18,7 @@ WORKERS ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 RUN_CONFIG ?= configs/cpu-demo.toml
 BENCH_ARGS ?=
 
-.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos reliability clean-runs image fuzz
+.PHONY: bootstrap build run data test fmt lint bench bench-quick chaos chaos-elastic reliability clean-runs image fuzz
 
 bootstrap:
 	@scripts/bootstrap.sh
@@ -98,6 +98,11 @@ chaos: build
 # bench/RELIABILITY.md.
 reliability: build
 	bench/chaos.sh $(if $(IMDB_DATA),--data $(IMDB_DATA)) --kind all --trials 3 --reliability bench/RELIABILITY.md $(CHAOS_ARGS)
+
+# Elastic jobs (--workers 2:4) under random kills and joins of external workers (issue 22):
+# how many completed, how many hung, the largest test accuracy gap to a fixed-size run.
+chaos-elastic: build
+	bench/chaos.sh --elastic $(if $(IMDB_DATA),--data $(IMDB_DATA)) --results bench/RESULTS.md $(CHAOS_ARGS)
 
 clean-runs:
 	rm -rf runs

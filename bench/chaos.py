@@ -10,6 +10,7 @@ resume to the same end, and one too small from the start must be refused with ex
     python3 bench/chaos.py --data ... --results bench/RESULTS.md   # rewrite its section there
     python3 bench/chaos.py --data ... --kind all --trials 3 --reliability bench/RELIABILITY.md
     python3 bench/chaos.py --data ... --kind partition-ring --kind stray-ring-client --trials 5
+    python3 bench/chaos.py --elastic --data ... --trials 20   # kills and joins at --workers 2:4 (chaos_elastic.py)
 
 Each trial runs configs/test-tiny.toml (8 epochs, a checkpoint every 3 steps, heartbeat and
 ring timeouts of 3 s) with local workers (`coordinator --workers N`, N from 2 to 4) and makes
@@ -895,6 +896,10 @@ def write_reliability(args: argparse.Namespace, kinds: list[str], results: list[
 
 
 def main() -> None:
+    # `--elastic`: random kills and joins at --workers 2:4 (issue 22), in a module of its own.
+    if "--elastic" in sys.argv[1:]:
+        import chaos_elastic  # noqa: E402  (bench/chaos_elastic.py)
+        sys.exit(chaos_elastic.main([a for a in sys.argv[1:] if a != "--elastic"]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.environ.get("IMDB_DATA"), help="the corpus (default: $IMDB_DATA)")
     p.add_argument("--kind", action="append", choices=list(KINDS) + ["all"],

@@ -473,10 +473,13 @@ fn embedding_dropout_drops_whole_words() {
         let db = DeviceBatch::new(&batch, VOCAB, Device::Cpu).unwrap();
         let out = run_windows(&m, &db, Pass::Train, options(0, LstmKernel::Segmented)).unwrap();
         let first = out.logits.get(0);
+        // Equal up to float rounding: rows of one batch can take different kernel paths (a
+        // CI run on a loaded machine saw 3.9e-8); per-token dropout differs by far more.
         for r in 1..6 {
-            assert_eq!(rel_diff(&out.logits.get(r), &first), 0.0, "seed {seed}: row {r}");
+            let d = rel_diff(&out.logits.get(r), &first);
+            assert!(d <= 1e-6, "seed {seed}: row {r} differs by {d:.2e}");
         }
-        firsts.push(first.double_value(&[0]));
+        firsts.push((first.double_value(&[0]) * 1e5).round() / 1e5);
     }
     // And the word is dropped in some batches, kept in others.
     firsts.sort_by(f64::total_cmp);

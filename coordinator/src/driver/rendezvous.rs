@@ -21,6 +21,11 @@ impl Driver {
         // External workers of an elastic job: once MIN are there, the group starts with those
         // that came within --rendezvous-wait (first attempt) or --rejoin-timeout (after a loss).
         let elastic = self.fault.is_elastic() && self.external_workers;
+        let (elastic_wait, elastic_flag) = if self.attempt == 0 {
+            (self.fault.rendezvous_wait, "--rendezvous-wait")
+        } else {
+            (timeout, "--rejoin-timeout")
+        };
         let mut enough_since: Option<Instant> = None;
         self.shared.telemetry.set_state(JobState::Waiting);
         self.progress.status("waiting for workers");
@@ -28,11 +33,11 @@ impl Driver {
             if elastic && self.registered >= self.fault.min_world && enough_since.is_none() {
                 enough_since = Some(Instant::now());
             }
-            let elastic_deadline = enough_since.map(|t| {
-                let wait = if self.attempt == 0 { self.fault.rendezvous_wait } else { timeout };
-                let t = if self.attempt == 0 { t } else { deadline - timeout };
-                (t + wait).min(deadline)
-            });
+            // The first attempt waits --rendezvous-wait from when MIN were there; a later one
+            // waits out --rejoin-timeout for the replacements.
+            let elastic_deadline =
+                enough_since
+                    .map(|t| if self.attempt == 0 { (t + elastic_wait).min(deadline) } else { deadline });
             // Registrations arrive as events that `next` handles itself: look again every
             // quarter second whether MIN are there.
             let poll = elastic.then(|| Instant::now() + Duration::from_millis(250));
@@ -67,16 +72,11 @@ impl Driver {
                     if elastic_deadline.is_some_and(|t| Instant::now() >= t) && self.registered < world =>
                 {
                     let to = self.registered;
-                    let (wait, flag) = if self.attempt == 0 {
-                        (self.fault.rendezvous_wait, "--rendezvous-wait")
-                    } else {
-                        (timeout, "--rejoin-timeout")
-                    };
                     return Err(super::Resize {
                         to,
                         cause: format!(
-                            "{to} of {world} workers registered within {:.0} s ({flag})",
-                            wait.as_secs_f64()
+                            "{to} of {world} workers registered within {:.0} s ({elastic_flag})",
+                            elastic_wait.as_secs_f64()
                         ),
                     }
                     .into());

@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Checks deploy/ without a cluster: (1) renders every overlay and deploy/jobset with
-`kubectl kustomize`, (2) validates each render against the Kubernetes schemas bundled in
-kubernetes-validate (--strict, 1.31 and the newest it has; the JobSet's job templates as
-Jobs), (3) checks the contract of the rendered YAML: N agrees everywhere, the coordinator's
-address is the headless Service's name and port, the job secret comes only from a Secret,
-the restricted Pod Security fields are there, GPUs appear only in limits, and /dev/shm is
-memory-backed where a pod has GPUs.
+"""Checks deploy/ without a cluster: (1) renders every overlay, deploy/jobset and
+deploy/pytorchjob with `kubectl kustomize`, (2) validates each render against the Kubernetes
+schemas bundled in kubernetes-validate (--strict, 1.31 and the newest it has; the JobSet's
+job templates and the PyTorchJob's pod templates as Jobs) and the JobSet and PyTorchJob
+themselves against their CRDs' schemas (schemas/, unknown fields refused as
+`kubectl apply --validate=strict` refuses them), (3) checks the contract of the rendered
+YAML: MIN and MAX (--workers MIN:MAX, MIN <= MAX) agree everywhere (the worker Job's
+successPolicy and completions, the JobSet's, the PyTorchJob's elasticPolicy and replicas),
+the coordinator's address is what the workers dial, a lost worker pod is replaced without
+restarting the job, the job secret comes only from a Secret, the restricted Pod Security
+fields are there, GPUs appear only in limits, and /dev/shm is memory-backed where a pod has
+GPUs. (4) Broken variants (MIN > MAX, counts that disagree) must each be refused with their
+message: the checks themselves are tested.
 
 A missing tool skips its step with a line that says so (exit 0); a broken contract exits 1.
 Usage: deploy/tests/check_manifests.py [--render-dir DIR]
 """
 
 import argparse
-import glob
 import os
 import re
 import shutil
@@ -20,15 +25,21 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from crd_schemas import validate_crds  # noqa: E402  (beside this file)
+from manifest_variants import VARIANTS  # noqa: E402
+
 try:
     import yaml
 except ImportError:  # PyYAML comes with kubernetes-validate
     yaml = None
 
 DEPLOY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RENDERS = ["base", "overlays/cpu", "overlays/multi-node-gpu", "overlays/single-node-gpu", "jobset"]
+RENDERS = ["base", "overlays/cpu", "overlays/multi-node-gpu", "overlays/single-node-gpu", "jobset", "pytorchjob"]
 # Components that no overlay includes, rendered on top of overlays/cpu: name -> components.
 COMBINATIONS = {"overlays/cpu+tls+persistent-output": ["components/tls", "components/persistent-output"]}
+# Copies of deploy/base/job.toml (kustomize reads no file outside a kustomization's folder).
+JOB_CONFIG_COPIES = ["jobset/job.toml", "pytorchjob/job.toml"]
 PERMANENT_EXIT_CODES = {2, 3, 4, 5, 6}
 RETRYABLE_EXIT_CODE = 75
 GPU = "nvidia.com/gpu"
@@ -49,7 +60,19 @@ def skip(message):
 
 
 def render(path, tmp):
-    if path in COMBINATIONS:
+    if path in VARIANTS:
+        # A kustomization beside the renders that patches a render into a broken variant, and
+        # runs the render's replacements again, as a user's edit of its numbers would.
+        v = VARIANTS[path]
+        where = os.path.join(tmp, "variant-" + re.sub(r"[^a-z0-9]+", "-", path))
+        os.makedirs(where, exist_ok=True)
+        with open(os.path.join(where, "kustomization.yaml"), "w") as f:
+            f.write(f"resources:\n  - {os.path.relpath(os.path.join(DEPLOY, v['base']), where)}\npatches:\n{v['patches']}")
+            if v.get("replacements"):
+                shutil.copy(os.path.join(DEPLOY, v["replacements"]), where)
+                f.write(f"replacements:\n  - path: {os.path.basename(v['replacements'])}\n")
+        path = where
+    elif path in COMBINATIONS:
         # A kustomization beside the renders that adds the components to overlays/cpu.
         where = os.path.join(tmp, "combination-" + re.sub(r"[^a-z0-9]+", "-", path))
         os.makedirs(where, exist_ok=True)
@@ -78,10 +101,24 @@ def newest_schema_version():
 
 def validate(name, docs, tmp, failures):
     """kubernetes-validate --strict on the plain Kubernetes objects; the JobSet's job
-    templates as Jobs (the CRD's own schema is not bundled)."""
+    templates and the PyTorchJob's pod templates as Jobs (the CRDs' own schemas are checked
+    by validate_crds)."""
     plain = []
     for d in docs:
-        if d["kind"] == "JobSet":
+        if d["kind"] == "PyTorchJob":
+            for rtype, rs in d["spec"].get("pytorchReplicaSpecs", {}).items():
+                tpl = dict(rs.get("template", {}))
+                # The operator sets the pods' restartPolicy from the replica's.
+                tpl["spec"] = {**tpl.get("spec", {}), "restartPolicy": rs.get("restartPolicy", "OnFailure")}
+                plain.append(
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "metadata": {"name": f"{d['metadata']['name']}-{rtype.lower()}"},
+                        "spec": {"template": tpl},
+                    }
+                )
+        elif d["kind"] == "JobSet":
             for rj in d["spec"]["replicatedJobs"]:
                 plain.append(
                     {
@@ -105,13 +142,16 @@ def validate(name, docs, tmp, failures):
 
 
 def pod_templates(docs):
-    """(owner name, component, pod template spec, job spec or None) for every pod template."""
+    """(owner name, pod template, job spec or None) for every pod template."""
     for d in docs:
         if d["kind"] == "Job":
             yield d["metadata"]["name"], d["spec"]["template"], d["spec"]
         elif d["kind"] == "JobSet":
             for rj in d["spec"]["replicatedJobs"]:
                 yield f"{d['metadata']['name']}-{rj['name']}", rj["template"]["spec"]["template"], rj["template"]["spec"]
+        elif d["kind"] == "PyTorchJob":
+            for rtype, rs in d["spec"]["pytorchReplicaSpecs"].items():
+                yield f"{d['metadata']['name']}-{rtype.lower()}", rs["template"], None
 
 
 def env_of(container):
@@ -126,7 +166,7 @@ def arg_value(container, flag):
 
 
 def check_security(name, docs, failures):
-    for owner, tpl, _ in pod_templates(docs):
+    for owner, tpl, jspec in pod_templates(docs):
         spec = tpl["spec"]
         psc = spec.get("securityContext", {})
         failures.check(psc.get("runAsNonRoot") is True, f"{name}/{owner}: pod runAsNonRoot")
@@ -168,7 +208,8 @@ def check_security(name, docs, failures):
                         "emptyDir" in v or "persistentVolumeClaim" in v,
                         f"{where}: writable mount {m['mountPath']} of a {sorted(v)} volume",
                     )
-        failures.check(spec.get("restartPolicy") == "Never", f"{name}/{owner}: restartPolicy Never")
+        if jspec is not None:
+            failures.check(spec.get("restartPolicy") == "Never", f"{name}/{owner}: restartPolicy Never")
 
 
 def check_secret(name, docs, failures):
@@ -213,8 +254,64 @@ def coordinator_port(container):
     return int(listen.rsplit(":", 1)[1]) if listen else None
 
 
+def container(spec, name, where, failures):
+    """The container `name` of a pod spec, or None with a failure that says so."""
+    found = next((c for c in spec.get("containers", []) if c.get("name") == name), None)
+    failures.check(found is not None, f"{where}: no container named {name!r}")
+    return found
+
+
+def workers_range(ccont, where, failures):
+    """The coordinator's --workers (TRAINER_WORKERS) as (MIN, MAX), or None with a failure
+    that says what is wrong with it."""
+    failures.check(arg_value(ccont, "--workers") is None, f"{where}: --workers as an arg besides TRAINER_WORKERS")
+    value = str(env_of(ccont).get("TRAINER_WORKERS", {}).get("value", ""))
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", value)
+    if not failures.check(m is not None, f"{where}: TRAINER_WORKERS is {value!r}: write N or MIN:MAX"):
+        return None
+    lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+    if not failures.check(1 <= lo <= hi, f"{where}: TRAINER_WORKERS {value}: MIN ({lo}) must be at least 1 and at most MAX ({hi})"):
+        return None
+    return lo, hi
+
+
+def check_worker_job_range(where, wspec, rng, failures):
+    """An Indexed worker Job of MAX pods that is complete once MIN succeeded, for the
+    coordinator's --workers MIN:MAX."""
+    lo, hi = rng
+    n, par = wspec.get("completions"), wspec.get("parallelism")
+    failures.check(
+        n == hi and par == hi,
+        f"{where}: MAX: completions {n} and parallelism {par}, but the coordinator's TRAINER_WORKERS says MAX = {hi}",
+    )
+    rules = wspec.get("successPolicy", {}).get("rules", [])
+    counts = [r["succeededCount"] for r in rules if "succeededCount" in r and "succeededIndexes" not in r]
+    if lo < hi:
+        if not failures.check(
+            len(rules) == 1 and len(counts) == 1,
+            f"{where}: an elastic job (MIN {lo} < MAX {hi}) needs one successPolicy rule with a succeededCount: "
+            "without it a job that ends below MAX leaves the Job incomplete",
+        ):
+            return
+    if counts:
+        failures.check(
+            counts[0] == lo,
+            f"{where}: MIN: successPolicy succeededCount {counts[0]}, but the coordinator's TRAINER_WORKERS says MIN = {lo}",
+        )
+        failures.check(
+            counts[0] <= (n if isinstance(n, int) else 0),
+            f"{where}: successPolicy succeededCount {counts[0]} is above completions {n} (MIN > MAX; the API refuses it)",
+        )
+
+
+def max_restarts(ccont):
+    arg = arg_value(ccont, "--max-restarts")
+    value = arg if arg is not None else env_of(ccont).get("COORDINATOR_MAX_RESTARTS", {}).get("value", "3")
+    return int(value) if str(value).isdigit() else -1
+
+
 def check_jobs(name, docs, failures):
-    """N, the coordinator's address, failure policies."""
+    """MIN and MAX, the coordinator's address, failure policies."""
     jobs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Job"}
     services = [d for d in docs if d["kind"] == "Service"]
     coord = jobs.get("imdb-ddp-coordinator")
@@ -222,9 +319,10 @@ def check_jobs(name, docs, failures):
         return
     cspec = coord["spec"]
     failures.check(cspec.get("completionMode") == "Indexed" and cspec.get("completions") == 1, f"{name}: coordinator is a 1-pod Indexed Job")
-    ccont = next(c for c in cspec["template"]["spec"]["containers"] if c["name"] == "coordinator")
-    n_env = int(env_of(ccont)["TRAINER_WORKERS"]["value"])
-    failures.check(arg_value(ccont, "--workers") is None, f"{name}: --workers as an arg besides TRAINER_WORKERS")
+    ccont = container(cspec["template"]["spec"], "coordinator", name, failures)
+    rng = ccont and workers_range(ccont, name, failures)
+    if not rng:
+        return
     workers = jobs.get("imdb-ddp-workers")
     port = coordinator_port(ccont)
     failures.check(
@@ -242,17 +340,17 @@ def check_jobs(name, docs, failures):
     for job in jobs.values():
         check_failure_policy(f"{name}/{job['metadata']['name']}", job["spec"], failures, count_75=True)
     if workers is None:
-        # single-node-gpu: one pod, N local workers, one GPU each.
+        # single-node-gpu: one pod, MAX local workers, one GPU each.
         gpus = int(ccont["resources"]["limits"].get(GPU, 0))
         failures.check("--external-workers" not in ccont.get("args", []), f"{name}: local workers expected")
-        failures.check(gpus == n_env, f"{name}: {gpus} GPUs but TRAINER_WORKERS={n_env}")
-        print(f"ok: {name}: one pod, N = {n_env} local workers = GPUs")
+        failures.check(gpus == rng[1], f"{name}: {gpus} GPUs but TRAINER_WORKERS MAX = {rng[1]}")
+        print(f"ok: {name}: one pod, {rng[1]} local workers = GPUs")
         return
     wspec = workers["spec"]
-    n = wspec["completions"]
     failures.check(wspec.get("completionMode") == "Indexed", f"{name}: workers are an Indexed Job")
-    failures.check(wspec["parallelism"] == n and n_env == n, f"{name}: N: completions {n}, parallelism {wspec['parallelism']}, TRAINER_WORKERS {n_env}")
+    check_worker_job_range(f"{name}/imdb-ddp-workers", wspec, rng, failures)
     failures.check("--external-workers" in ccont.get("args", []), f"{name}: coordinator needs --external-workers")
+    failures.check(max_restarts(ccont) >= 1, f"{name}: a lost worker pod is replaced and rejoins: --max-restarts must be >= 1")
     # The coordinator's address: <coordinator job>-0.<headless service>:<port>.
     headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
     if not failures.check(len(headless) == 1, f"{name}: one headless Service"):
@@ -269,14 +367,16 @@ def check_jobs(name, docs, failures):
     grpc_ports = [p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"]
     failures.check(grpc_ports == [port], f"{name}: Service grpc port {grpc_ports} vs listen {port}")
     expected = f"{coord['metadata']['name']}-0.{svc_name}:{port}"
-    wcont = next(c for c in wspec["template"]["spec"]["containers"] if c["name"] == "worker")
+    wcont = container(wspec["template"]["spec"], "worker", name, failures)
+    if not wcont:
+        return
     addr = env_of(wcont).get("COORDINATOR_ADDR", {}).get("value")
     failures.check(addr == expected, f"{name}: workers dial {addr!r}, expected {expected!r}")
     check_worker_pod(name, wcont, failures)
-    print(f"ok: {name}: N = {n} everywhere; workers dial {expected}")
+    print(f"ok: {name}: --workers {rng[0]}:{rng[1]} agrees with the worker Job; workers dial {expected}")
 
 
-def check_worker_pod(name, wcont, failures):
+def check_worker_pod(name, wcont, failures, rank_from="job-completion-index"):
     env = env_of(wcont)
     failures.check(
         env.get("POD_IP", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP",
@@ -284,7 +384,7 @@ def check_worker_pod(name, wcont, failures):
     )
     failures.check(arg_value(wcont, "--advertise-host") == "$(POD_IP)", f"{name}: the ring advertises the pod IP")
     rank = env.get("TRAINER_RANK", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
-    failures.check("job-completion-index" in rank, f"{name}: the rank hint is the completion index")
+    failures.check(rank_from in rank, f"{name}: the rank hint is the pod's {rank_from}, not {rank!r}")
     failures.check(float(env.get("WORKER_CONNECT_TIMEOUT", {}).get("value", 0)) >= 600, f"{name}: connect timeout >= 600 s")
 
 
@@ -310,30 +410,102 @@ def check_failure_policy(where, jspec, failures, count_75):
 def check_jobset(name, docs, failures):
     js = next(d for d in docs if d["kind"] == "JobSet")
     spec = js["spec"]
-    rjs = {rj["name"]: rj for rj in spec["replicatedJobs"]}
+    rjs = {rj["name"]: rj for rj in spec.get("replicatedJobs", [])}
+    if not failures.check({"coordinator", "workers"} <= set(rjs), f"{name}: replicatedJobs coordinator and workers"):
+        return
     coord, workers = rjs["coordinator"], rjs["workers"]
     cspec, wspec = coord["template"]["spec"], workers["template"]["spec"]
-    ccont = cspec["template"]["spec"]["containers"][0]
-    wcont = wspec["template"]["spec"]["containers"][0]
-    n = wspec["completions"]
-    n_env = int(env_of(ccont)["TRAINER_WORKERS"]["value"])
-    failures.check(wspec["parallelism"] == n == n_env, f"{name}: N: completions {n}, parallelism {wspec['parallelism']}, TRAINER_WORKERS {n_env}")
+    ccont = container(cspec["template"]["spec"], "coordinator", name, failures)
+    wcont = container(wspec["template"]["spec"], "worker", name, failures)
+    rng = ccont and workers_range(ccont, name, failures)
+    if not (rng and wcont):
+        return
+    check_worker_job_range(f"{name}/workers", wspec, rng, failures)
+    failures.check(workers.get("replicas", 1) == 1, f"{name}: one workers Job (its pods are the ranks)")
     failures.check(coord["replicas"] == 1 and cspec["completions"] == 1, f"{name}: one coordinator pod")
     failures.check(spec.get("coordinator", {}).get("replicatedJob") == "coordinator", f"{name}: spec.coordinator")
     net = spec.get("network", {})
     failures.check(net.get("enableDNSHostnames") is True and net.get("publishNotReadyAddresses") is True, f"{name}: network")
     failures.check(workers.get("dependsOn") == [{"name": "coordinator", "status": "Ready"}], f"{name}: dependsOn Ready")
     failures.check(spec.get("failurePolicy", {}).get("maxRestarts", 0) > 0, f"{name}: failurePolicy restarts the group")
+    # Done when the coordinator is (a worker index lost for good must not keep it open).
+    failures.check(
+        spec.get("successPolicy", {}).get("targetReplicatedJobs") == ["coordinator"],
+        f"{name}: successPolicy must target the coordinator alone",
+    )
+    # A lost worker pod is replaced by its Job and rejoins (or the job resizes): the
+    # coordinator restarts the group itself, and the JobSet does not restart.
+    failures.check(max_restarts(ccont) >= 1, f"{name}: the coordinator's --max-restarts must be >= 1 (a lost worker rejoins)")
     host = env_of(wcont).get("COORDINATOR_HOST", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
     failures.check(host == "metadata.annotations['jobset.sigs.k8s.io/coordinator']", f"{name}: coordinator from the annotation")
     port = coordinator_port(ccont)
     failures.check(arg_value(wcont, "--coordinator") == f"$(COORDINATOR_HOST):{port}", f"{name}: workers dial the annotation's host on {port}")
     for rj, jspec in [("coordinator", cspec), ("workers", wspec)]:
-        check_failure_policy(f"{name}/{rj}", jspec, failures, count_75=False)
+        check_failure_policy(f"{name}/{rj}", jspec, failures, count_75=rj == "workers")
         labels = jspec["template"].get("metadata", {}).get("labels", {})
         failures.check(labels.get("app.kubernetes.io/instance") == "imdb-ddp", f"{name}/{rj}: pod labels for the NetworkPolicy")
     check_worker_pod(name, wcont, failures)
-    print(f"ok: {name}: N = {n} everywhere; workers dial $(COORDINATOR_HOST):{port}")
+    print(f"ok: {name}: --workers {rng[0]}:{rng[1]} agrees with the workers' Job; workers dial $(COORDINATOR_HOST):{port}")
+
+
+def check_pytorchjob(name, docs, failures):
+    """Kubeflow's PyTorchJob: the Master is the coordinator, the Workers `worker join`."""
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    spec, jname = job["spec"], job["metadata"]["name"]
+    rs = spec.get("pytorchReplicaSpecs", {})
+    if not failures.check({"Master", "Worker"} <= set(rs), f"{name}: pytorchReplicaSpecs Master and Worker"):
+        return
+    master, worker = rs["Master"], rs["Worker"]
+    failures.check(master.get("replicas") == 1, f"{name}: one Master (the operator refuses others)")
+    # OnFailure: the kubelet restarts the container in its pod. ExitCode would end the job on
+    # 75 (1 to 127 are permanent there), Never would not restart at all.
+    for rtype, r in rs.items():
+        failures.check(r.get("restartPolicy") == "OnFailure", f"{name}/{rtype}: restartPolicy OnFailure, not {r.get('restartPolicy')!r}")
+    # The operator requires a container named pytorch; MASTER_PORT is its port pytorchjob-port.
+    ep = spec.get("elasticPolicy", {})
+    lo, hi = ep.get("minReplicas"), ep.get("maxReplicas")
+    ok = failures.check(
+        isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi,
+        f"{name}: elasticPolicy minReplicas {lo} and maxReplicas {hi}: need 1 <= minReplicas <= maxReplicas",
+    )
+    n = worker.get("replicas")
+    failures.check(not ok or (isinstance(n, int) and lo <= n <= hi), f"{name}: Worker replicas {n} outside elasticPolicy {lo}:{hi}")
+    ccont = container(master["template"]["spec"], "pytorch", f"{name}/Master", failures)
+    wcont = container(worker["template"]["spec"], "pytorch", f"{name}/Worker", failures)
+    rng = ccont and workers_range(ccont, f"{name}/Master", failures)
+    if not (ok and rng and wcont):
+        return
+    failures.check(
+        (lo, hi) == rng,
+        f"{name}: elasticPolicy {lo}:{hi} (PET_NNODES) but the coordinator's TRAINER_WORKERS is {rng[0]}:{rng[1]}",
+    )
+    port = coordinator_port(ccont)
+    named = [p["containerPort"] for p in ccont.get("ports", []) if p.get("name") == "pytorchjob-port"]
+    failures.check(named == [port], f"{name}: the Master's port pytorchjob-port (MASTER_PORT) {named} vs --listen {port}")
+    master_addr = f"{jname}-master-0"
+    for var, want in [("rdzvHost", master_addr), ("rdzvPort", port)]:
+        failures.check(ep.get(var, want) == want, f"{name}: elasticPolicy.{var} {ep.get(var)!r}, the coordinator is {want!r}")
+    # Workers dial MASTER_ADDR:MASTER_PORT (set by the operator in every pod it creates).
+    dial = env_of(wcont).get("COORDINATOR_ADDR", {}).get("value") or arg_value(wcont, "--coordinator")
+    failures.check(dial in (None, f"{master_addr}:{port}"), f"{name}: workers dial {dial!r}, not the Master {master_addr}:{port}")
+    failures.check("--external-workers" in ccont.get("args", []), f"{name}: coordinator needs --external-workers")
+    failures.check(max_restarts(ccont) >= 1, f"{name}: the coordinator's --max-restarts must be >= 1 (a lost worker rejoins)")
+    failures.check(
+        spec.get("runPolicy", {}).get("cleanPodPolicy") in ("Running", "All"),
+        f"{name}: runPolicy.cleanPodPolicy Running, so that a worker pod still Pending is deleted at the end",
+    )
+    check_worker_pod(name, wcont, failures, rank_from="training.kubeflow.org/replica-index")
+    print(f"ok: {name}: elasticPolicy {lo}:{hi} = the coordinator's --workers, Worker replicas {worker.get('replicas')}; "
+          f"workers dial MASTER_ADDR:MASTER_PORT = {master_addr}:{port}")
+
+
+def check_job_configs(failures):
+    with open(os.path.join(DEPLOY, "base", "job.toml"), "rb") as f:
+        base = f.read()
+    for copy in JOB_CONFIG_COPIES:
+        with open(os.path.join(DEPLOY, copy), "rb") as f:
+            failures.check(f.read() == base, f"deploy/{copy} differs from deploy/base/job.toml")
+    print(f"ok: {', '.join(JOB_CONFIG_COPIES)} equal deploy/base/job.toml")
 
 
 def check_network_policy(name, docs, failures):
@@ -366,34 +538,71 @@ def main():
         return check_all(tmp)
 
 
+def render_docs(name, tmp):
+    text = render(name, tmp)
+    with open(os.path.join(tmp, re.sub(r"[^A-Za-z0-9.-]+", "_", name) + ".yaml"), "w") as f:
+        f.write(text)
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def check_contract(name, docs, failures):
+    validate_crds(name, docs, failures, skip)
+    check_security(name, docs, failures)
+    check_secret(name, docs, failures)
+    check_network_policy(name, docs, failures)
+    kinds = {d["kind"] for d in docs}
+    if "JobSet" in kinds:
+        check_jobset(name, docs, failures)
+    elif "PyTorchJob" in kinds:
+        check_pytorchjob(name, docs, failures)
+    else:
+        check_jobs(name, docs, failures)
+
+
+def check_variants(tmp, failures):
+    """Every broken variant is refused, with its message."""
+    try:
+        import jsonschema  # noqa: F401
+        have = {"jsonschema"}
+    except ImportError:
+        have = set()
+    for name, v in VARIANTS.items():
+        if v.get("needs", "kubectl") not in have | {"kubectl"}:
+            skip(f"the variant {name}: {v['needs']} not found")
+            continue
+        found = Failures()
+        with open(os.devnull, "w") as quiet:
+            stdout, sys.stdout = sys.stdout, quiet
+            try:
+                check_contract(name, render_docs(name, tmp), found)
+            finally:
+                sys.stdout = stdout
+        hit = [f for f in found.items if v["expect"] in f]
+        if failures.check(hit, f"the checks let the broken variant {name!r} pass without {v['expect']!r}: {found.items}"):
+            print(f"ok: refused: {hit[0].splitlines()[0]}")
+
+
 def check_all(tmp):
     failures = Failures()
     have_validate = shutil.which("kubernetes-validate") is not None
     if not have_validate:
         skip("kubernetes-validate not found: schemas not checked (pip install kubernetes-validate)")
     for name in RENDERS + list(COMBINATIONS):
-        text = render(name, tmp)
-        with open(os.path.join(tmp, name.replace("/", "_") + ".yaml"), "w") as f:
-            f.write(text)
-        docs = [d for d in yaml.safe_load_all(text) if d]
+        docs = render_docs(name, tmp)
         print(f"ok: {name} renders ({len(docs)} objects: {', '.join(sorted(d['kind'] for d in docs))})")
         if have_validate:
             validate(name, docs, tmp, failures)
         before = len(failures.items)
-        check_security(name, docs, failures)
-        check_secret(name, docs, failures)
-        check_network_policy(name, docs, failures)
-        if any(d["kind"] == "JobSet" for d in docs):
-            check_jobset(name, docs, failures)
-        else:
-            check_jobs(name, docs, failures)
+        check_contract(name, docs, failures)
         if len(failures.items) == before:
             print(f"ok: {name}: security, secret, network policy and failure policy contract")
+    check_job_configs(failures)
+    check_variants(tmp, failures)
     for f in failures.items:
         print(f"FAIL: {f}")
     if failures.items:
         return 1
-    print(f"deploy: {len(RENDERS) + len(COMBINATIONS)} renders checked")
+    print(f"deploy: {len(RENDERS) + len(COMBINATIONS)} renders checked, {len(VARIANTS)} broken variants refused")
     return 0
 
 

@@ -2,8 +2,9 @@
 """Runs the pods of the rendered deploy/overlays/cpu as real processes, one network
 namespace per pod, as a cluster would run them (no cluster needed; root needed).
 
-For N workers (--workers, default 2) it renders overlays/cpu with N and the job config
-replaced by configs/test-tiny.toml, then for every pod of both Jobs:
+For N workers (--workers, default 2) it renders overlays/cpu with N (MIN = MAX = N: the
+worker Job's completions and successPolicy) and the job config replaced by
+configs/test-tiny.toml, then for every pod of both Jobs:
   * a network namespace with its own IP on a private bridge, which itself lives in a
     namespace of its own: nothing touches the host's network, and traffic stays inside;
   * an /etc/hosts holding what cluster DNS would serve (<pod host>.<subdomain> for every
@@ -59,6 +60,9 @@ first line about it, restarts, pods replaced).
 
 With --image-bundle (an unpacked OCI image, as `make image` makes), the pods run from the
 image instead: its folders are the read-only root and its environment comes first.
+
+elastic_pods.py beside this file runs elastic jobs (--workers MIN:MAX: a pod deleted and
+not replaced, a pod added) with this machinery (Run, run(), render's min_workers).
 
 Skips (exit 0, with a line saying why) when not root or a tool is missing; a fault whose
 tools or permissions are missing (iptables, root) is skipped with a line that says so.
@@ -196,9 +200,10 @@ class Cluster:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def render(workers, work, env=None):
-    """overlays/cpu with N workers and configs/test-tiny.toml as the job config; `env` adds
-    variables to a Job's container ({job name: {name: value}}), as a user's overlay would."""
+def render(workers, work, env=None, min_workers=None):
+    """overlays/cpu with N workers (--workers N, or MIN:N with `min_workers`) and
+    configs/test-tiny.toml as the job config; `env` adds variables to a Job's container
+    ({job name: {name: value}}), as a user's overlay would."""
     overlay = os.path.join(work, "overlay")
     os.makedirs(overlay)
     with open(os.path.join(REPO, "configs", "test-tiny.toml")) as f:
@@ -227,6 +232,9 @@ patches:
       - op: replace
         path: /spec/completions
         value: {workers}
+      - op: replace
+        path: /spec/successPolicy/rules/0/succeededCount
+        value: {min_workers or workers}
 {env_patches(env or {})}replacements:
   - path: world-size.yaml
 """
@@ -547,7 +555,8 @@ DETECTED = ["partition-ring", "partition-coordinator", "sigstop-coordinator"]
 PROBLEM = re.compile(r"restart \d+/\d+|^error|lost|failed|timed out|unreachable|hung", re.I)
 
 
-def run(args, workers, scenario=None):
+def run(args, workers, scenario=None, run_class=None):
+    """One job in a cluster of its own (`run_class`, default Run, plays it), torn down after."""
     tag = f"{os.getpid() % 10000}{workers}{SCENARIOS[scenario][0]}"
     work = tempfile.mkdtemp(prefix=f"pods-{tag}-")
     os.chmod(work, 0o755)
@@ -559,7 +568,7 @@ def run(args, workers, scenario=None):
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return Run(cluster, args, workers, scenario).go()
+        return (run_class or Run)(cluster, args, workers, scenario).go()
     finally:
         cluster.close()
         for s, h in old.items():
@@ -570,15 +579,16 @@ class Run:
     """One job: its pods, the Job controller's part where a fault needs it, the fault, and
     the checks of how the job ended."""
 
-    def __init__(self, cluster, args, workers, scenario):
+    def __init__(self, cluster, args, workers, scenario, min_workers=None, env=None):
+        """`min_workers` makes the job elastic (--workers MIN:workers); `env` adds variables
+        to the Jobs' containers ({job name: {name: value}})."""
         self.cluster, self.args, self.workers, self.scenario = cluster, args, workers, scenario
-        env = None
         if scenario in DETECTED:
             env = {
                 "imdb-ddp-coordinator": {"COORDINATOR_HEARTBEAT_TIMEOUT": f"{args.heartbeat_timeout:g}"},
                 "imdb-ddp-workers": {"WORKER_RING_TIMEOUT": f"{args.ring_timeout:g}"},
             }
-        self.docs = render(workers, cluster.work, env)
+        self.docs = render(workers, cluster.work, env, min_workers)
         self.corpus = args.corpus
         if scenario == "class-folders":
             self.corpus = make_class_folders(args.corpus, os.path.join(cluster.work, "reviews"))

@@ -274,11 +274,23 @@ impl Shared {
 /// rank. Ranks are handed out anew in every attempt, so a restarted worker with a hint gets
 /// the same rank again; two workers with the same hint in one attempt are a mistake (or a
 /// replaced pod that came back before the old one was declared lost: it may retry).
+///
+/// With --workers MIN:MAX hints are advisory: an attempt may have fewer ranks than there
+/// are pod indices, and pods come and go. A hint that is beyond the world size, or taken,
+/// gets the highest free rank, which leaves the low ranks to the pods whose index is in
+/// range (after pod 1 of 3 is lost, pod 2 takes rank 1 and pod 0 still gets rank 0, in
+/// whichever order they register); with no rank free it waits to be admitted.
 fn pick_rank(st: &State, hint: Option<u32>, world: usize, elastic: bool) -> Result<usize, Status> {
-    // With --workers MIN:MAX the attempt may have fewer ranks than there are pod indices:
-    // a hint beyond it takes the lowest free rank.
-    let hint = hint.filter(|&h| !(elastic && h as usize >= world));
+    let all_taken = || {
+        Status::resource_exhausted(format!(
+            "all {world} ranks of this job are taken (it runs with --workers {world})"
+        ))
+    };
+    let mut free = st.slots.iter().enumerate().filter(|(_, slot)| slot.is_none()).map(|(rank, _)| rank);
     match hint {
+        Some(hint) if elastic && st.slots.get(hint as usize).is_none_or(Option::is_some) => {
+            free.next_back().ok_or_else(all_taken)
+        }
         Some(hint) => {
             let rank = hint as usize;
             if rank >= world {
@@ -298,11 +310,7 @@ fn pick_rank(st: &State, hint: Option<u32>, world: usize, elastic: bool) -> Resu
                 ))),
             }
         }
-        None => st.slots.iter().position(Option::is_none).ok_or_else(|| {
-            Status::resource_exhausted(format!(
-                "all {world} ranks of this job are taken (it runs with --workers {world})"
-            ))
-        }),
+        None => free.next().ok_or_else(all_taken),
     }
 }
 
@@ -387,6 +395,7 @@ impl Coordinator for CoordinatorService {
             validation_reviews: val as u32,
             test_reviews: test as u32,
             steps_per_epoch: sh.data.steps_per_epoch as u32,
+            rank_hint_advisory: sh.elastic,
         }))
     }
 

@@ -9,20 +9,19 @@ TRAINER_EPOCHS (--epochs, 4: time for a pod to join) and the case's short wait.
 Two cases (--case, repeatable; default both):
 
   * pod-deleted (COORDINATOR_REJOIN_TIMEOUT=--rejoin-timeout, 5 s): MAX worker pods; once
-    a checkpoint is committed, worker pod --victim (default 0: rank 0, the one that writes
-    the checkpoints) is deleted as the kubelet deletes a pod (SIGTERM, SIGKILL after the
-    pod's terminationGracePeriodSeconds) and its network removed, and NOT replaced (its node
-    is gone, or no capacity is left for it). The coordinator restarts the group at MAX,
-    waits --rejoin-timeout for a replacement, then goes on with MAX - 1 from the last
-    checkpoint. Expected: coordinator exit 0; summary.json's world_sizes [MAX, MAX - 1], one
-    restart and one resize; a {"type": "resize"} record MAX -> MAX - 1 in metrics.jsonl
-    whose cause names --rejoin-timeout; the surviving pods, and only they, in the last group
-    (a pod index at or past the new world size takes a free rank: the hint is advisory),
-    all exit 0. Known to fail at times with --victim 1 of 3 (a coordinator race, not the
-    manifests'): after the resize to 2, pod 2's hint is past the world size, so it takes the
-    lowest free rank; when it registers before pod 0 that is rank 0, pod 0's own hint is then
-    refused as taken (it retries), and the group of 2 never forms: the job ends below MIN.
-    Deleting pod 0 or the last pod leaves no survivor whose hint another pod can take.
+    a checkpoint is committed, worker pod --victim (default 1: a pod in the middle, so
+    that a survivor's index lies past the new world size) is deleted as the kubelet deletes
+    a pod (SIGTERM, SIGKILL after the pod's terminationGracePeriodSeconds) and its network
+    removed, and NOT replaced (its node is gone, or no capacity is left for it). The
+    coordinator restarts the group at MAX, waits --rejoin-timeout for a replacement, then
+    goes on with MAX - 1 from the last checkpoint. Expected: coordinator exit 0;
+    summary.json's world_sizes [MAX, MAX - 1], one restart and one resize; a
+    {"type": "resize"} record MAX -> MAX - 1 in metrics.jsonl whose cause names
+    --rejoin-timeout; the surviving pods, and only they, in the last group, all exit 0.
+    Rank hints are advisory when elastic: a hint past the world size or taken gets the
+    highest free rank, so after pod 1 of 3 is lost pods 0 and 2 are ranks 0 and 1 in
+    whichever order they register (before that fix pod 2 could take rank 0, pod 0's hint
+    was refused as taken, and the group of 2 never formed).
   * pod-added (COORDINATOR_RENDEZVOUS_WAIT=--rendezvous-wait, 2 s): only MIN worker pods
     start; the job starts with them after the rendezvous wait. Once a checkpoint is
     committed, the other pods (MIN..MAX-1) are added, as a Pending pod is scheduled late. Expected: the coordinator names them as asking
@@ -219,7 +218,7 @@ def main():
     parser.add_argument("--case", action="append", choices=list(CASES), help="repeatable (default: both)")
     parser.add_argument("--min", type=int, default=2, help="MIN of --workers MIN:MAX (default 2)")
     parser.add_argument("--max", type=int, default=3, help="MAX of --workers MIN:MAX (default 3)")
-    parser.add_argument("--victim", type=int, default=0, help="pod-deleted: the index of the deleted pod (default 0)")
+    parser.add_argument("--victim", type=int, default=1, help="pod-deleted: the index of the deleted pod (default 1)")
     parser.add_argument("--rejoin-timeout", type=float, default=5.0, help="pod-deleted: COORDINATOR_REJOIN_TIMEOUT (s)")
     parser.add_argument("--rendezvous-wait", type=float, default=2.0, help="pod-added: COORDINATOR_RENDEZVOUS_WAIT (s)")
     parser.add_argument("--epochs", type=int, default=4, help="TRAINER_EPOCHS: long enough for a pod to join")

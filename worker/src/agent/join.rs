@@ -197,9 +197,11 @@ impl Agent {
         if reply.world_size == 0 || reply.rank >= reply.world_size {
             bail!("the coordinator assigned rank {} of world size {}", reply.rank, reply.world_size);
         }
-        // An elastic job (--workers MIN:MAX) that runs below its most workers gives a hint
-        // beyond its world size the lowest free rank; any other difference is a mistake.
-        if rank_hint.is_some_and(|hint| hint != reply.rank && hint < reply.world_size) {
+        // An elastic job (--workers MIN:MAX) treats hints as advisory: a hint beyond its world
+        // size or taken gets a free rank. Anywhere else a different rank is a mistake.
+        if !reply.rank_hint_advisory
+            && rank_hint.is_some_and(|hint| hint != reply.rank && hint < reply.world_size)
+        {
             bail!(
                 "asked for rank {} but the coordinator assigned rank {} (a coordinator that predates rank hints?)",
                 rank_hint.unwrap_or_default(),
@@ -222,7 +224,7 @@ impl Agent {
                 hint,
                 rank = reply.rank,
                 world = reply.world_size,
-                "the job runs with fewer workers than rank hints: took a free rank"
+                "rank hints are advisory in an elastic job: this one was beyond the world size or taken, so the worker took a free rank"
             );
         }
         tracing::info!(rank = job.rank, world = job.world_size, attempt = reply.attempt, "registered");

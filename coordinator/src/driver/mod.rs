@@ -54,7 +54,7 @@ use crate::service::{Event, Shared};
 use crate::views::RunViews;
 
 pub use finish::render_summary;
-pub use restart::{FaultTolerance, Interrupted, LocalPool, Resize, Terminated};
+pub use restart::{BelowMinimum, FaultTolerance, Interrupted, LocalPool, Resize, Terminated};
 
 pub struct Driver {
     pub shared: Arc<Shared>,
@@ -178,7 +178,8 @@ impl Driver {
                 self.resize(resize).await?;
                 continue;
             }
-            let retryable = error.chain().any(|c| c.is::<Lost>());
+            // Below MIN the job ends (exit 75) instead of waiting again for the same workers.
+            let retryable = error.chain().any(|c| c.is::<Lost>()) && !error.is::<BelowMinimum>();
             if !retryable {
                 return Err(error);
             }

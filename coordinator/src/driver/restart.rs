@@ -107,13 +107,31 @@ impl FaultTolerance {
     }
 
     /// The job cannot go on: `left` workers are fewer than MIN (exit 75, a supervisor may
-    /// bring more).
+    /// bring more). Not retried by the driver, whatever the restart budget.
     pub fn below_minimum(&self, left: usize, cause: anyhow::Error) -> anyhow::Error {
-        let message = format!(
-            "{left} worker(s) left, fewer than the {} that --workers {}:{} needs",
-            self.min_world, self.min_world, self.max_world
-        );
-        cause.context(trainer_core::exit::Lost(message))
+        BelowMinimum::error(left, self.min_world, self.max_world, &cause)
+    }
+}
+
+/// Fewer workers than `--workers MIN:MAX`'s MIN are left. Its source is a [`Lost`] (exit
+/// 75): a plain context would hide the type from the exit code, which reads the chain
+/// (a rendezvous that ended below MIN exited 1).
+///
+/// [`Lost`]: trainer_core::exit::Lost
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct BelowMinimum {
+    message: String,
+    #[source]
+    cause: trainer_core::exit::Lost,
+}
+
+impl BelowMinimum {
+    fn error(left: usize, min: usize, max: usize, cause: &anyhow::Error) -> anyhow::Error {
+        anyhow::Error::new(Self {
+            message: format!("{left} worker(s) left, fewer than the {min} that --workers {min}:{max} needs"),
+            cause: trainer_core::exit::Lost(format!("{cause:#}")),
+        })
     }
 }
 
@@ -217,5 +235,28 @@ impl Driver {
             pool.workers = LocalWorkers::spawn(to, &pool.launch, pool.events.clone(), pool.output.clone())?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fewer_workers_than_min_exit_75_with_the_cause_whatever_the_cause_was() {
+        // A rendezvous deadline is no loss of its own; a lost worker is. Both end in 75.
+        let deadline = anyhow::anyhow!("only 1 of 2 workers registered within 5 s (--rejoin-timeout)");
+        let lost = anyhow::Error::new(trainer_core::exit::Lost("rank 1 stopped answering".into()));
+        for cause in [deadline, lost] {
+            let e = BelowMinimum::error(1, 2, 3, &cause);
+            assert_eq!(trainer_core::exit::code_for(e.chain()), trainer_core::exit::LOST);
+            assert!(e.is::<BelowMinimum>());
+            let text = format!("{e:#}");
+            assert!(
+                text.starts_with("1 worker(s) left, fewer than the 2 that --workers 2:3 needs: "),
+                "{text}"
+            );
+            assert!(text.contains(&format!("{cause:#}")), "{text}");
+        }
     }
 }

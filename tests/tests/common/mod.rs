@@ -2,7 +2,10 @@
 //! synthetic corpora, and a one-file HTTP server on 127.0.0.1.
 #![allow(dead_code)]
 
+mod gate;
 mod jobs;
+#[allow(unused_imports)]
+pub use gate::*;
 #[allow(unused_imports)]
 pub use jobs::*;
 

@@ -98,9 +98,11 @@ def write_config(work: Path) -> Path:
 
 
 class Coordinator:
-    def __init__(self, cmd: list[str]):
-        self.proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, errors="replace")
+    """A coordinator whose log lines are kept as they come (bench/world_size_bench.py too)."""
+
+    def __init__(self, cmd: list[str], environment: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(cmd, env=environment or env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, errors="replace")
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

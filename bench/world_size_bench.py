@@ -29,13 +29,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chaos_elastic  # noqa: E402  (beside this file: its Coordinator and free_port)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "world-size-bench-secret"
@@ -81,24 +82,11 @@ def fixed(args: argparse.Namespace, config: Path, work: Path, workers: int) -> d
     return read_run(out, f"{workers} workers", time.monotonic() - started)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Coordinator:
-    """An external-workers coordinator whose log lines are kept as they come."""
+class Coordinator(chaos_elastic.Coordinator):
+    """An external-workers coordinator of this benchmark's job, its log lines kept as they come."""
 
     def __init__(self, cmd: list[str]):
-        self.proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, errors="replace")
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
+        super().__init__(cmd, env())
 
     def wait_for(self, pattern: str, deadline: float, after: int = 0) -> int:
         """The index of the first line from `after` on that matches `pattern`."""
@@ -117,7 +105,7 @@ class Coordinator:
 
 def resized(args: argparse.Namespace, config: Path, work: Path) -> dict:
     out = work / "resized"
-    addr = f"127.0.0.1:{free_port()}"
+    addr = f"127.0.0.1:{chaos_elastic.free_port()}"
     coord = Coordinator([str(args.coordinator), "--external-workers", "--workers", "2:3", "--listen", addr,
                          "--rendezvous-wait", "60", "--rejoin-timeout", str(args.rejoin_timeout),
                          *common_flags(args, config, work, out)])

@@ -127,15 +127,7 @@ class ElasticRun(run_pods.Run):
                                   "the coordinator never said that a late pod asks to join")
 
     def check(self, code, seconds):
-        clog = self.coordinator_log()
-        worker_codes = {}
-        for p in self.pods[1:]:
-            try:
-                worker_codes[p.name] = self.procs[p.hostname].wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker_codes[p.name] = None
-        if code != 0 or any(c != 0 for c in worker_codes.values()):
-            self.fail(f"coordinator exit {code}, workers {worker_codes}")
+        clog, worker_codes = self.ended_cleanly(code)
         if self.scenario == "pod-deleted" and self.deleted is None:
             self.fail("the job ended before the pod was deleted")
         run_dir = os.path.join(self.cluster.work, self.pods[0].name, "volumes", "run", "run")

@@ -673,6 +673,20 @@ class Run:
     def coordinator_log(self):
         return read_log(self.cluster, self.pods[0])
 
+    def ended_cleanly(self, code):
+        """The coordinator's log and each worker pod's exit code, once all exited 0 (else the
+        run fails)."""
+        clog = self.coordinator_log()
+        worker_codes = {}
+        for p in self.pods[1:]:
+            try:
+                worker_codes[p.name] = self.procs[p.hostname].wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker_codes[p.name] = None
+        if code != 0 or any(c != 0 for c in worker_codes.values()):
+            self.fail(f"coordinator exit {code}, workers {worker_codes}")
+        return clog, worker_codes
+
     def fail(self, message):
         for p in self.every_worker_pod:
             code = self.procs[p.hostname].poll() if self.procs.get(p.hostname) else None
@@ -822,15 +836,7 @@ class Run:
             log(f"the coordinator's first line after it continued: {line.strip()}")
 
     def check(self, code, seconds):
-        clog = self.coordinator_log()
-        worker_codes = {}
-        for p in self.pods[1:]:
-            try:
-                worker_codes[p.name] = self.procs[p.hostname].wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker_codes[p.name] = None
-        if code != 0 or any(c != 0 for c in worker_codes.values()):
-            self.fail(f"coordinator exit {code}, workers {worker_codes}")
+        clog, _ = self.ended_cleanly(code)
         run_dir = os.path.join(self.cluster.work, self.pods[0].name, "volumes", "run", "run")
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)

@@ -191,3 +191,52 @@ fn an_unresolvable_coordinator_is_retried_until_the_connect_timeout() {
     assert!(waited >= Duration::from_secs(3), "gave up after {waited:?}\n{text}");
     assert!(text.contains("no-such-service.invalid:50051") && text.contains("retrying"), "{text}");
 }
+
+/// Workers on machines whose math library takes different code paths still make the same
+/// optimizer steps. MKL (inside libtorch) picks its vector-math path for the processor at
+/// run time; `MKL_CBWR` forces one, as an older CPU in the node pool would. Adam's square
+/// root went through that path, so two such workers drifted apart from the first step and
+/// the job stopped at the first epoch's checksum check.
+#[test]
+fn workers_whose_math_library_takes_different_paths_keep_identical_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("cluster-mkl-{}", std::process::id());
+    let secret = "cluster-test-secret-mkl";
+    let config = write_config(
+        dir.path(),
+        "[model]\nembed_dim = 16\nhidden = 16\nlayers = 1\ndropout = 0.0\n\n\
+         [train]\nbatch_size = 8\nepochs = 2\nlr = 0.02\nseed = 5\ndevice = \"cpu\"\nlog_every = 5\nthreads = 1\n",
+    );
+    let config = config.display().to_string();
+    let mut coord = trainer_tests::ExternalCoordinator::start(
+        &bin("coordinator"),
+        2,
+        secret,
+        (200, 20),
+        &["--config", &config, "--register-timeout", "60"],
+    );
+    let addr = coord.addr().to_string();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let common = |rank: &str, mkl: &str| {
+        vec![
+            ("COORDINATOR_ADDR", addr.clone()),
+            ("TRAINER_JOB_SECRET_FILE", secret_file.display().to_string()),
+            ("TRAINER_RANK", rank.to_string()),
+            ("MKL_CBWR", mkl.to_string()),
+        ]
+    };
+    // The generic path on one, the processor's own (AVX2 or AVX-512 here) on the other.
+    let mut pods =
+        [worker_pod(&marker, &common("0", "COMPATIBLE")), worker_pod(&marker, &common("1", "AUTO"))];
+    let (status, _) = coord.wait(Duration::from_secs(240));
+    let log = coord.stderr();
+    assert!(status.success(), "coordinator: {status}\n{log}");
+    for pod in &mut pods {
+        assert!(wait_exit(pod, Duration::from_secs(30)).success(), "{log}");
+    }
+    let s = summary(&coord.out);
+    let sums = s["replica_checksums"].as_array().expect("replica_checksums");
+    assert!(sums.len() == 2 && sums[0] == sums[1], "{sums:?}");
+    assert_none_left(&marker);
+}

@@ -261,7 +261,12 @@ fn main() -> ExitCode {
         Command::Predict(cmd) => predict(cmd),
         Command::BenchMemory(cmd) => bench(cmd),
         Command::BenchCollective(cmd) => bench_collective(cmd),
-        Command::Join(args) => worker::agent::run_agent(args, |job, collective| {
+        Command::Join(args) => worker::agent::run_agent(args, move |job, collective| {
+            // As `worker train`: without --threads, the job's train.threads (this closure
+            // runs on the replica thread, where the steps run).
+            if cli.threads == 0 && job.config.train.threads > 0 {
+                tch::set_num_threads(job.config.train.threads.min(1024) as i32);
+            }
             let replica = worker::agent::TrainerReplica::new(job, collective)?;
             Ok(Box::new(replica) as Box<dyn worker::agent::Replica>)
         }),

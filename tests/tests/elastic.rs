@@ -160,9 +160,18 @@ fn external_workers_start_below_max_and_a_late_one_joins_at_a_checkpoint() {
     let (status, _) = coord.wait(Duration::from_secs(300));
     let log = coord.stderr();
     assert!(status.success(), "{status}\n{log}");
-    assert!(log.contains("2 of 3 workers registered within 2 s (--rendezvous-wait)"), "{log}");
-    assert!(log.contains("asks to join"), "{log}");
-    assert_external_end(&coord.out, &log, (3, 2, 0), &[2, 3], &mut workers);
+    // Starting with 2 is no resize: the one resize is the growth, 2 -> 3.
+    assert!(
+        log.contains(
+            "starting with 2 of up to 3 workers: 2 of 3 workers registered within 2 s (--rendezvous-wait)"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("asks to join") && log.contains("resize 1/10: 2 -> 3 workers"), "{log}");
+    assert!(!log.contains("-> 2 workers"), "{log}");
+    assert_external_end(&coord.out, &log, (3, 1, 0), &[2, 3], &mut workers);
+    let resizes = metrics_records(&coord.out, |v| v["type"] == "resize");
+    assert_eq!(resizes.len(), 1, "{resizes:?}");
     assert_none_left(&marker);
 }
 
@@ -338,7 +347,7 @@ fn a_worker_that_joins_during_a_checkpoint_upload_comes_in_from_that_checkpoint(
     proxy.release();
 
     // The checkpoint the group re-forms from, as it is then (two commits later it is gone).
-    wait_for_log(&coord, "resize 2/10: 2 -> 3 workers");
+    wait_for_log(&coord, "resize 1/10: 2 -> 3 workers");
     let out = coord.out.clone();
     let pointer: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint.json")).unwrap()).unwrap();
@@ -361,7 +370,7 @@ fn a_worker_that_joins_during_a_checkpoint_upload_comes_in_from_that_checkpoint(
             &|l: &str| l.contains("asks to join"),
             &|l: &str| l.contains("artifact stored") && l.contains(&uploaded),
             &|l: &str| l.contains("checkpoint committed") && l.contains(&stored),
-            &|l: &str| l.contains("resize 2/10: 2 -> 3 workers"),
+            &|l: &str| l.contains("resize 1/10: 2 -> 3 workers"),
         ],
         &["upload started", "asks to join", "artifact stored", "checkpoint committed", "resize"],
     );
@@ -398,6 +407,6 @@ fn a_worker_that_joins_during_a_checkpoint_upload_comes_in_from_that_checkpoint(
         assert_whole_checkpoint(&bytes, &record["digest"], step_of(name), name);
         record = &record["previous"];
     }
-    assert_external_end(&out, &log, (3, 2, 0), &[2, 3], &mut workers);
+    assert_external_end(&out, &log, (3, 1, 0), &[2, 3], &mut workers);
     assert_none_left(&marker);
 }

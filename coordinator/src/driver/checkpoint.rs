@@ -96,7 +96,7 @@ impl Driver {
         if !self.joiners.is_empty() && self.world < self.fault.max_world && !self.finished {
             let to = (self.world + self.joiners.len()).min(self.fault.max_world);
             let cause = format!("{} worker(s) asked to join; admitted at {at}", self.joiners.len());
-            return Err(super::Resize { to, cause }.into());
+            return Err(super::Resize { to, cause, at_start: false }.into());
         }
         Ok(())
     }

@@ -190,7 +190,7 @@ impl Driver {
                 if to < self.fault.min_world {
                     return Err(self.fault.below_minimum(to, error));
                 }
-                self.resize(Resize { to, cause: format!("{error:#}") }).await?;
+                self.resize(Resize { to, cause: format!("{error:#}"), at_start: false }).await?;
                 continue;
             }
             if self.state.restarts >= self.fault.max_restarts {

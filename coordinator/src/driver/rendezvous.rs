@@ -73,6 +73,7 @@ impl Driver {
                 {
                     let to = self.registered;
                     return Err(super::Resize {
+                        at_start: self.attempt == 0 && self.checkpoint.is_none(),
                         to,
                         cause: format!(
                             "{to} of {world} workers registered within {:.0} s ({elastic_flag})",

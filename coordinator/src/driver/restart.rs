@@ -61,6 +61,10 @@ impl std::error::Error for Terminated {}
 pub struct Resize {
     pub to: usize,
     pub cause: String,
+    /// The job's first rendezvous ended with fewer than MAX (`--rendezvous-wait`): the job
+    /// starts at that size. Nothing trained yet, so this is no resize: neither counted nor
+    /// charged to `--max-resizes`, and the history starts at the size it trains at.
+    pub at_start: bool,
 }
 
 impl std::fmt::Display for Resize {
@@ -70,6 +74,15 @@ impl std::fmt::Display for Resize {
 }
 
 impl std::error::Error for Resize {}
+
+/// What a regroup is: a restart at the same size, a resize, or the start at the size the
+/// first rendezvous reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Regroup {
+    Restart,
+    Resize,
+    Start,
+}
 
 /// Local worker processes and how to start them again.
 pub struct LocalPool {
@@ -139,22 +152,26 @@ impl Driver {
     /// Stops the group and starts the next attempt from the last checkpoint, at the same
     /// world size.
     pub(super) async fn restart(&mut self, cause: &anyhow::Error) -> anyhow::Result<()> {
-        self.regroup(format!("{cause:#}"), self.world, false).await
+        self.regroup(format!("{cause:#}"), self.world, Regroup::Restart).await
     }
 
     /// Stops the group and starts the next attempt from the last checkpoint with `to`
     /// workers; a resize of its own budget (`--max-resizes`), not a restart.
     pub async fn resize(&mut self, resize: Resize) -> anyhow::Result<()> {
+        if resize.at_start {
+            return self.regroup(resize.cause, resize.to, Regroup::Start).await;
+        }
         if self.state.resizes >= self.fault.max_resizes {
             return Err(anyhow::anyhow!(trainer_core::exit::Lost(format!(
                 "{resize}; but the job made {} resize(s) already (--max-resizes {})",
                 self.state.resizes, self.fault.max_resizes
             ))));
         }
-        self.regroup(resize.cause, resize.to, true).await
+        self.regroup(resize.cause, resize.to, Regroup::Resize).await
     }
 
-    async fn regroup(&mut self, cause: String, to: usize, resize: bool) -> anyhow::Result<()> {
+    async fn regroup(&mut self, cause: String, to: usize, kind: Regroup) -> anyhow::Result<()> {
+        let resize = kind == Regroup::Resize;
         // Nothing is restored unchecked: a damaged checkpoint is set aside and the previous
         // one takes its place; none intact stops the job (exit 6).
         if let Some(current) = &self.checkpoint {
@@ -163,34 +180,39 @@ impl Driver {
         let resumed = self.checkpoint.clone();
         let resumed_step = resumed.as_ref().map_or(0, |c| c.global_step);
         let steps_lost = self.reached_step.saturating_sub(resumed_step);
-        let restarts = self.state.restarts + u32::from(!resize);
+        let restarts = self.state.restarts + u32::from(kind == Regroup::Restart);
         let resizes = self.state.resizes + u32::from(resize);
         let from_world = self.world;
         let from =
             resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
         // Said the moment it is decided, not after the old group has stopped.
-        if resize {
-            self.progress.line(&format!(
+        match kind {
+            Regroup::Start => self
+                .progress
+                .line(&format!("starting with {to} of up to {} workers: {cause}", self.fault.max_world)),
+            Regroup::Resize => self.progress.line(&format!(
                 "resize {resizes}/{}: {from_world} -> {to} workers: {cause}; resuming from {from}, \
                  {steps_lost} steps lost",
                 self.fault.max_resizes
-            ));
-        } else {
-            self.progress.line(&format!(
+            )),
+            Regroup::Restart => self.progress.line(&format!(
                 "restart {restarts}/{}: {cause}; resuming from {from}, {steps_lost} steps lost",
                 self.fault.max_restarts
-            ));
+            )),
         }
-        self.run_dir.append_metrics(&serde_json::json!({
-            "type": if resize { "resize" } else { "restart" },
-            "attempt": self.attempt + 1,
-            "cause": cause,
-            "world_size_before": from_world,
-            "world_size_after": to,
-            "resumed_from_global_step": resumed_step,
-            "resumed_from": from,
-            "steps_lost": steps_lost,
-        }))?;
+        // A start is no restart or resize: nothing was trained, nothing lost.
+        if kind != Regroup::Start {
+            self.run_dir.append_metrics(&serde_json::json!({
+                "type": if resize { "resize" } else { "restart" },
+                "attempt": self.attempt + 1,
+                "cause": cause,
+                "world_size_before": from_world,
+                "world_size_after": to,
+                "resumed_from_global_step": resumed_step,
+                "resumed_from": from,
+                "steps_lost": steps_lost,
+            }))?;
+        }
         // 1. Stop this attempt's workers: external ones register again by themselves.
         self.stop_workers(&format!("restarting the group: {cause}"), self.external_workers);
         if let Some(pool) = self.local.as_mut() {
@@ -204,7 +226,12 @@ impl Driver {
             if world_sizes.last().is_some_and(|s| s.from_global_step >= resumed_step) {
                 world_sizes.pop();
             }
-            world_sizes.push(crate::run_dir::WorldSpan { from_global_step: resumed_step, world_size: to });
+            // Nor does one that came and went between two groups of the same size (3 -> 4,
+            // lost before its first step, -> 3): the history says 3 once.
+            if world_sizes.last().map(|s| s.world_size) != Some(to) {
+                world_sizes
+                    .push(crate::run_dir::WorldSpan { from_global_step: resumed_step, world_size: to });
+            }
         }
         self.state = resumed.as_ref().map(|c| c.progress.clone()).unwrap_or_default();
         self.state.restarts = restarts;

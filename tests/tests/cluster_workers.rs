@@ -192,11 +192,12 @@ fn an_unresolvable_coordinator_is_retried_until_the_connect_timeout() {
     assert!(text.contains("no-such-service.invalid:50051") && text.contains("retrying"), "{text}");
 }
 
-/// Workers on machines whose math library takes different code paths still make the same
+/// Workers on machines whose math libraries take different code paths still make the same
 /// optimizer steps. MKL (inside libtorch) picks its vector-math path for the processor at
-/// run time; `MKL_CBWR` forces one, as an older CPU in the node pool would. Adam's square
-/// root went through that path, so two such workers drifted apart from the first step and
-/// the job stopped at the first epoch's checksum check.
+/// run time, and ATen its kernels (AVX2 or AVX-512); `MKL_CBWR` and `ATEN_CPU_CAPABILITY`
+/// force them, as an older CPU in the node pool would. Adam's square root went through MKL's
+/// path, so two such workers drifted apart from the first step and the job stopped at the
+/// first epoch's checksum check. Clipping is on at every step, so the global norm counts too.
 #[test]
 fn workers_whose_math_library_takes_different_paths_keep_identical_replicas() {
     let dir = tempfile::tempdir().unwrap();
@@ -205,7 +206,7 @@ fn workers_whose_math_library_takes_different_paths_keep_identical_replicas() {
     let config = write_config(
         dir.path(),
         "[model]\nembed_dim = 16\nhidden = 16\nlayers = 1\ndropout = 0.0\n\n\
-         [train]\nbatch_size = 8\nepochs = 2\nlr = 0.02\nseed = 5\ndevice = \"cpu\"\nlog_every = 5\nthreads = 1\n",
+         [train]\nbatch_size = 8\nepochs = 2\nlr = 0.02\nclip_norm = 0.05\nseed = 5\ndevice = \"cpu\"\nlog_every = 5\nthreads = 1\n",
     );
     let config = config.display().to_string();
     let mut coord = trainer_tests::ExternalCoordinator::start(
@@ -218,17 +219,21 @@ fn workers_whose_math_library_takes_different_paths_keep_identical_replicas() {
     let addr = coord.addr().to_string();
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, secret).unwrap();
-    let common = |rank: &str, mkl: &str| {
-        vec![
+    let pod = |rank: &str, paths: &[(&'static str, &str)]| {
+        let mut env = vec![
             ("COORDINATOR_ADDR", addr.clone()),
             ("TRAINER_JOB_SECRET_FILE", secret_file.display().to_string()),
             ("TRAINER_RANK", rank.to_string()),
-            ("MKL_CBWR", mkl.to_string()),
-        ]
+        ];
+        env.extend(paths.iter().map(|(k, v)| (*k, v.to_string())));
+        worker_pod(&marker, &env)
     };
-    // The generic path on one, the processor's own (AVX2 or AVX-512 here) on the other.
-    let mut pods =
-        [worker_pod(&marker, &common("0", "COMPATIBLE")), worker_pod(&marker, &common("1", "AUTO"))];
+    // MKL's generic path and ATen's AVX2 kernels on one; on the other, the processor's own
+    // (AVX-512 on the machines this runs on; the same as the first's where there is none).
+    let mut pods = [
+        pod("0", &[("MKL_CBWR", "COMPATIBLE"), ("ATEN_CPU_CAPABILITY", "avx2")]),
+        pod("1", &[("MKL_CBWR", "AUTO")]),
+    ];
     let (status, _) = coord.wait(Duration::from_secs(240));
     let log = coord.stderr();
     assert!(status.success(), "coordinator: {status}\n{log}");

@@ -211,7 +211,7 @@ def write_section(args: argparse.Namespace, results: list[dict], ref: float, com
     body = (
         "## Elastic chaos: random kills and joins at --workers 2:4 (bench/chaos.py --elastic, issue 22)\n\n"
         f"`python3 bench/chaos.py --elastic --trials {args.trials} --seed {args.seed}` on {cpu} "
-        f"({os.cpu_count()} cores, shared with other work), binaries {args.coordinator.parent}; how each trial "
+        f"({os.cpu_count()} cores), binaries {args.coordinator.parent}; how each trial "
         "is made: bench/chaos_elastic.py. The fixed-size run (4 local workers, no faults) reached test "
         f"accuracy {ref}; the events came within {window:.1f} s (70% of its wall time) of the replicas being "
         "ready.\n\n"

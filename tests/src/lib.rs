@@ -112,7 +112,8 @@ impl ExternalCoordinator {
         }
     }
 
-    /// Waits for the exit (panicking after `limit`) and returns the status and the time waited.
+    /// Waits for the exit (panicking with the end of its log after `limit`) and returns the status
+    /// and the time waited.
     pub fn wait(&mut self, limit: Duration) -> (ExitStatus, Duration) {
         let start = Instant::now();
         loop {
@@ -121,7 +122,13 @@ impl ExternalCoordinator {
                 std::thread::sleep(Duration::from_millis(100));
                 return (status, start.elapsed());
             }
-            assert!(start.elapsed() < limit, "coordinator still running after {limit:?}");
+            if start.elapsed() >= limit {
+                // Say what it was doing: the tail of its log.
+                let log = self.stderr();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!("coordinator still running after {limit:?}; the end of its log:\n{}", tail.join("\n"));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

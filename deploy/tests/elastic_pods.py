@@ -47,7 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_pods  # noqa: E402  (beside this file)
-from run_pods import check_isolation, log, read_log  # noqa: E402
+from run_pods import check_isolation, log  # noqa: E402
 
 CASES = {
     "pod-deleted": ("d", "a worker pod deleted after a checkpoint and not replaced"),

@@ -171,7 +171,6 @@ impl Driver {
     }
 
     async fn regroup(&mut self, cause: String, to: usize, kind: Regroup) -> anyhow::Result<()> {
-        let resize = kind == Regroup::Resize;
         // Nothing is restored unchecked: a damaged checkpoint is set aside and the previous
         // one takes its place; none intact stops the job (exit 6).
         if let Some(current) = &self.checkpoint {
@@ -181,7 +180,7 @@ impl Driver {
         let resumed_step = resumed.as_ref().map_or(0, |c| c.global_step);
         let steps_lost = self.reached_step.saturating_sub(resumed_step);
         let restarts = self.state.restarts + u32::from(kind == Regroup::Restart);
-        let resizes = self.state.resizes + u32::from(resize);
+        let resizes = self.state.resizes + u32::from(kind == Regroup::Resize);
         let from_world = self.world;
         let from =
             resumed.as_ref().map_or("the start (no checkpoint yet)".to_string(), JobCheckpoint::describe);
@@ -203,7 +202,7 @@ impl Driver {
         // A start is no restart or resize: nothing was trained, nothing lost.
         if kind != Regroup::Start {
             self.run_dir.append_metrics(&serde_json::json!({
-                "type": if resize { "resize" } else { "restart" },
+                "type": if kind == Regroup::Resize { "resize" } else { "restart" },
                 "attempt": self.attempt + 1,
                 "cause": cause,
                 "world_size_before": from_world,

@@ -125,8 +125,8 @@ impl ExternalCoordinator {
             if start.elapsed() >= limit {
                 // Say what it was doing: the tail of its log.
                 let log = self.stderr();
-                let tail: Vec<&str> = log.lines().rev().take(60).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(60)..];
                 panic!("coordinator still running after {limit:?}; the end of its log:\n{}", tail.join("\n"));
             }
             std::thread::sleep(Duration::from_millis(50));

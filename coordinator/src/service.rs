@@ -2,7 +2,6 @@
 //! streams and artifact uploads. It validates every request and turns what workers say
 //! into [`Event`]s for the job driver; it never decides anything about the job itself.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -24,52 +23,11 @@ use crate::peer_input::{self, check_register, SessionLimits, MAX_ARTIFACT_BYTES}
 use crate::run_dir::CommitError;
 use trainer_core::integrity::{self, FileDigest};
 
+mod event;
 mod shared;
+pub use event::Event;
 use shared::{millis, new_token, pick_rank, truncate, Slot, NCCL_ID_BYTES, SESSION_BUFFER};
 pub use shared::{RendezvousResult, Shared, Timing};
-
-/// What the service tells the driver.
-#[derive(Debug)]
-/// Events of the gRPC side carry the attempt they belong to: the driver ignores those of an
-/// attempt it has already given up (a session of a killed worker that closes late).
-pub enum Event {
-    Registered {
-        attempt: u32,
-        rank: usize,
-        hostname: String,
-        pid: u32,
-        peer: Option<SocketAddr>,
-    },
-    SessionOpened {
-        attempt: u32,
-        rank: usize,
-    },
-    Message {
-        attempt: u32,
-        rank: usize,
-        body: worker_message::Body,
-    },
-    SessionClosed {
-        attempt: u32,
-        rank: usize,
-        reason: String,
-    },
-    /// A worker asked to join while every rank of the attempt was taken and the job runs
-    /// below its most workers (`--workers MIN:MAX`): it is admitted at the next checkpoint.
-    JoinWaiting {
-        hostname: String,
-        pid: u32,
-    },
-    /// A local worker process ended (sent by the launcher).
-    ChildExited {
-        pid: u32,
-        status: String,
-    },
-    /// Ctrl-C or SIGTERM.
-    Interrupted {
-        signal: &'static str,
-    },
-}
 
 /// The tonic service; cheap to clone.
 #[derive(Clone)]

@@ -11,7 +11,7 @@ use tonic::Status;
 use trainer_core::integrity::FileDigest;
 use trainer_proto::v1::{CoordinatorMessage, WorkerIdentity};
 
-use super::Event;
+use super::event::Event;
 use crate::backend::{self, BackendChoice};
 use crate::checkpoints::ResumeFrom;
 use crate::job::JobData;
